@@ -1,0 +1,12 @@
+//! The demo LLM server: a deterministic stand-in for Ollama and OpenAI-compatible
+//! servers, speaking every endpoint kube-gateway recognizes, streaming and not, with
+//! exact tiktoken usage so tests can hold the gateway to it. Also the local demo driver.
+
+pub mod body;
+pub mod local;
+pub mod ollama;
+pub mod openai;
+pub mod server;
+pub mod text;
+
+pub use server::{serve, DemoConfig, DemoServer, RequestLog};

@@ -1,0 +1,1 @@
+//! The local demo driver (filled in below).
