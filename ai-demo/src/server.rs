@@ -78,6 +78,8 @@ pub enum Fault {
 
 /// Serves until the listener fails.
 pub async fn serve(listener: TcpListener, server: Arc<DemoServer>) -> std::io::Result<()> {
+    // Build the tokenizer now so the first request's timing is not its build time.
+    crate::text::count_tokens("warm up");
     loop {
         let (stream, _peer) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
@@ -239,6 +241,8 @@ impl Emitter {
             tokio::time::sleep(delay).await;
         }
         if self.fault == Fault::ResetMidstream && self.tokens_sent == 2 {
+            // Let the tokens already sent reach the wire before the connection dies.
+            tokio::time::sleep(Duration::from_millis(30)).await;
             let _ = self
                 .tx
                 .send(Err(std::io::Error::other("demo fault: reset mid-stream")))

@@ -1,1 +1,24 @@
-//! placeholder
+//! kube-gateway: a transparent LLM guardrail proxy. It recognizes OpenAI and Ollama API
+//! calls on intercepted connections, applies the configured rewrites, forwards them to
+//! their original destination, streams answers back unbuffered, and records usage.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod http;
+pub mod listener;
+pub mod meter;
+pub mod orig_dst;
+pub mod relay;
+pub mod sniff;
+pub mod stream;
+pub mod telemetry;
+pub mod upstream;
+pub mod usage;
+
+pub use config::{Config, Destination, Limits, UpstreamMode};
+pub use listener::{Gateway, StartError};
+pub use usage::{Outcome, TokenSource, UsageRecord};

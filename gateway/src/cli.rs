@@ -1,0 +1,178 @@
+//! The command line: flags, their environment variables, and their conversion into the
+//! validated [`Config`]. Parsing is kept apart from reading the environment, so tests
+//! build configurations without setting variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use kube_gateway_policy::{ModelRewrite, ModelRewriteError};
+
+use crate::config::{BadDestination, Config, Destination, Limits, UpstreamMode};
+use crate::telemetry::LogFormat;
+
+/// Environment variables, one per flag.
+pub mod env {
+    pub const LISTEN: &str = "LISTEN";
+    pub const UPSTREAM: &str = "UPSTREAM";
+    /// Set from the `kube-gateway.io/ai-model` annotation by the watcher.
+    pub const MODEL: &str = "MODEL";
+    pub const ADMIN: &str = "ADMIN";
+    pub const BODY_LIMIT: &str = "BODY_LIMIT";
+    pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
+    pub const LOG_FORMAT: &str = "LOG_FORMAT";
+    pub const LOG_BODIES: &str = "LOG_BODIES";
+    pub const CONNECT_TIMEOUT_MS: &str = "CONNECT_TIMEOUT_MS";
+    pub const RESPONSE_TIMEOUT_MS: &str = "RESPONSE_TIMEOUT_MS";
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kube-gateway",
+    version,
+    about = "Transparent LLM guardrail gateway"
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = env::LOG_FORMAT, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address to accept workload connections on.
+    #[arg(long, env = env::LISTEN, default_value = "127.0.0.1:18000")]
+    pub listen: SocketAddr,
+    /// Send every connection to HOST:PORT (explicit mode). Without it, each connection
+    /// goes to its original destination (transparent mode: SO_ORIGINAL_DST).
+    #[arg(long, env = env::UPSTREAM)]
+    pub upstream: Option<String>,
+    /// Rewrite the model of every recognized request to NAME.
+    #[arg(long, env = env::MODEL, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Policy file (model rules, prompt rules, budgets). Not yet supported.
+    #[arg(long, hide = true)]
+    pub policy: Option<PathBuf>,
+    /// Address of the admin endpoint (/healthz, /readyz).
+    #[arg(long, env = env::ADMIN)]
+    pub admin: Option<SocketAddr>,
+    /// Largest request body read on a recognized path, in bytes; larger gets 413.
+    #[arg(long, env = env::BODY_LIMIT, default_value_t = 8 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Answer 400 to malformed JSON on a recognized path instead of forwarding it.
+    #[arg(long, env = env::FAIL_CLOSED)]
+    pub fail_closed: bool,
+    /// Put prompt and completion text in the access log (off: it may hold secrets).
+    #[arg(long, env = env::LOG_BODIES)]
+    pub log_bodies: bool,
+    /// Upstream connect timeout, in milliseconds.
+    #[arg(long, env = env::CONNECT_TIMEOUT_MS, default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+    /// Time allowed until the upstream's response headers, in milliseconds.
+    #[arg(long, env = env::RESPONSE_TIMEOUT_MS, default_value_t = 600_000)]
+    pub response_timeout_ms: u64,
+}
+
+/// The flags do not make a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Upstream(#[from] BadDestination),
+    #[error("--model: {0}")]
+    Model(#[from] ModelRewriteError),
+    #[error("--policy is not supported yet; model rewrites come from --model")]
+    PolicyUnsupported,
+    #[error("--body-limit must be at least 1 byte")]
+    BodyLimit,
+}
+
+impl TryFrom<RunArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(a: RunArgs) -> Result<Self, ConfigError> {
+        if a.policy.is_some() {
+            return Err(ConfigError::PolicyUnsupported);
+        }
+        if a.body_limit == 0 {
+            return Err(ConfigError::BodyLimit);
+        }
+        let upstream = match a.upstream.as_deref() {
+            Some(u) => UpstreamMode::Fixed(Destination::parse(u)?),
+            None => UpstreamMode::OriginalDst,
+        };
+        let rewrite = match a.model.as_deref().filter(|m| !m.is_empty()) {
+            Some(m) => ModelRewrite::everything_to(m)?,
+            None => ModelRewrite::default(),
+        };
+        let limits = Limits {
+            body_bytes: a.body_limit,
+            connect_timeout: std::time::Duration::from_millis(a.connect_timeout_ms),
+            response_timeout: std::time::Duration::from_millis(a.response_timeout_ms),
+            ..Limits::default()
+        };
+        Ok(Config {
+            listen: a.listen,
+            upstream,
+            rewrite,
+            admin: a.admin,
+            limits,
+            fail_closed: a.fail_closed,
+            log_bodies: a.log_bodies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(args).unwrap();
+        let Command::Run(run) = cli.command;
+        Config::try_from(run)
+    }
+
+    #[test]
+    fn defaults_are_transparent_mode_on_loopback() {
+        let c = parse(&["kube-gateway", "run"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:18000");
+        assert!(matches!(c.upstream, UpstreamMode::OriginalDst));
+        assert!(c.rewrite.is_empty());
+        assert_eq!(c.limits.body_bytes, 8 * 1024 * 1024);
+    }
+
+    #[test]
+    fn explicit_mode_with_model() {
+        let c = parse(&[
+            "kube-gateway",
+            "run",
+            "--upstream",
+            "ollama:11434",
+            "--model",
+            "qwen2.5:0.5b",
+        ])
+        .unwrap();
+        assert!(matches!(c.upstream, UpstreamMode::Fixed(ref d) if d.as_str() == "ollama:11434"));
+        assert_eq!(c.rewrite.apply("llama3"), Some("qwen2.5:0.5b"));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(matches!(
+            parse(&["kube-gateway", "run", "--upstream", "nope"]),
+            Err(ConfigError::Upstream(_))
+        ));
+        assert!(matches!(
+            parse(&["kube-gateway", "run", "--body-limit", "0"]),
+            Err(ConfigError::BodyLimit)
+        ));
+    }
+}

@@ -1,0 +1,134 @@
+//! The gateway's validated configuration: built once from the command line at the edge,
+//! so the core never re-checks raw strings.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::uri::Authority;
+use kube_gateway_policy::ModelRewrite;
+
+/// Where an upstream request goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Destination(Authority);
+
+/// An upstream given on the command line is not `HOST:PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {0:?} is not HOST:PORT")]
+pub struct BadDestination(pub String);
+
+impl Destination {
+    pub fn parse(s: &str) -> Result<Self, BadDestination> {
+        let authority: Authority = s.parse().map_err(|_| BadDestination(s.to_owned()))?;
+        if authority.port_u16().is_none() || authority.as_str().contains('@') {
+            return Err(BadDestination(s.to_owned()));
+        }
+        Ok(Self(authority))
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl From<SocketAddr> for Destination {
+    fn from(addr: SocketAddr) -> Self {
+        // A socket address always formats as a valid authority.
+        match Authority::try_from(addr.to_string()) {
+            Ok(a) => Self(a),
+            Err(_) => Self(Authority::from_static("0.0.0.0:0")),
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the gateway finds each connection's upstream.
+#[derive(Debug, Clone)]
+pub enum UpstreamMode {
+    /// Transparent: the connection's original destination (`SO_ORIGINAL_DST`).
+    OriginalDst,
+    /// Explicit: every connection goes to this upstream.
+    Fixed(Destination),
+}
+
+/// Bounds and time limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body read on a recognized path.
+    pub body_bytes: usize,
+    /// Largest response body kept aside to read its usage (it is forwarded regardless).
+    pub response_bytes: usize,
+    pub connect_timeout: Duration,
+    /// Until the upstream's response headers arrive.
+    pub response_timeout: Duration,
+    /// How long to wait for a client's first bytes before relaying opaquely.
+    pub sniff_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_bytes: 8 * 1024 * 1024,
+            response_bytes: 16 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(600),
+            sniff_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Everything `kube-gateway run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: UpstreamMode,
+    pub rewrite: ModelRewrite,
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+    /// Answer 400 to unparseable bodies on recognized paths instead of forwarding them.
+    pub fail_closed: bool,
+    /// Put prompt and completion text in the access log.
+    pub log_bodies: bool,
+}
+
+impl Config {
+    /// A configuration for explicit use against `upstream`, with defaults elsewhere.
+    pub fn explicit(listen: SocketAddr, upstream: Destination) -> Self {
+        Self {
+            listen,
+            upstream: UpstreamMode::Fixed(upstream),
+            rewrite: ModelRewrite::default(),
+            admin: None,
+            limits: Limits::default(),
+            fail_closed: false,
+            log_bodies: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_need_host_and_port() {
+        assert_eq!(
+            Destination::parse("ollama:11434").unwrap().as_str(),
+            "ollama:11434"
+        );
+        assert_eq!(Destination::parse("[::1]:80").unwrap().as_str(), "[::1]:80");
+        assert!(Destination::parse("ollama").is_err());
+        assert!(Destination::parse("user@h:1").is_err());
+        assert!(Destination::parse("http://h:1").is_err());
+        let v6: SocketAddr = "[fd00::1]:8080".parse().unwrap();
+        assert_eq!(Destination::from(v6).as_str(), "[fd00::1]:8080");
+    }
+}

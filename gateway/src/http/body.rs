@@ -1,0 +1,208 @@
+//! Response bodies sent to clients: the gateway's own answers, and upstream bodies that
+//! pass through a meter chunk by chunk and leave a usage record when they end, fail or
+//! are abandoned by the client.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::meter::Meter;
+use crate::upstream::root_cause;
+use crate::usage::{Exchange, Outcome, Recorder};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the gateway answers with.
+pub enum ProxyBody {
+    Full(Full<Bytes>),
+    Metered(Box<MeteredBody>),
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> Self {
+        ProxyBody::Full(Full::new(b))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Metered(m) => Pin::new(m.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(f) => f.is_end_stream(),
+            ProxyBody::Metered(m) => m.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(f) => f.size_hint(),
+            ProxyBody::Metered(m) => m.size_hint(),
+        }
+    }
+}
+
+/// An upstream body on its way to the client.
+pub struct MeteredBody {
+    inner: Incoming,
+    /// `None` for traffic the gateway does not read (bytes are only counted).
+    meter: Option<Meter>,
+    /// Whether frames may be reshaped (stream formats); else sizes pass unchanged.
+    reframes: bool,
+    started: Instant,
+    first_chunk: Option<Duration>,
+    bytes_out: u64,
+    exchange: Option<Exchange>,
+    recorder: Recorder,
+    done: bool,
+}
+
+impl MeteredBody {
+    pub fn new(
+        inner: Incoming,
+        meter: Option<Meter>,
+        reframes: bool,
+        started: Instant,
+        exchange: Exchange,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            inner,
+            meter,
+            reframes,
+            started,
+            first_chunk: None,
+            bytes_out: 0,
+            exchange: Some(exchange),
+            recorder,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, outcome: Option<Outcome>, error: Option<String>) {
+        let Some(mut ex) = self.exchange.take() else {
+            return;
+        };
+        if let Some(o) = outcome {
+            ex.outcome = o;
+        }
+        if error.is_some() {
+            ex.error = error;
+        }
+        ex.latency = self.started.elapsed();
+        ex.first_chunk = self.first_chunk;
+        ex.bytes_out = self.bytes_out;
+        if let Some(m) = self.meter.take() {
+            ex.collected = m.collected;
+        }
+        self.recorder.record(ex);
+    }
+
+    fn emit(&mut self, data: Bytes) -> Frame<Bytes> {
+        self.bytes_out += data.len() as u64;
+        Frame::data(data)
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    if this.first_chunk.is_none() {
+                        this.first_chunk = Some(this.started.elapsed());
+                    }
+                    let out = match this.meter.as_mut() {
+                        Some(m) => m.on_data(data),
+                        None => data,
+                    };
+                    // A frame the meter is still completing sends nothing yet.
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(this.emit(out))));
+                    }
+                }
+                Some(Err(e)) => {
+                    let reason = format!("upstream failed mid-answer: {}", root_cause(&e));
+                    tracing::warn!(error = %reason, "upstream body failed");
+                    this.done = true;
+                    let end = this
+                        .meter
+                        .as_mut()
+                        .and_then(|m| m.on_upstream_error(&reason));
+                    this.finish(Some(Outcome::UpstreamError), Some(reason));
+                    return Poll::Ready(match end {
+                        Some(frame) => Some(Ok(this.emit(frame))),
+                        // Not a stream: aborting the connection is the only honest signal.
+                        None => Some(Err(e.into())),
+                    });
+                }
+                None => {
+                    this.done = true;
+                    let rest = this.meter.as_mut().map(Meter::on_end).unwrap_or_default();
+                    let frame = (!rest.is_empty()).then(|| this.emit(rest));
+                    this.finish(None, None);
+                    return Poll::Ready(frame.map(Ok));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || (!self.reframes && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.reframes {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if self.exchange.is_none() {
+            return;
+        }
+        if !self.reframes && self.inner.is_end_stream() {
+            // An empty body is never polled: it ended normally.
+            self.finish(None, None);
+        } else {
+            // Dropped before its end: the client went away. The record still goes out.
+            self.finish(
+                Some(Outcome::ClientCancelled),
+                Some("client closed the connection".into()),
+            );
+        }
+    }
+}

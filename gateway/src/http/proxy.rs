@@ -1,0 +1,288 @@
+//! The proxy service: one call per HTTP request. Recognized LLM calls are read, rewritten
+//! where the configuration says, forwarded and metered; everything else is forwarded as
+//! it came, protocol upgrades included.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{MeteredBody, ProxyBody};
+use super::headers::{is_upgrade, strip_hop_by_hop};
+use crate::api::{Endpoint, LlmRequest};
+use crate::config::{Config, Destination};
+use crate::error::GatewayError;
+use crate::meter::{Format, Meter};
+use crate::upstream::{Upstream, UpstreamBody};
+use crate::usage::{Exchange, Outcome, Recorder};
+
+/// Shared by every connection of a gateway.
+pub struct Proxy {
+    config: Arc<Config>,
+    upstream: Upstream,
+    recorder: Recorder,
+    id_prefix: String,
+    next_id: AtomicU64,
+}
+
+/// The connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub destination: Destination,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, recorder: Recorder) -> Self {
+        let upstream = Upstream::new(&config.limits);
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            config,
+            upstream,
+            recorder,
+            // Unique across restarts without a random source: start time and pid.
+            id_prefix: format!(
+                "{:x}{:x}",
+                start.as_millis() & 0xffff_ffff,
+                std::process::id()
+            ),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    fn exchange(&self, parts: &Parts, conn: &ConnInfo, endpoint: Option<Endpoint>) -> Exchange {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Exchange {
+            id: format!("kgw-{}-{n}", self.id_prefix),
+            started_at: SystemTime::now(),
+            peer: conn.peer,
+            destination: conn.destination.to_string(),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            endpoint,
+            requested_model: None,
+            used_model: None,
+            request: None,
+            streamed: false,
+            status: 0,
+            outcome: Outcome::Allowed,
+            error: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            latency: Default::default(),
+            first_chunk: None,
+            collected: Default::default(),
+        }
+    }
+
+    /// Handles one request. Never fails: errors become answers in the caller's dialect.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let started = Instant::now();
+        match Endpoint::classify(req.method(), req.uri().path()) {
+            Some(endpoint) => self.llm(req, endpoint, conn, started).await,
+            None => self.other(req, conn, started).await,
+        }
+    }
+
+    fn reject(
+        &self,
+        mut ex: Exchange,
+        err: GatewayError,
+        started: Instant,
+        outcome: Outcome,
+    ) -> Response<ProxyBody> {
+        tracing::debug!(error = %err, "request answered by the gateway");
+        let resp: Response<ProxyBody> = err.response(ex.endpoint.map(Endpoint::dialect));
+        ex.status = resp.status().as_u16();
+        ex.outcome = outcome;
+        ex.error = Some(err.to_string());
+        ex.latency = started.elapsed();
+        self.recorder.record(ex);
+        resp
+    }
+
+    fn upstream_request(
+        &self,
+        mut parts: Parts,
+        body: UpstreamBody,
+        conn: &ConnInfo,
+        keep_upgrade: bool,
+    ) -> Result<Request<UpstreamBody>, GatewayError> {
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(conn.destination.authority().clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    async fn llm(
+        &self,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        let mut ex = self.exchange(&parts, conn, Some(endpoint));
+        let limit = self.config.limits.body_bytes;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return self.reject(
+                ex,
+                GatewayError::BodyTooLarge { limit },
+                started,
+                Outcome::Rejected,
+            );
+        }
+        let original = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return self.reject(
+                    ex,
+                    GatewayError::BodyTooLarge { limit },
+                    started,
+                    Outcome::Rejected,
+                )
+            }
+            Err(e) => {
+                let err = GatewayError::ClientBody(crate::upstream::root_cause(e.as_ref()));
+                return self.reject(ex, err, started, Outcome::Rejected);
+            }
+        };
+        ex.bytes_in = original.len() as u64;
+
+        let mut hide_usage = false;
+        let body = match LlmRequest::parse(endpoint, &original) {
+            Ok(mut parsed) => {
+                ex.requested_model = parsed.model.clone();
+                let asked = parsed.model.clone().unwrap_or_default();
+                if let Some(target) = self.config.rewrite.apply(&asked).map(str::to_owned) {
+                    parsed.set_model(&target);
+                }
+                ex.used_model = parsed.model.clone();
+                ex.streamed = parsed.stream;
+                hide_usage = parsed.ensure_stream_usage();
+                let body = parsed.body(original);
+                ex.request = Some(parsed);
+                body
+            }
+            Err(e) if self.config.fail_closed => {
+                return self.reject(
+                    ex,
+                    GatewayError::MalformedJson(e.to_string()),
+                    started,
+                    Outcome::Rejected,
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, path = %parts.uri.path(), "unparsed body forwarded unchanged");
+                ex.outcome = Outcome::Unparsed;
+                original
+            }
+        };
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let upstream_req =
+            match self.upstream_request(parts, Either::Left(Full::new(body)), conn, false) {
+                Ok(r) => r,
+                Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
+            };
+        let resp = match self.upstream.send(&conn.destination, upstream_req).await {
+            Ok(resp) => resp,
+            Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let format = Format::from_content_type(
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        if format.is_stream() {
+            ex.streamed = true;
+            // Frames may be reshaped (hidden usage, an error frame at a failure).
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        ex.status = parts.status.as_u16();
+        let meter = Meter::new(
+            endpoint,
+            format,
+            hide_usage,
+            self.config.limits.response_bytes,
+        );
+        let body = MeteredBody::new(
+            body,
+            Some(meter),
+            format.is_stream(),
+            started,
+            ex,
+            self.recorder.clone(),
+        );
+        Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
+    }
+
+    async fn other(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let mut ex = self.exchange(&parts, conn, None);
+        let upstream_req = match self.upstream_request(parts, Either::Right(body), conn, upgrade) {
+            Ok(r) => r,
+            Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
+        };
+        let mut resp = match self.upstream.send(&conn.destination, upstream_req).await {
+            Ok(resp) => resp,
+            Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
+        };
+        ex.status = resp.status().as_u16();
+        if let (Some(client_up), http::StatusCode::SWITCHING_PROTOCOLS) =
+            (client_upgrade, resp.status())
+        {
+            let upstream_up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_up, upstream_up) {
+                    Ok((client, upstream)) => {
+                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            ex.latency = started.elapsed();
+            self.recorder.record(ex);
+            return Response::from_parts(parts, ProxyBody::from(Bytes::new()));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let body = MeteredBody::new(body, None, false, started, ex, self.recorder.clone());
+        Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
+    }
+}

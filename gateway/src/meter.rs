@@ -1,0 +1,356 @@
+//! The response meter: sees a recognized response's bytes as they pass, reads what they
+//! report (model, usage, generated text, finish reason, errors), and releases them to
+//! the client at once. Its one rewrite: hiding the usage chunk the gateway asked for.
+
+use bytes::{Bytes, BytesMut};
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+
+use crate::api::{ollama, openai, Dialect, Endpoint, Observation, ReportedUsage};
+use crate::error::stream_error_frame;
+use crate::stream::ndjson::{line_json, LineBoundary};
+use crate::stream::sse::{self, SseBoundary};
+use crate::stream::Framer;
+
+/// How a response body is framed, from its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Sse,
+    Ndjson,
+    /// Anything else: forwarded, not read.
+    Opaque,
+}
+
+impl Format {
+    pub fn from_content_type(content_type: Option<&str>) -> Self {
+        let essence = content_type
+            .and_then(|ct| ct.split(';').next())
+            .map(|ct| ct.trim().to_ascii_lowercase());
+        match essence.as_deref() {
+            Some("text/event-stream") => Format::Sse,
+            Some("application/x-ndjson") | Some("application/jsonl") => Format::Ndjson,
+            Some("application/json") => Format::Json,
+            _ => Format::Opaque,
+        }
+    }
+
+    pub fn is_stream(self) -> bool {
+        matches!(self, Format::Sse | Format::Ndjson)
+    }
+}
+
+/// What the meter collected over a whole response.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    pub model: Option<String>,
+    pub usage: ReportedUsage,
+    /// Generated text, kept for estimates (bounded by the response limit).
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub error: Option<String>,
+    /// SSE events or NDJSON lines seen.
+    pub frames: u64,
+    /// The response body was larger than the meter keeps; usage may be missing.
+    pub truncated: bool,
+}
+
+enum Framing {
+    Sse(Framer<SseBoundary>),
+    Ndjson(Framer<LineBoundary>),
+    Whole(BytesMut),
+    None,
+}
+
+/// Meters one response.
+pub struct Meter {
+    endpoint: Endpoint,
+    framing: Framing,
+    /// Drop the usage-only chunk and `"usage":null` fields the client did not ask for.
+    hide_usage: bool,
+    limit: usize,
+    pub collected: Collected,
+}
+
+impl Meter {
+    pub fn new(endpoint: Endpoint, format: Format, hide_usage: bool, limit: usize) -> Self {
+        let framing = match format {
+            Format::Sse => Framing::Sse(Framer::new()),
+            Format::Ndjson => Framing::Ndjson(Framer::new()),
+            Format::Json => Framing::Whole(BytesMut::new()),
+            Format::Opaque => Framing::None,
+        };
+        Self {
+            endpoint,
+            framing,
+            hide_usage: hide_usage && format == Format::Sse,
+            limit,
+            collected: Collected::default(),
+        }
+    }
+
+    fn observe(&mut self, json: &[u8]) {
+        let obs = match self.endpoint.dialect() {
+            Dialect::OpenAi => openai::observe(self.endpoint, json),
+            Dialect::Ollama => ollama::observe(self.endpoint, json),
+        };
+        let Some(obs) = obs else { return };
+        let Observation {
+            model,
+            usage,
+            text,
+            finish_reason,
+            error,
+        } = obs;
+        let c = &mut self.collected;
+        if model.is_some() {
+            c.model = model;
+        }
+        c.usage.merge(usage);
+        if c.text.len() + text.len() <= self.limit {
+            c.text.push_str(&text);
+        } else {
+            c.truncated = true;
+        }
+        if finish_reason.is_some() {
+            c.finish_reason = finish_reason;
+        }
+        if error.is_some() {
+            c.error = error;
+        }
+    }
+
+    /// Takes an upstream chunk; returns what to send the client now (maybe nothing yet).
+    pub fn on_data(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.framing {
+            Framing::None => chunk,
+            Framing::Whole(buf) => {
+                if buf.len() + chunk.len() <= self.limit {
+                    buf.extend_from_slice(&chunk);
+                } else {
+                    self.collected.truncated = true;
+                }
+                chunk
+            }
+            Framing::Ndjson(framer) => {
+                let frames = framer.push(&chunk);
+                for line in frames.iter() {
+                    if let Some(json) = line_json(line) {
+                        self.collected.frames += 1;
+                        let json = json.to_vec();
+                        self.observe(&json);
+                    }
+                }
+                frames.bytes
+            }
+            Framing::Sse(framer) => {
+                let frames = framer.push(&chunk);
+                let events: Vec<(sse::SseEvent, &[u8])> = frames
+                    .iter()
+                    .map(|raw| (sse::parse_event(raw), raw))
+                    .collect();
+                let mut out = if self.hide_usage {
+                    Some(BytesMut::with_capacity(frames.bytes.len()))
+                } else {
+                    None
+                };
+                let mut observed = Vec::with_capacity(events.len());
+                for (event, raw) in events {
+                    if let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) {
+                        observed.push(data.to_owned());
+                    }
+                    if let Some(out) = out.as_mut() {
+                        match event.data.as_deref().filter(|_| !event.is_done()) {
+                            Some(data) => match without_usage(data) {
+                                Hidden::Drop => {}
+                                Hidden::Keep => out.extend_from_slice(raw),
+                                Hidden::Rewrite(new) => {
+                                    out.extend_from_slice(&sse::with_data(raw, &new))
+                                }
+                            },
+                            None => out.extend_from_slice(raw),
+                        }
+                    }
+                }
+                for data in observed {
+                    self.collected.frames += 1;
+                    self.observe(data.as_bytes());
+                }
+                match out {
+                    Some(out) => out.freeze(),
+                    None => frames.bytes,
+                }
+            }
+        }
+    }
+
+    /// The upstream body ended: reads a whole body, releases any incomplete frame.
+    pub fn on_end(&mut self) -> Bytes {
+        match std::mem::replace(&mut self.framing, Framing::None) {
+            Framing::Whole(buf) => {
+                if !self.collected.truncated {
+                    self.observe(&buf);
+                }
+                Bytes::new()
+            }
+            Framing::Sse(mut f) => f.take_rest(),
+            Framing::Ndjson(mut f) => {
+                let rest = f.take_rest();
+                // Ollama ends every line; a last line without LF still counts.
+                if let Some(json) = line_json(&rest) {
+                    let json = json.to_vec();
+                    self.observe(&json);
+                }
+                rest
+            }
+            Framing::None => Bytes::new(),
+        }
+    }
+
+    /// The upstream failed mid-body. For a stream, the frame that ends it well-formed
+    /// (any incomplete frame is dropped: it would corrupt the error that follows).
+    pub fn on_upstream_error(&mut self, message: &str) -> Option<Bytes> {
+        self.collected.error = Some(message.to_owned());
+        let sse = match std::mem::replace(&mut self.framing, Framing::None) {
+            Framing::Sse(_) => true,
+            Framing::Ndjson(_) => false,
+            Framing::Whole(_) | Framing::None => return None,
+        };
+        Some(stream_error_frame(sse, message))
+    }
+}
+
+enum Hidden {
+    Keep,
+    Drop,
+    Rewrite(String),
+}
+
+/// Removes from one chunk what `include_usage` added: the whole usage-only chunk (no
+/// choices), or a `"usage": null` field. Other values keep their exact bytes.
+fn without_usage(data: &str) -> Hidden {
+    let Ok(mut fields) = serde_json::from_str::<IndexMap<String, Box<RawValue>>>(data) else {
+        return Hidden::Keep;
+    };
+    let Some(usage) = fields.get("usage").map(|u| u.get().trim().to_owned()) else {
+        return Hidden::Keep;
+    };
+    if usage == "null" {
+        fields.shift_remove("usage");
+        return serde_json::to_string(&fields).map_or(Hidden::Keep, Hidden::Rewrite);
+    }
+    let no_choices = fields.get("choices").is_some_and(|c| {
+        c.get()
+            .chars()
+            .filter(|ch| !ch.is_whitespace())
+            .eq("[]".chars())
+    });
+    if no_choices {
+        Hidden::Drop
+    } else {
+        Hidden::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(meter: &mut Meter, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&meter.on_data(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&meter.on_end());
+        out
+    }
+
+    const WITH_USAGE: &[u8] = b"data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\n\
+data: [DONE]\n\n";
+
+    const WITHOUT_USAGE: &[u8] = b"data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n\
+data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: [DONE]\n\n";
+
+    #[test]
+    fn hidden_usage_leaves_the_client_view_of_a_plain_stream() {
+        for cut in 0..=WITH_USAGE.len() {
+            let mut m = Meter::new(Endpoint::ChatCompletions, Format::Sse, true, 1 << 20);
+            let (a, b) = WITH_USAGE.split_at(cut);
+            assert_eq!(run(&mut m, &[a, b]), WITHOUT_USAGE, "split at {cut}");
+            assert_eq!(m.collected.usage.input, Some(5));
+            assert_eq!(m.collected.usage.output, Some(1));
+            assert_eq!(m.collected.text, "Hi");
+            assert_eq!(m.collected.finish_reason.as_deref(), Some("stop"));
+        }
+    }
+
+    #[test]
+    fn asked_for_usage_passes_untouched() {
+        let mut m = Meter::new(Endpoint::ChatCompletions, Format::Sse, false, 1 << 20);
+        assert_eq!(run(&mut m, &[WITH_USAGE]), WITH_USAGE);
+        assert_eq!(m.collected.usage.input, Some(5));
+        assert_eq!(m.collected.frames, 3);
+    }
+
+    #[test]
+    fn whole_json_is_forwarded_chunk_by_chunk_and_read_at_the_end() {
+        let body = br#"{"model":"m","message":{"content":"ok"},"done":true,"prompt_eval_count":3,"eval_count":1}"#;
+        let mut m = Meter::new(Endpoint::Chat, Format::Json, false, 1 << 20);
+        let first = m.on_data(Bytes::copy_from_slice(&body[..10]));
+        assert_eq!(&first[..], &body[..10], "forwarded at once");
+        m.on_data(Bytes::copy_from_slice(&body[10..]));
+        assert!(m.on_end().is_empty());
+        assert_eq!(m.collected.usage.input, Some(3));
+        assert_eq!(m.collected.text, "ok");
+    }
+
+    #[test]
+    fn oversize_json_is_forwarded_but_marked() {
+        let mut m = Meter::new(Endpoint::Chat, Format::Json, false, 4);
+        assert_eq!(
+            &m.on_data(Bytes::from_static(b"{\"a\":1}"))[..],
+            b"{\"a\":1}"
+        );
+        m.on_end();
+        assert!(m.collected.truncated);
+        assert_eq!(m.collected.usage, ReportedUsage::default());
+    }
+
+    #[test]
+    fn upstream_error_ends_streams_with_an_error_frame() {
+        let mut m = Meter::new(Endpoint::Chat, Format::Ndjson, false, 1 << 20);
+        let out = m.on_data(Bytes::from_static(
+            b"{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"mess",
+        ));
+        assert!(out.ends_with(b"\n"));
+        let end = m.on_upstream_error("upstream closed").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&end).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("upstream closed"));
+        let mut s = Meter::new(Endpoint::ChatCompletions, Format::Sse, false, 1 << 20);
+        let ev = s.on_upstream_error("x").unwrap();
+        assert!(ev.starts_with(b"data: {\"error\":"));
+        assert!(ev.ends_with(b"\n\n"));
+        let mut j = Meter::new(Endpoint::Chat, Format::Json, false, 1 << 20);
+        assert!(j.on_upstream_error("x").is_none());
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            Format::from_content_type(Some("text/event-stream; charset=utf-8")),
+            Format::Sse
+        );
+        assert_eq!(
+            Format::from_content_type(Some("application/x-ndjson")),
+            Format::Ndjson
+        );
+        assert_eq!(
+            Format::from_content_type(Some("Application/JSON")),
+            Format::Json
+        );
+        assert_eq!(Format::from_content_type(None), Format::Opaque);
+    }
+}

@@ -1,0 +1,241 @@
+//! Usage records: one per request, built as the exchange passes and finished off the
+//! request path by the recorder task, which fills in token estimates where the provider
+//! reported nothing, writes the access log line and hands the record on.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kube_gateway_policy::TokenCounter;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::api::{Endpoint, LlmRequest};
+use crate::meter::Collected;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Forwarded and answered.
+    Allowed,
+    /// A recognized path whose body could not be parsed: forwarded unchanged (fail-open).
+    Unparsed,
+    /// Refused by the gateway before reaching the upstream (too large, malformed).
+    Rejected,
+    /// The upstream could not be reached, timed out or failed mid-answer.
+    UpstreamError,
+    /// The client went away before the answer ended.
+    ClientCancelled,
+}
+
+/// Where a token count came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// The provider's own usage report.
+    Provider,
+    /// Counted by the gateway with tiktoken.
+    Estimate,
+    /// Not an LLM call, or nothing to count.
+    None,
+}
+
+/// What the request path knows when an exchange ends.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub id: String,
+    pub started_at: SystemTime,
+    pub peer: SocketAddr,
+    pub destination: String,
+    pub method: String,
+    pub path: String,
+    pub endpoint: Option<Endpoint>,
+    pub requested_model: Option<String>,
+    pub used_model: Option<String>,
+    /// The parsed request, kept for a prompt estimate if the provider reports none.
+    pub request: Option<LlmRequest>,
+    pub streamed: bool,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub latency: Duration,
+    pub first_chunk: Option<Duration>,
+    pub collected: Collected,
+}
+
+/// A finished usage record: what the access log shows and the store keeps.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub time: SystemTime,
+    pub peer: SocketAddr,
+    pub destination: String,
+    pub api: &'static str,
+    pub endpoint: &'static str,
+    pub method: String,
+    pub path: String,
+    pub requested_model: Option<String>,
+    pub used_model: Option<String>,
+    pub response_model: Option<String>,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub input_tokens: u64,
+    pub input_source: TokenSource,
+    pub output_tokens: u64,
+    pub output_source: TokenSource,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    pub finish_reason: Option<String>,
+    pub streamed: bool,
+    pub latency: Duration,
+    pub first_chunk: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub error: Option<String>,
+}
+
+impl Exchange {
+    /// Finishes the record, estimating what the provider did not report.
+    pub fn finish(self, tokens: &TokenCounter) -> (UsageRecord, Option<String>) {
+        let c = self.collected;
+        let model = self
+            .used_model
+            .clone()
+            .or_else(|| c.model.clone())
+            .unwrap_or_default();
+        let count = |text: &str| tokens.count_for_model(&model, text).unwrap_or(0);
+        let llm = self.endpoint.is_some();
+        let prompt_text = self.request.as_ref().map(LlmRequest::prompt_text);
+        let (input_tokens, input_source) = match (c.usage.input, &prompt_text) {
+            (Some(n), _) => (n, TokenSource::Provider),
+            (None, Some(text)) if llm => (count(text), TokenSource::Estimate),
+            _ => (0, TokenSource::None),
+        };
+        let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
+        let (output_tokens, output_source) = match c.usage.output {
+            Some(n) => (n, TokenSource::Provider),
+            None if llm && !embedding && self.request.is_some() => {
+                (count(&c.text), TokenSource::Estimate)
+            }
+            None => (0, TokenSource::None),
+        };
+        let bodies = prompt_text.map(|p| format!("prompt={p:?} completion={:?}", c.text));
+        let record = UsageRecord {
+            request_id: self.id,
+            time: self.started_at,
+            peer: self.peer,
+            destination: self.destination,
+            api: self.endpoint.map_or("other", |e| e.dialect().as_str()),
+            endpoint: self.endpoint.map_or("other", Endpoint::as_str),
+            method: self.method,
+            path: self.path,
+            requested_model: self.requested_model,
+            used_model: self.used_model,
+            response_model: c.model,
+            status: self.status,
+            outcome: self.outcome,
+            input_tokens,
+            input_source,
+            output_tokens,
+            output_source,
+            cached_tokens: c.usage.cached,
+            reasoning_tokens: c.usage.reasoning,
+            finish_reason: c.finish_reason,
+            streamed: self.streamed,
+            latency: self.latency,
+            first_chunk: self.first_chunk,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            error: self.error.or(c.error),
+        };
+        (record, bodies)
+    }
+}
+
+/// Hands finished exchanges to the recorder task without waiting.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Exchange>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    /// Queues an exchange. The request path never waits: if the queue is full the
+    /// exchange is counted as dropped and logged loudly, never lost silently.
+    pub fn record(&self, exchange: Exchange) {
+        if let Err(e) = self.tx.try_send(exchange) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let ex = match e {
+                mpsc::error::TrySendError::Full(ex) | mpsc::error::TrySendError::Closed(ex) => ex,
+            };
+            tracing::error!(request_id = %ex.id, dropped_total = n, "usage queue full: usage record dropped");
+        }
+    }
+
+    /// Records dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the recorder task. Finished records are broadcast to subscribers.
+pub fn spawn_recorder(
+    tokens: TokenCounter,
+    log_bodies: bool,
+    capacity: usize,
+) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
+    let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
+    let (out, _) = broadcast::channel(1024);
+    let out2 = out.clone();
+    tokio::spawn(async move {
+        while let Some(exchange) = rx.recv().await {
+            let (record, bodies) = exchange.finish(&tokens);
+            access_log(&record, log_bodies.then_some(bodies).flatten());
+            // No subscriber is fine: the access log above is the record then.
+            let _ = out2.send(Arc::new(record));
+        }
+    });
+    (
+        Recorder {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        },
+        out,
+    )
+}
+
+fn access_log(r: &UsageRecord, bodies: Option<String>) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    tracing::info!(
+        target: "access",
+        request_id = %r.request_id,
+        api = r.api,
+        endpoint = r.endpoint,
+        method = %r.method,
+        path = %r.path,
+        peer = %r.peer,
+        destination = %r.destination,
+        requested_model = r.requested_model.as_deref().unwrap_or(""),
+        used_model = r.used_model.as_deref().unwrap_or(""),
+        status = r.status,
+        outcome = ?r.outcome,
+        input_tokens = r.input_tokens,
+        input_source = ?r.input_source,
+        output_tokens = r.output_tokens,
+        output_source = ?r.output_source,
+        cached_tokens = r.cached_tokens.unwrap_or(0),
+        reasoning_tokens = r.reasoning_tokens.unwrap_or(0),
+        streamed = r.streamed,
+        latency_ms = ms(r.latency),
+        first_chunk_ms = r.first_chunk.map(ms).unwrap_or(-1.0),
+        bytes_in = r.bytes_in,
+        bytes_out = r.bytes_out,
+        error = r.error.as_deref().unwrap_or(""),
+        bodies = bodies.as_deref().unwrap_or(""),
+        "request"
+    );
+}
