@@ -9,4 +9,4 @@ pub mod openai;
 pub mod server;
 pub mod text;
 
-pub use server::{serve, DemoConfig, DemoServer, RequestLog};
+pub use server::{serve, spawn, DemoConfig, DemoServer, RequestLog};

@@ -36,6 +36,8 @@ pub struct RequestLog {
     /// The model the request asked for, if its body named one.
     pub model: Option<String>,
     pub body_len: usize,
+    /// The body as received (lossy UTF-8), so tests can see exactly what arrived.
+    pub body: String,
 }
 
 /// A running demo server's shared state.
@@ -155,6 +157,7 @@ async fn route(req: Request<Incoming>, server: Arc<DemoServer>) -> DemoResponse 
             .and_then(|m| m.as_str())
             .map(str::to_owned),
         body_len: bytes.len(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
     });
 
     match (&method, path.as_str()) {
