@@ -100,21 +100,25 @@ fn sse(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
 
-fn model_of(req: &DemoRequest) -> Result<String, DemoResponse> {
-    match req.body.get("model").and_then(Value::as_str) {
-        Some(m) if !m.is_empty() => Ok(m.to_owned()),
-        _ => Err(error(
-            StatusCode::BAD_REQUEST,
-            "you must provide a model parameter",
-        )),
-    }
+fn model_of(req: &DemoRequest) -> Option<String> {
+    req.body
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+}
+
+fn no_model() -> DemoResponse {
+    error(
+        StatusCode::BAD_REQUEST,
+        "you must provide a model parameter",
+    )
 }
 
 /// `/v1/chat/completions` and `/v1/completions`.
 pub fn completions(req: DemoRequest) -> DemoResponse {
-    let model = match model_of(&req) {
-        Ok(m) => m,
-        Err(resp) => return resp,
+    let Some(model) = model_of(&req) else {
+        return no_model();
     };
     if req.fault == Fault::Status500 {
         return error(
@@ -243,9 +247,8 @@ fn responses_input(body: &Value) -> String {
 
 /// `/v1/responses`.
 pub fn responses(req: DemoRequest) -> DemoResponse {
-    let model = match model_of(&req) {
-        Ok(m) => m,
-        Err(resp) => return resp,
+    let Some(model) = model_of(&req) else {
+        return no_model();
     };
     if req.fault == Fault::Status500 {
         return error(
@@ -365,9 +368,8 @@ pub fn responses(req: DemoRequest) -> DemoResponse {
 
 /// `/v1/embeddings`, with `encoding_format` float or base64 (the official client's default).
 pub fn embeddings(req: DemoRequest) -> DemoResponse {
-    let model = match model_of(&req) {
-        Ok(m) => m,
-        Err(resp) => return resp,
+    let Some(model) = model_of(&req) else {
+        return no_model();
     };
     let inputs = text::inputs(req.body.get("input"));
     if inputs.is_empty() {
