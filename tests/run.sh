@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every check kube-gateway has: format, lints, Rust unit and integration tests, and the
+# end-to-end tests with the official Python clients (in a venv this script sets up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --workspace --all-targets --quiet
+cargo test --workspace
+
+venv=${KGW_VENV:-.venv}
+if ! "$venv/bin/python" -c 'import openai, ollama, pytest' 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2e
