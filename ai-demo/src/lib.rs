@@ -8,5 +8,6 @@ pub mod ollama;
 pub mod openai;
 pub mod server;
 pub mod text;
+pub mod ttfc;
 
 pub use server::{serve, spawn, DemoConfig, DemoServer, RequestLog};

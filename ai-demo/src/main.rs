@@ -28,6 +28,21 @@ enum Command {
         #[arg(long, env = "DEMO_TOKEN_DELAY_MS", default_value_t = 0)]
         token_delay_ms: u64,
     },
+    /// Measure time to first chunk of streaming requests (a benchmark probe).
+    Ttfc {
+        /// Where to send them (the demo LLM, a proxy, or the gateway).
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/v1/chat/completions")]
+        path: String,
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        /// A label for the output line.
+        #[arg(long, default_value = "target")]
+        label: String,
+    },
     /// Run the local demo: the demo LLM and a kube-gateway in front of it.
     Local {
         /// The kube-gateway binary (default: the one next to this program).
@@ -48,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     // The server logs each request's model; the local demo prints its own story.
     let default_level = match cli.command {
         Command::Serve { .. } => "info",
-        Command::Local { .. } => "warn",
+        Command::Local { .. } | Command::Ttfc { .. } => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -71,6 +86,27 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(addr = %listener.local_addr()?, "demo LLM server listening");
             let server = kube_gateway_ai_demo::DemoServer::new(config);
             kube_gateway_ai_demo::serve(listener, server).await?;
+        }
+        Command::Ttfc {
+            addr,
+            path,
+            requests,
+            warmup,
+            label,
+        } => {
+            let body = r#"{"model":"llama3.2:1b","messages":[{"role":"user","content":"Say hello"}],"stream":true,"max_tokens":16}"#;
+            let s =
+                kube_gateway_ai_demo::ttfc::measure(addr, &path, body, warmup, requests).await?;
+            use std::io::Write as _;
+            writeln!(
+                std::io::stdout(),
+                "ttfc {label}: n={} p50={:.1}us p90={:.1}us p99={:.1}us mean={:.1}us",
+                s.count,
+                s.p50_us,
+                s.p90_us,
+                s.p99_us,
+                s.mean_us
+            )?;
         }
         Command::Local {
             gateway,
