@@ -503,3 +503,81 @@ async fn upstream_errors_pass_through_and_are_recorded() {
     assert_eq!(r.status, 500);
     assert_eq!(r.error.as_deref(), Some("demo fault: internal error"));
 }
+
+/// An upstream that answers every request with one fixed Content-Length response written
+/// in a single write, as nginx does: hyper then sees the body end with its last byte.
+async fn one_write_upstream(response: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < head_end + 4 + len {
+                        continue;
+                    }
+                    buf.drain(..head_end + 4 + len);
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{response}",
+                        response.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn usage_is_read_from_bodies_that_end_with_their_last_byte() {
+    let upstream = one_write_upstream(
+        r#"{"id":"x","object":"chat.completion","model":"gemma2:2b","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":9,"total_tokens":30}}"#,
+    )
+    .await;
+    let mut gw = gateway(config(upstream)).await;
+    for _ in 0..20 {
+        let answer = post(
+            gw.addr,
+            "/v1/chat/completions",
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+        let r = gw.record("/v1/chat/completions").await;
+        assert_eq!(
+            (r.input_tokens, r.input_source),
+            (21, TokenSource::Provider)
+        );
+        assert_eq!(
+            (r.output_tokens, r.output_source),
+            (9, TokenSource::Provider)
+        );
+        assert_eq!(r.outcome, Outcome::Allowed);
+        assert_eq!(r.finish_reason.as_deref(), Some("stop"));
+    }
+}

@@ -195,7 +195,12 @@ impl Drop for MeteredBody {
             return;
         }
         if !self.reframes && self.inner.is_end_stream() {
-            // An empty body is never polled: it ended normally.
+            // hyper stops polling a body that says it has ended (a Content-Length body
+            // after its last byte, or an empty one): it ended normally, read it.
+            if let Some(m) = self.meter.as_mut() {
+                // Only framed streams hold bytes back, and those never end here.
+                let _ = m.on_end();
+            }
             self.finish(None, None);
         } else {
             // Dropped before its end: the client went away. The record still goes out.
