@@ -24,6 +24,7 @@ pub mod env {
     pub const LOG_BODIES: &str = "LOG_BODIES";
     pub const CONNECT_TIMEOUT_MS: &str = "CONNECT_TIMEOUT_MS";
     pub const RESPONSE_TIMEOUT_MS: &str = "RESPONSE_TIMEOUT_MS";
+    pub const THREADS: &str = "THREADS";
 }
 
 #[derive(Debug, Parser)]
@@ -76,6 +77,9 @@ pub struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = env::CONNECT_TIMEOUT_MS, default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
+    /// Serving threads, each with its own listener and upstream pool (0: one per core).
+    #[arg(long, env = env::THREADS, default_value_t = 0)]
+    pub threads: usize,
     /// Time allowed until the upstream's response headers, in milliseconds.
     #[arg(long, env = env::RESPONSE_TIMEOUT_MS, default_value_t = 600_000)]
     pub response_timeout_ms: u64,

@@ -13,6 +13,7 @@ pub mod listener;
 pub mod meter;
 pub mod orig_dst;
 pub mod relay;
+pub mod runtime;
 pub mod sniff;
 pub mod stream;
 pub mod telemetry;
@@ -20,5 +21,5 @@ pub mod upstream;
 pub mod usage;
 
 pub use config::{Config, Destination, Limits, UpstreamMode};
-pub use listener::{Gateway, StartError};
+pub use listener::{Gateway, Shared, StartError};
 pub use usage::{Outcome, TokenSource, UsageRecord};

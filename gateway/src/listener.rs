@@ -16,7 +16,7 @@ use crate::config::{Config, Destination, UpstreamMode};
 use crate::drain::{Drain, DrainWatch};
 use crate::http::{self, ConnInfo, Proxy};
 use crate::sniff::{self, Protocol};
-use crate::usage::{self, UsageRecord};
+use crate::usage::{self, Recorder, UsageRecord};
 use crate::{orig_dst, relay};
 
 /// The gateway could not start.
@@ -30,52 +30,105 @@ pub enum StartError {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] kube_gateway_policy::tokens::TokenizerError),
+    #[error("cannot start a serving thread: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// How long in-flight connections get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// A bound, not yet running gateway.
-pub struct Gateway {
+/// What every serving thread of one gateway shares.
+#[derive(Clone)]
+pub struct Shared {
     config: Arc<Config>,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
-    proxy: Arc<Proxy>,
+    recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     ready: Arc<AtomicBool>,
 }
 
-impl Gateway {
-    /// Binds the listeners and starts the usage recorder. Must run inside a tokio runtime.
-    pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
-        let admin = match config.admin {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Listen { addr, source })?,
-            ),
-            None => None,
-        };
+impl Shared {
+    /// Starts the usage recorder on the current tokio runtime.
+    pub fn start(config: Config) -> Result<Self, StartError> {
         let tokens = TokenCounter::new();
         // Built now so the first estimate does not pay for it.
         tokens.warm(Encoding::Cl100kBase)?;
         let (recorder, usage) = usage::spawn_recorder(tokens, config.log_bodies, 65_536);
-        let config = Arc::new(config);
-        let proxy = Arc::new(Proxy::new(config.clone(), recorder));
         Ok(Self {
-            config,
+            config: Arc::new(config),
+            recorder,
+            usage,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Finished usage records, as the recorder produces them.
+    pub fn subscribe_usage(&self) -> broadcast::Receiver<Arc<UsageRecord>> {
+        self.usage.subscribe()
+    }
+}
+
+/// Binds a listening socket. With `reuse_port`, several threads can each bind one on the
+/// same address and the kernel spreads connections across them.
+pub fn bind_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+) -> Result<std::net::TcpListener, StartError> {
+    let listen = |source| StartError::Listen { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(listen)?;
+    socket.set_reuse_address(true).map_err(listen)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(listen)?;
+    }
+    socket.set_nonblocking(true).map_err(listen)?;
+    socket.bind(&addr.into()).map_err(listen)?;
+    socket.listen(1024).map_err(listen)?;
+    Ok(socket.into())
+}
+
+/// One serving thread's gateway: a listener and its own upstream pool.
+pub struct Gateway {
+    shared: Shared,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    proxy: Arc<Proxy>,
+}
+
+impl Gateway {
+    /// A single-threaded gateway: binds, starts the recorder. Must run inside a runtime.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let listener = bind_listener(config.listen, false)?;
+        let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
+        let shared = Shared::start(config)?;
+        Self::from_listeners(shared, listener, admin)
+    }
+
+    /// A gateway on an already bound listener. Must run inside the runtime that serves it.
+    pub fn from_listeners(
+        shared: Shared,
+        listener: std::net::TcpListener,
+        admin: Option<std::net::TcpListener>,
+    ) -> Result<Self, StartError> {
+        let addr = shared.config.listen;
+        let to_tokio = |l: std::net::TcpListener| {
+            TcpListener::from_std(l).map_err(|source| StartError::Listen { addr, source })
+        };
+        let listener = to_tokio(listener)?;
+        let admin = admin.map(to_tokio).transpose()?;
+        let proxy = Arc::new(Proxy::new(shared.config.clone(), shared.recorder.clone()));
+        Ok(Self {
+            shared,
             listener,
             admin,
             proxy,
-            usage,
-            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -89,24 +142,25 @@ impl Gateway {
 
     /// Finished usage records, as the recorder produces them.
     pub fn subscribe_usage(&self) -> broadcast::Receiver<Arc<UsageRecord>> {
-        self.usage.subscribe()
+        self.shared.subscribe_usage()
     }
 
     /// Serves until `shutdown` completes, then drains in-flight connections.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let config = self.shared.config.clone();
         if let Some(admin) = self.admin {
-            tokio::spawn(admin::serve(admin, self.ready.clone()));
+            tokio::spawn(admin::serve(admin, self.shared.ready.clone()));
         }
         let drain = Drain::default();
-        self.ready.store(true, Ordering::Release);
-        tracing::info!(listen = %self.config.listen, upstream = ?self.config.upstream, "gateway ready");
+        self.shared.ready.store(true, Ordering::Release);
+        tracing::debug!(listen = %config.listen, "serving thread ready");
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let (config, proxy, watcher) = (self.config.clone(), self.proxy.clone(), drain.watch());
+                        let (config, proxy, watcher) = (config.clone(), self.proxy.clone(), drain.watch());
                         tokio::spawn(connection(stream, peer, config, proxy, watcher));
                     }
                     Err(e) => {
@@ -117,7 +171,7 @@ impl Gateway {
                 }
             }
         }
-        self.ready.store(false, Ordering::Release);
+        self.shared.ready.store(false, Ordering::Release);
         drop(self.listener);
         tracing::info!("shutting down: draining connections");
         if tokio::time::timeout(DRAIN, drain.drain()).await.is_err() {
@@ -151,7 +205,9 @@ async fn connection(
         },
     };
     match sniff::sniff(&stream, config.limits.sniff_timeout).await {
-        Protocol::Http1 => http::serve(stream, ConnInfo { peer, destination }, proxy, drain).await,
+        Protocol::Http1 => {
+            http::serve(stream, ConnInfo::new(peer, destination), proxy, drain).await
+        }
         Protocol::Opaque => match relay::relay(stream, &destination, &config.limits).await {
             Ok((up, down)) => tracing::debug!(%peer, %destination, up, down, "relayed"),
             Err(e) => tracing::debug!(%peer, %destination, error = %e, "relay ended"),

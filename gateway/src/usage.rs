@@ -45,11 +45,13 @@ pub enum TokenSource {
 /// What the request path knows when an exchange ends.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    pub id: String,
+    /// Sequence number; the recorder turns it into the request id.
+    pub seq: u64,
     pub started_at: SystemTime,
     pub peer: SocketAddr,
-    pub destination: String,
-    pub method: String,
+    /// Shared by every request of a connection.
+    pub destination: Arc<str>,
+    pub method: http::Method,
     pub path: String,
     pub endpoint: Option<Endpoint>,
     pub requested_model: Option<String>,
@@ -100,7 +102,12 @@ pub struct UsageRecord {
 
 impl Exchange {
     /// Finishes the record, estimating what the provider did not report.
-    pub fn finish(self, tokens: &TokenCounter) -> (UsageRecord, Option<String>) {
+    pub fn finish(
+        self,
+        id_prefix: &str,
+        tokens: &TokenCounter,
+        log_bodies: bool,
+    ) -> (UsageRecord, Option<String>) {
         let c = self.collected;
         let model = self
             .used_model
@@ -109,11 +116,14 @@ impl Exchange {
             .unwrap_or_default();
         let count = |text: &str| tokens.count_for_model(&model, text).unwrap_or(0);
         let llm = self.endpoint.is_some();
-        let prompt_text = self.request.as_ref().map(LlmRequest::prompt_text);
-        let (input_tokens, input_source) = match (c.usage.input, &prompt_text) {
-            (Some(n), _) => (n, TokenSource::Provider),
-            (None, Some(text)) if llm => (count(text), TokenSource::Estimate),
-            _ => (0, TokenSource::None),
+        // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
+        let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);
+        let (input_tokens, input_source) = match c.usage.input {
+            Some(n) => (n, TokenSource::Provider),
+            None => match prompt_text() {
+                Some(text) if llm => (count(&text), TokenSource::Estimate),
+                _ => (0, TokenSource::None),
+            },
         };
         let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
         let (output_tokens, output_source) = match c.usage.output {
@@ -123,15 +133,18 @@ impl Exchange {
             }
             None => (0, TokenSource::None),
         };
-        let bodies = prompt_text.map(|p| format!("prompt={p:?} completion={:?}", c.text));
+        let bodies = log_bodies
+            .then(prompt_text)
+            .flatten()
+            .map(|p| format!("prompt={p:?} completion={:?}", c.text));
         let record = UsageRecord {
-            request_id: self.id,
+            request_id: format!("kgw-{id_prefix}-{}", self.seq),
             time: self.started_at,
             peer: self.peer,
-            destination: self.destination,
+            destination: self.destination.to_string(),
             api: self.endpoint.map_or("other", |e| e.dialect().as_str()),
             endpoint: self.endpoint.map_or("other", Endpoint::as_str),
-            method: self.method,
+            method: self.method.to_string(),
             path: self.path,
             requested_model: self.requested_model,
             used_model: self.used_model,
@@ -172,7 +185,7 @@ impl Recorder {
             let ex = match e {
                 mpsc::error::TrySendError::Full(ex) | mpsc::error::TrySendError::Closed(ex) => ex,
             };
-            tracing::error!(request_id = %ex.id, dropped_total = n, "usage queue full: usage record dropped");
+            tracing::error!(seq = ex.seq, path = %ex.path, dropped_total = n, "usage queue full: usage record dropped");
         }
     }
 
@@ -182,6 +195,10 @@ impl Recorder {
     }
 }
 
+/// How often the recorder drains its queue. Draining on a tick instead of waking per
+/// record keeps the request path free of cross-thread wake-ups.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+
 /// Starts the recorder task. Finished records are broadcast to subscribers.
 pub fn spawn_recorder(
     tokens: TokenCounter,
@@ -189,14 +206,34 @@ pub fn spawn_recorder(
     capacity: usize,
 ) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
-    let (out, _) = broadcast::channel(1024);
+    let (out, _) = broadcast::channel(4096);
     let out2 = out.clone();
+    let start = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // Unique across restarts without a random source: start time and pid.
+    let id_prefix = format!(
+        "{:x}{:x}",
+        start.as_millis() & 0xffff_ffff,
+        std::process::id()
+    );
     tokio::spawn(async move {
-        while let Some(exchange) = rx.recv().await {
-            let (record, bodies) = exchange.finish(&tokens);
-            access_log(&record, log_bodies.then_some(bodies).flatten());
-            // No subscriber is fine: the access log above is the record then.
-            let _ = out2.send(Arc::new(record));
+        let mut tick = tokio::time::interval(DRAIN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            loop {
+                match rx.try_recv() {
+                    Ok(exchange) => {
+                        let (record, bodies) = exchange.finish(&id_prefix, &tokens, log_bodies);
+                        access_log(&record, bodies);
+                        // No subscriber is fine: the access log above is the record then.
+                        let _ = out2.send(Arc::new(record));
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            }
         }
     });
     (

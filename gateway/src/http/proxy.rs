@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -29,8 +29,7 @@ pub struct Proxy {
     config: Arc<Config>,
     upstream: Upstream,
     recorder: Recorder,
-    id_prefix: String,
-    next_id: AtomicU64,
+    next_seq: AtomicU64,
 }
 
 /// The connection a request arrived on.
@@ -38,36 +37,39 @@ pub struct Proxy {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub destination: Destination,
+    /// The destination as text, for records, formatted once per connection.
+    pub destination_name: Arc<str>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, destination: Destination) -> Self {
+        let destination_name = Arc::from(destination.as_str());
+        Self {
+            peer,
+            destination,
+            destination_name,
+        }
+    }
 }
 
 impl Proxy {
     pub fn new(config: Arc<Config>, recorder: Recorder) -> Self {
         let upstream = Upstream::new(&config.limits);
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         Self {
             config,
             upstream,
             recorder,
-            // Unique across restarts without a random source: start time and pid.
-            id_prefix: format!(
-                "{:x}{:x}",
-                start.as_millis() & 0xffff_ffff,
-                std::process::id()
-            ),
-            next_id: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
         }
     }
 
     fn exchange(&self, parts: &Parts, conn: &ConnInfo, endpoint: Option<Endpoint>) -> Exchange {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         Exchange {
-            id: format!("kgw-{}-{n}", self.id_prefix),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             started_at: SystemTime::now(),
             peer: conn.peer,
-            destination: conn.destination.to_string(),
-            method: parts.method.to_string(),
+            destination: conn.destination_name.clone(),
+            method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             endpoint,
             requested_model: None,

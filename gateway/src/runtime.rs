@@ -1,0 +1,77 @@
+//! Thread-per-core serving: one single-threaded tokio runtime per serving thread, each
+//! with its own listener on the same address (`SO_REUSEPORT`: the kernel spreads
+//! connections) and its own upstream pool. A request never crosses threads, which on
+//! this workload costs far less than a work-stealing runtime (see gateway/benches/).
+
+use std::future::Future;
+use std::thread;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::listener::{bind_listener, Gateway, Shared, StartError};
+
+fn single_threaded() -> Result<tokio::runtime::Runtime, StartError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)
+}
+
+/// The number of serving threads to use when none is asked for: one per available core.
+pub fn default_threads() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Serves with `threads` serving threads until `shutdown` completes, then drains.
+/// Blocks the calling thread, which becomes serving thread 0 (with the admin endpoint
+/// and the usage recorder).
+pub fn serve<F>(config: Config, threads: usize, shutdown: F) -> Result<(), StartError>
+where
+    F: Future<Output = ()>,
+{
+    let threads = threads.max(1);
+    let runtime = single_threaded()?;
+    runtime.block_on(async move {
+        // Bind everything before serving, so a bad address fails at start, not later.
+        let first = bind_listener(config.listen, threads > 1)?;
+        let addr = first.local_addr().map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        let mut listeners = vec![first];
+        for _ in 1..threads {
+            listeners.push(bind_listener(addr, true)?);
+        }
+        let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
+        let shared = Shared::start(config)?;
+        tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut handles = Vec::new();
+        let mut listeners = listeners.into_iter();
+        let own = listeners.next();
+        for (i, listener) in listeners.enumerate() {
+            let (shared, mut stop) = (shared.clone(), stop_rx.clone());
+            let handle = thread::Builder::new()
+                .name(format!("kube-gateway-{}", i + 1))
+                .spawn(move || -> Result<(), StartError> {
+                    single_threaded()?.block_on(async move {
+                        let gateway = Gateway::from_listeners(shared, listener, None)?;
+                        gateway.run(async move { let _ = stop.wait_for(|s| *s).await; }).await;
+                        Ok(())
+                    })
+                })
+                .map_err(StartError::Runtime)?;
+            handles.push(handle);
+        }
+        if let Some(listener) = own {
+            Gateway::from_listeners(shared, listener, admin)?.run(shutdown).await;
+        }
+        let _ = stop_tx.send(true);
+        for h in handles {
+            match h.join() {
+                Ok(result) => result?,
+                Err(_) => tracing::error!("a serving thread panicked"),
+            }
+        }
+        Ok(())
+    })
+}
