@@ -33,22 +33,42 @@ def dump(obj):
     return scrub(obj.model_dump())
 
 
-def access_records(log_path, path, count):
-    """The last `count` access-log records for `path`, waiting for them to be written."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        records = []
-        for line in log_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("target") == "access" and rec.get("path") == path:
-                records.append(rec)
-        if len(records) >= count:
-            return records[-count:]
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} access records for {path}")
+def access_records(log_path, path):
+    """Every access-log record written so far for `path`."""
+    records = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("target") == "access" and rec.get("path") == path:
+            records.append(rec)
+    return records
+
+
+class NewRecord:
+    """The access record a call writes: `with NewRecord(log, path) as r: call()`, then
+    `r.record`. It waits for a record that was not there before the call."""
+
+    def __init__(self, log_path, path):
+        self.log_path, self.path = log_path, path
+
+    def __enter__(self):
+        self.before = len(access_records(self.log_path, self.path))
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            return False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            records = access_records(self.log_path, self.path)
+            if len(records) > self.before:
+                assert len(records) == self.before + 1, "one call, one record"
+                self.record = records[-1]
+                return False
+            time.sleep(0.02)
+        raise AssertionError(f"no new access record for {self.path}")
 
 
 @pytest.fixture()
@@ -67,10 +87,11 @@ def ol(servers):
 def test_openai_chat(oa, servers):
     direct, via = oa
     want = direct.chat.completions.create(model=REWRITTEN, messages=MESSAGES, max_tokens=12)
-    got = via.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=12)
+    with NewRecord(servers[2], "/v1/chat/completions") as new:
+        got = via.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=12)
     assert got.model == REWRITTEN
     assert dump(got) == dump(want)
-    rec = access_records(servers[2], "/v1/chat/completions", 1)[0]
+    rec = new.record
     assert rec["requested_model"] == "gpt-4o-mini" and rec["used_model"] == REWRITTEN
     assert rec["input_tokens"] == got.usage.prompt_tokens
     assert rec["output_tokens"] == got.usage.completion_tokens
@@ -81,12 +102,13 @@ def test_openai_chat_stream(oa, servers):
     direct, via = oa
     want = [dump(c) for c in direct.chat.completions.create(
         model=REWRITTEN, messages=MESSAGES, max_tokens=12, stream=True)]
-    got_chunks = list(via.chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, max_tokens=12, stream=True))
+    with NewRecord(servers[2], "/v1/chat/completions") as new:
+        got_chunks = list(via.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=12, stream=True))
     assert [dump(c) for c in got_chunks] == want
     assert all(c.usage is None for c in got_chunks), "the injected usage chunk stays hidden"
     text = "".join(c.choices[0].delta.content or "" for c in got_chunks if c.choices)
-    rec = access_records(servers[2], "/v1/chat/completions", 1)[0]
+    rec = new.record
     assert rec["streamed"] is True
     assert rec["output_source"] == "Provider", "exact usage although the client asked none"
     assert rec["output_tokens"] == 12 and text
@@ -95,10 +117,11 @@ def test_openai_chat_stream(oa, servers):
 def test_openai_embeddings(oa, servers):
     direct, via = oa
     want = direct.embeddings.create(model=REWRITTEN, input=["alpha beta", "gamma"])
-    got = via.embeddings.create(model="text-embedding-3-small", input=["alpha beta", "gamma"])
+    with NewRecord(servers[2], "/v1/embeddings") as new:
+        got = via.embeddings.create(model="text-embedding-3-small", input=["alpha beta", "gamma"])
     assert dump(got) == dump(want)
     assert len(got.data) == 2 and len(got.data[0].embedding) == 8
-    rec = access_records(servers[2], "/v1/embeddings", 1)[0]
+    rec = new.record
     assert rec["input_tokens"] == got.usage.prompt_tokens and rec["output_tokens"] == 0
 
 
@@ -106,17 +129,21 @@ def test_openai_embeddings(oa, servers):
 def test_ollama_chat(ol, servers, stream):
     direct, via = ol
     opts = {"num_predict": 10}
+    with NewRecord(servers[2], "/api/chat") as new:
+        if stream:
+            got = [dump(p) for p in via.chat(model="llama3.2:1b", messages=MESSAGES, options=opts, stream=True)]
+            final = got[-1]
+        else:
+            got = dump(via.chat(model="llama3.2:1b", messages=MESSAGES, options=opts))
+            final = got
     if stream:
         want = [dump(p) for p in direct.chat(model=REWRITTEN, messages=MESSAGES, options=opts, stream=True)]
-        got = [dump(p) for p in via.chat(model="llama3.2:1b", messages=MESSAGES, options=opts, stream=True)]
-        final = got[-1]
     else:
         want = dump(direct.chat(model=REWRITTEN, messages=MESSAGES, options=opts))
-        got = dump(via.chat(model="llama3.2:1b", messages=MESSAGES, options=opts))
-        final = got
     assert got == want
     assert final["model"] == REWRITTEN and final["done"] is True
-    rec = access_records(servers[2], "/api/chat", 1)[0]
+    rec = new.record
+    assert rec["streamed"] is stream
     assert rec["input_tokens"] == final["prompt_eval_count"]
     assert rec["output_tokens"] == final["eval_count"]
 
@@ -124,26 +151,30 @@ def test_ollama_chat(ol, servers, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_ollama_generate(ol, servers, stream):
     direct, via = ol
+    with NewRecord(servers[2], "/api/generate") as new:
+        if stream:
+            got = [dump(p) for p in via.generate(model="llama3.2:1b", prompt="Why is the sky blue?", stream=True)]
+            final = got[-1]
+        else:
+            got = dump(via.generate(model="llama3.2:1b", prompt="Why is the sky blue?"))
+            final = got
     if stream:
         want = [dump(p) for p in direct.generate(model=REWRITTEN, prompt="Why is the sky blue?", stream=True)]
-        got = [dump(p) for p in via.generate(model="llama3.2:1b", prompt="Why is the sky blue?", stream=True)]
-        final = got[-1]
     else:
         want = dump(direct.generate(model=REWRITTEN, prompt="Why is the sky blue?"))
-        got = dump(via.generate(model="llama3.2:1b", prompt="Why is the sky blue?"))
-        final = got
     assert got == want
-    rec = access_records(servers[2], "/api/generate", 1)[0]
+    rec = new.record
     assert rec["output_tokens"] == final["eval_count"] and rec["streamed"] is stream
 
 
 def test_ollama_embed(ol, servers):
     direct, via = ol
     want = dump(direct.embed(model=REWRITTEN, input=["alpha beta", "gamma"]))
-    got = dump(via.embed(model="nomic-embed-text", input=["alpha beta", "gamma"]))
+    with NewRecord(servers[2], "/api/embed") as new:
+        got = dump(via.embed(model="nomic-embed-text", input=["alpha beta", "gamma"]))
     assert got == want
     assert got["model"] == REWRITTEN and len(got["embeddings"]) == 2
-    rec = access_records(servers[2], "/api/embed", 1)[0]
+    rec = new.record
     assert rec["input_tokens"] == got["prompt_eval_count"]
 
 
