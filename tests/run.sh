@@ -14,4 +14,5 @@ if ! "$venv/bin/python" -c 'import openai, ollama, pytest' 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 fi
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/e2e
+# -rs prints why a privileged test skipped (never in CI: there they must run).
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests/e2e
