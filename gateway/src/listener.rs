@@ -14,7 +14,7 @@ use tokio::sync::broadcast;
 use crate::admin;
 use crate::config::{Config, Destination, UpstreamMode};
 use crate::drain::{Drain, DrainWatch};
-use crate::http::{self, ConnInfo, Proxy};
+use crate::http::{self, Proxy};
 use crate::sniff::{self, Protocol};
 use crate::usage::{self, Recorder, UsageRecord};
 use crate::{orig_dst, relay};
@@ -206,7 +206,8 @@ async fn connection(
     };
     match sniff::sniff(&stream, config.limits.sniff_timeout).await {
         Protocol::Http1 => {
-            http::serve(stream, ConnInfo::new(peer, destination), proxy, drain).await
+            let conn = proxy.connection(peer, destination);
+            http::serve(stream, conn, proxy, drain).await
         }
         Protocol::Opaque => match relay::relay(stream, &destination, &config.limits).await {
             Ok((up, down)) => tracing::debug!(%peer, %destination, up, down, "relayed"),

@@ -1,16 +1,20 @@
-//! The upstream HTTP client: one pool, keyed by destination, keep-alive and
-//! `TCP_NODELAY` on, connection errors mapped to the gateway's error types.
+//! Upstream connections. A client connection is tied to one upstream connection for its
+//! lifetime (taken on its first request from this thread's idle pool, or connected), so
+//! a keep-alive client costs no pool work per request and the upstream sees the same
+//! connection pattern as without the gateway. When the client connection ends, its
+//! upstream connection goes back to the pool for the next client of that destination.
 
-use std::error::Error as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::config::{Destination, Limits};
 use crate::error::GatewayError;
@@ -18,49 +22,181 @@ use crate::error::GatewayError;
 /// A request body going upstream: rewritten bytes, or the client's own stream.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 
-/// The pooled upstream client.
-#[derive(Clone)]
+type Sender = SendRequest<UpstreamBody>;
+
+/// Idle connections kept per destination; more are closed.
+const MAX_IDLE_PER_DESTINATION: usize = 64;
+
+/// Connects and pools upstream connections for one serving thread.
 pub struct Upstream {
-    client: Client<HttpConnector, UpstreamBody>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    idle: Mutex<HashMap<Destination, Vec<Sender>>>,
+}
+
+/// The upstream side of one client connection.
+pub struct Affinity {
+    upstream: Arc<Upstream>,
+    destination: Destination,
+    sender: Mutex<Option<Sender>>,
 }
 
 impl Upstream {
-    pub fn new(limits: &Limits) -> Self {
-        let mut connector = HttpConnector::new();
-        // Delayed ACKs cost tens of milliseconds a request without it.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http1_preserve_header_case(true)
-            // The client's Host header is forwarded as it is; only a request without one gets one.
-            .set_host(true)
-            .build(connector);
-        Self {
-            client,
+    pub fn new(limits: &Limits) -> Arc<Self> {
+        Arc::new(Self {
             connect_timeout: limits.connect_timeout,
             response_timeout: limits.response_timeout,
+            idle: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The upstream side of a new client connection to `destination` (connects lazily).
+    pub fn affinity(self: &Arc<Self>, destination: Destination) -> Affinity {
+        Affinity {
+            upstream: self.clone(),
+            destination,
+            sender: Mutex::new(None),
         }
     }
 
-    /// Sends `req` to `dest`; waits at most the response timeout for the headers.
+    fn checkout(&self, dest: &Destination) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(dest)?;
+        // Connections the upstream closed, or still busy, are dropped (closing them).
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, dest: &Destination, sender: Sender) {
+        if !sender.is_ready() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(dest.clone()).or_default();
+            if list.len() < MAX_IDLE_PER_DESTINATION {
+                list.push(sender);
+            }
+        }
+    }
+
+    async fn connect(&self, dest: &Destination) -> Result<Sender, GatewayError> {
+        let unreachable = |reason: String| GatewayError::UpstreamConnect {
+            upstream: dest.to_string(),
+            reason,
+        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dest.as_str()))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                Err(_) => {
+                    return Err(GatewayError::UpstreamTimeout {
+                        upstream: dest.to_string(),
+                        timeout: self.connect_timeout,
+                    })
+                }
+            };
+        // Delayed ACKs cost tens of milliseconds a request without it.
+        stream
+            .set_nodelay(true)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(root_cause(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Affinity {
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+
+    fn take(&self) -> Option<Sender> {
+        self.sender.lock().ok().and_then(|mut s| s.take())
+    }
+
+    fn keep(&self, sender: Sender) {
+        if let Ok(mut s) = self.sender.lock() {
+            *s = Some(sender);
+        }
+    }
+
+    /// Sends `req`; waits at most the response timeout for the response headers.
     pub async fn send(
         &self,
-        dest: &Destination,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
-        let fut = self.client.request(req);
-        match tokio::time::timeout(self.response_timeout, fut).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(dest, &e, self.connect_timeout)),
+        let timeout = self.upstream.response_timeout;
+        match tokio::time::timeout(timeout, self.send_inner(req)).await {
+            Ok(result) => result,
             Err(_) => Err(GatewayError::UpstreamTimeout {
-                upstream: dest.to_string(),
-                timeout: self.response_timeout,
+                upstream: self.destination.to_string(),
+                timeout,
             }),
+        }
+    }
+
+    async fn send_inner(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let up = &self.upstream;
+        let dest = &self.destination;
+        // A kept or pooled connection; it finishes the previous answer first if need be.
+        let mut reused = None;
+        if let Some(mut s) = self.take().or_else(|| up.checkout(dest)) {
+            if s.ready().await.is_ok() {
+                reused = Some(s);
+            }
+        }
+        let mut is_reused = reused.is_some();
+        let mut sender = match reused {
+            Some(s) => s,
+            None => up.connect(dest).await?,
+        };
+        loop {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.keep(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // The upstream closed a kept-alive connection before taking the
+                    // request: it was never sent, so a fresh connection may carry it.
+                    Some(unsent) if is_reused => {
+                        req = unsent;
+                        is_reused = false;
+                        sender = up.connect(dest).await?;
+                    }
+                    _ => {
+                        return Err(GatewayError::UpstreamReset {
+                            upstream: dest.to_string(),
+                            reason: root_cause(&e.into_error()),
+                        })
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        if let Some(sender) = self.take() {
+            self.upstream.checkin(&self.destination, sender);
         }
     }
 }
@@ -72,40 +208,4 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
-}
-
-fn classify(
-    dest: &Destination,
-    e: &hyper_util::client::legacy::Error,
-    connect_timeout: Duration,
-) -> GatewayError {
-    let timed_out = {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = e.source();
-        let mut found = false;
-        while let Some(err) = cur {
-            if let Some(io) = err.downcast_ref::<std::io::Error>() {
-                found |= io.kind() == std::io::ErrorKind::TimedOut;
-            }
-            found |= err.to_string().contains("timed out");
-            cur = err.source();
-        }
-        found
-    };
-    let reason = root_cause(e);
-    if e.is_connect() && timed_out {
-        GatewayError::UpstreamTimeout {
-            upstream: dest.to_string(),
-            timeout: connect_timeout,
-        }
-    } else if e.is_connect() {
-        GatewayError::UpstreamConnect {
-            upstream: dest.to_string(),
-            reason,
-        }
-    } else {
-        GatewayError::UpstreamReset {
-            upstream: dest.to_string(),
-            reason,
-        }
-    }
 }

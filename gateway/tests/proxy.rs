@@ -507,12 +507,25 @@ async fn upstream_errors_pass_through_and_are_recorded() {
 /// An upstream that answers every request with one fixed Content-Length response written
 /// in a single write, as nginx does: hyper then sees the body end with its last byte.
 async fn one_write_upstream(response: &'static str) -> std::net::SocketAddr {
+    scripted_upstream(response, usize::MAX, std::sync::Arc::default()).await
+}
+
+/// Like [`one_write_upstream`], but closes each connection after `per_connection`
+/// answers without saying so (no `Connection: close`), as servers with a keep-alive
+/// limit do, and counts the connections it accepted.
+async fn scripted_upstream(
+    response: &'static str,
+    per_connection: usize,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
+                let mut answered = 0;
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 loop {
@@ -544,6 +557,10 @@ async fn one_write_upstream(response: &'static str) -> std::net::SocketAddr {
                         response.len()
                     );
                     if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    answered += 1;
+                    if answered == per_connection {
                         return;
                     }
                 }
@@ -580,4 +597,100 @@ async fn usage_is_read_from_bodies_that_end_with_their_last_byte() {
         assert_eq!(r.outcome, Outcome::Allowed);
         assert_eq!(r.finish_reason.as_deref(), Some("stop"));
     }
+}
+
+/// Sends `n` requests one after another on one client connection.
+async fn keep_alive_posts(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &Value,
+    n: usize,
+) -> Vec<u16> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        sender.ready().await.unwrap();
+        let req = http::Request::post(path)
+            .header("host", "llm")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        statuses.push(resp.status().as_u16());
+        resp.into_body().collect().await.unwrap();
+    }
+    statuses
+}
+
+const CANNED: &str = r#"{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+#[tokio::test]
+async fn a_keep_alive_client_keeps_one_upstream_connection() {
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = scripted_upstream(CANNED, usize::MAX, accepted.clone()).await;
+    let gw = gateway(config(upstream)).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(
+        keep_alive_posts(gw.addr, "/v1/chat/completions", &body, 10).await,
+        vec![200; 10]
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "ten requests, one upstream connection"
+    );
+    // A second client connection after the first ended reuses the pooled connection.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        keep_alive_posts(gw.addr, "/v1/chat/completions", &body, 3).await,
+        vec![200; 3]
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "pooled upstream connection reused"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closed_a_kept_connection_costs_the_client_nothing() {
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Closes every connection after one answer, silently.
+    let upstream = scripted_upstream(CANNED, 1, accepted.clone()).await;
+    let mut gw = gateway(config(upstream)).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    for pause in [false, true] {
+        let statuses = if pause {
+            // Let the gateway notice the close before the next request...
+            let mut out = Vec::new();
+            for _ in 0..5 {
+                out.extend(keep_alive_posts(gw.addr, "/v1/chat/completions", &body, 1).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            out
+        } else {
+            // ...and not: the next request races the close.
+            keep_alive_posts(gw.addr, "/v1/chat/completions", &body, 5).await
+        };
+        assert_eq!(statuses, vec![200; 5], "pause={pause}");
+    }
+    for _ in 0..10 {
+        let r = gw.record("/v1/chat/completions").await;
+        assert_eq!(
+            (r.status, r.outcome, r.input_tokens),
+            (200, Outcome::Allowed, 3)
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        10,
+        "one upstream connection per answer"
+    );
 }

@@ -21,38 +21,37 @@ use crate::api::{Endpoint, LlmRequest};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
 use crate::meter::{Format, Meter};
+use crate::upstream::Affinity;
 use crate::upstream::{Upstream, UpstreamBody};
 use crate::usage::{Exchange, Outcome, Recorder};
 
 /// Shared by every connection of a gateway.
 pub struct Proxy {
     config: Arc<Config>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     recorder: Recorder,
     next_seq: AtomicU64,
 }
 
 /// The connection a request arrived on.
-#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    pub destination: Destination,
     /// The destination as text, for records, formatted once per connection.
     pub destination_name: Arc<str>,
-}
-
-impl ConnInfo {
-    pub fn new(peer: SocketAddr, destination: Destination) -> Self {
-        let destination_name = Arc::from(destination.as_str());
-        Self {
-            peer,
-            destination,
-            destination_name,
-        }
-    }
+    /// This client connection's upstream connection.
+    pub upstream: Affinity,
 }
 
 impl Proxy {
+    /// The state of a new client connection to `destination`.
+    pub fn connection(&self, peer: SocketAddr, destination: Destination) -> ConnInfo {
+        ConnInfo {
+            peer,
+            destination_name: Arc::from(destination.as_str()),
+            upstream: self.upstream.affinity(destination),
+        }
+    }
+
     pub fn new(config: Arc<Config>, recorder: Recorder) -> Self {
         let upstream = Upstream::new(&config.limits);
         Self {
@@ -120,15 +119,18 @@ impl Proxy {
         conn: &ConnInfo,
         keep_upgrade: bool,
     ) -> Result<Request<UpstreamBody>, GatewayError> {
+        // Origin-form on a connection of its own; the client's Host says which site.
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(conn.destination.authority().clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        parts.uri = Uri::try_from(path).map_err(|e| GatewayError::Internal(e.to_string()))?;
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers, keep_upgrade);
+        // The body was already accepted from the client: do not ask the upstream again.
+        parts.headers.remove(header::EXPECT);
+        if !parts.headers.contains_key(header::HOST) {
+            let host = HeaderValue::from_str(conn.upstream.destination().as_str())
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            parts.headers.insert(header::HOST, host);
+        }
         Ok(Request::from_parts(parts, body))
     }
 
@@ -210,7 +212,7 @@ impl Proxy {
                 Ok(r) => r,
                 Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
             };
-        let resp = match self.upstream.send(&conn.destination, upstream_req).await {
+        let resp = match conn.upstream.send(upstream_req).await {
             Ok(resp) => resp,
             Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
         };
@@ -259,7 +261,7 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
         };
-        let mut resp = match self.upstream.send(&conn.destination, upstream_req).await {
+        let mut resp = match conn.upstream.send(upstream_req).await {
             Ok(resp) => resp,
             Err(e) => return self.reject(ex, e, started, Outcome::UpstreamError),
         };
