@@ -42,6 +42,9 @@ enum Command {
         /// A label for the output line.
         #[arg(long, default_value = "target")]
         label: String,
+        /// The request body (default: a short streaming chat).
+        #[arg(long)]
+        body: Option<String>,
     },
     /// Run the local demo: the demo LLM and a kube-gateway in front of it.
     Local {
@@ -93,8 +96,10 @@ async fn main() -> anyhow::Result<()> {
             requests,
             warmup,
             label,
+            body,
         } => {
-            let body = r#"{"model":"llama3.2:1b","messages":[{"role":"user","content":"Say hello"}],"stream":true,"max_tokens":16}"#;
+            let default = r#"{"model":"llama3.2:1b","messages":[{"role":"user","content":"Say hello"}],"stream":true,"max_tokens":16}"#;
+            let body = body.as_deref().unwrap_or(default);
             let s =
                 kube_gateway_ai_demo::ttfc::measure(addr, &path, body, warmup, requests).await?;
             use std::io::Write as _;
