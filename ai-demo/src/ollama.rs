@@ -53,15 +53,9 @@ fn created_at() -> String {
 
 /// `/api/chat` and `/api/generate`.
 pub fn generate(req: DemoRequest) -> DemoResponse {
-    let Some(model) = req
-        .body
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !m.is_empty())
-    else {
+    let Some(model) = req.model() else {
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
-    let model = model.to_owned();
     if req.fault == Fault::Status500 {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -139,23 +133,18 @@ pub fn generate(req: DemoRequest) -> DemoResponse {
 
 /// `/api/embed` (batch, with counts) and `/api/embeddings` (older: one prompt, no counts).
 pub fn embed(req: DemoRequest) -> DemoResponse {
-    let Some(model) = req
-        .body
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !m.is_empty())
-    else {
+    let Some(model) = req.model() else {
         return error(StatusCode::BAD_REQUEST, "model is required");
     };
     if req.path == "/api/embeddings" {
         let prompt = req.body.get("prompt").and_then(Value::as_str).unwrap_or("");
         return body::json(
             StatusCode::OK,
-            &json!({"embedding": text::embedding(model, prompt)}),
+            &json!({"embedding": text::embedding(&model, prompt)}),
         );
     }
     let inputs = text::inputs(req.body.get("input"));
-    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|i| text::embedding(model, i)).collect();
+    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|i| text::embedding(&model, i)).collect();
     let tokens: u64 = inputs.iter().map(|i| text::count_tokens(i)).sum();
     body::json(
         StatusCode::OK,

@@ -100,14 +100,6 @@ fn sse(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
 
-fn model_of(req: &DemoRequest) -> Option<String> {
-    req.body
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !m.is_empty())
-        .map(str::to_owned)
-}
-
 fn no_model() -> DemoResponse {
     error(
         StatusCode::BAD_REQUEST,
@@ -117,7 +109,7 @@ fn no_model() -> DemoResponse {
 
 /// `/v1/chat/completions` and `/v1/completions`.
 pub fn completions(req: DemoRequest) -> DemoResponse {
-    let Some(model) = model_of(&req) else {
+    let Some(model) = req.model() else {
         return no_model();
     };
     if req.fault == Fault::Status500 {
@@ -247,7 +239,7 @@ fn responses_input(body: &Value) -> String {
 
 /// `/v1/responses`.
 pub fn responses(req: DemoRequest) -> DemoResponse {
-    let Some(model) = model_of(&req) else {
+    let Some(model) = req.model() else {
         return no_model();
     };
     if req.fault == Fault::Status500 {
@@ -368,7 +360,7 @@ pub fn responses(req: DemoRequest) -> DemoResponse {
 
 /// `/v1/embeddings`, with `encoding_format` float or base64 (the official client's default).
 pub fn embeddings(req: DemoRequest) -> DemoResponse {
-    let Some(model) = model_of(&req) else {
+    let Some(model) = req.model() else {
         return no_model();
     };
     let inputs = text::inputs(req.body.get("input"));

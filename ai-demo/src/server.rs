@@ -125,6 +125,17 @@ pub struct DemoRequest {
     pub server: Arc<DemoServer>,
 }
 
+impl DemoRequest {
+    /// The model the body names, if it names a non-empty one.
+    pub fn model(&self) -> Option<String> {
+        self.body
+            .get("model")
+            .and_then(serde_json::Value::as_str)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+    }
+}
+
 async fn route(req: Request<Incoming>, server: Arc<DemoServer>) -> DemoResponse {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
