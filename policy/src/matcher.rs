@@ -1,0 +1,303 @@
+//! One matcher for a set of text rules: literals (one Aho-Corasick automaton per case
+//! mode), regexes and built-in detectors. It finds the leftmost match (longest at a
+//! tie, then the first rule) and, for streams, tells how much of a text's end could
+//! still become the start of a match once more text arrives.
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Input, MatchKind};
+use regex::Regex;
+
+use crate::detect::Detector;
+
+/// What a rule matches.
+#[derive(Debug, Clone)]
+pub enum Pattern {
+    Literals { words: Vec<String>, case_sensitive: bool },
+    Regex(String),
+    Detector(Detector),
+}
+
+/// A pattern could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("invalid regex: {0}")]
+    Regex(String),
+    #[error("literals must not be empty")]
+    EmptyLiteral,
+    #[error("this regex can match text of any length; on streams a rule must be bounded (use {{m,n}} instead of + or *)")]
+    Unbounded,
+}
+
+/// One match: bytes `start..end` of the text, found by rule `rule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Match {
+    pub start: usize,
+    pub end: usize,
+    pub rule: usize,
+}
+
+struct Automaton {
+    ac: AhoCorasick,
+    /// Pattern id to rule index.
+    rules: Vec<usize>,
+    /// The literals, lower-cased when the automaton ignores case, for prefix checks.
+    words: Vec<Vec<u8>>,
+    ignore_case: bool,
+}
+
+struct RegexRule {
+    regex: Regex,
+    rule: usize,
+    detector: Option<Detector>,
+}
+
+/// A compiled set of rules' patterns.
+pub struct Matcher {
+    automata: Vec<Automaton>,
+    regexes: Vec<RegexRule>,
+    /// The longest literal, in bytes.
+    longest_literal: usize,
+    /// The longest any regex can match, in bytes; `None` if some regex is unbounded.
+    longest_regex: Option<usize>,
+}
+
+impl std::fmt::Debug for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matcher")
+            .field("automata", &self.automata.len())
+            .field("regexes", &self.regexes.len())
+            .field("longest_literal", &self.longest_literal)
+            .field("longest_regex", &self.longest_regex)
+            .finish()
+    }
+}
+
+fn max_len(pattern: &str) -> Result<Option<usize>, PatternError> {
+    let hir = regex_syntax::parse(pattern).map_err(|e| PatternError::Regex(e.to_string()))?;
+    Ok(hir.properties().maximum_len())
+}
+
+impl Matcher {
+    /// Compiles the patterns of rules `0..patterns.len()`. With `bounded`, every regex
+    /// must have a maximum match length (streams need one). Errors are per rule.
+    pub fn new(patterns: &[Pattern], bounded: bool) -> Result<Self, Vec<(usize, PatternError)>> {
+        let mut errors = Vec::new();
+        let mut by_case: [(Vec<String>, Vec<usize>); 2] = Default::default();
+        let mut regexes = Vec::new();
+        let mut longest_regex = Some(0usize);
+        for (rule, pattern) in patterns.iter().enumerate() {
+            let (source, detector) = match pattern {
+                Pattern::Literals { words, case_sensitive } => {
+                    if words.is_empty() || words.iter().any(String::is_empty) {
+                        errors.push((rule, PatternError::EmptyLiteral));
+                    }
+                    let slot = &mut by_case[usize::from(!*case_sensitive)];
+                    for w in words.iter().filter(|w| !w.is_empty()) {
+                        slot.0.push(w.clone());
+                        slot.1.push(rule);
+                    }
+                    continue;
+                }
+                Pattern::Regex(source) => (source.as_str(), None),
+                Pattern::Detector(d) => (d.pattern(), Some(*d)),
+            };
+            let len = match max_len(source) {
+                Ok(len) => len,
+                Err(e) => {
+                    errors.push((rule, e));
+                    continue;
+                }
+            };
+            if bounded && len.is_none() {
+                errors.push((rule, PatternError::Unbounded));
+                continue;
+            }
+            longest_regex = longest_regex.zip(len).map(|(a, b)| a.max(b));
+            match Regex::new(source) {
+                Ok(regex) => regexes.push(RegexRule { regex, rule, detector }),
+                Err(e) => errors.push((rule, PatternError::Regex(e.to_string()))),
+            }
+        }
+        let mut automata = Vec::new();
+        let mut longest_literal = 0;
+        for (i, (words, rules)) in by_case.into_iter().enumerate() {
+            if words.is_empty() {
+                continue;
+            }
+            let ignore_case = i == 1;
+            longest_literal = longest_literal.max(words.iter().map(String::len).max().unwrap_or(0));
+            let ac = AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostLongest)
+                .ascii_case_insensitive(ignore_case)
+                .build(&words);
+            match ac {
+                Ok(ac) => automata.push(Automaton {
+                    ac,
+                    rules,
+                    words: words
+                        .iter()
+                        .map(|w| if ignore_case { w.to_ascii_lowercase().into_bytes() } else { w.clone().into_bytes() })
+                        .collect(),
+                    ignore_case,
+                }),
+                Err(e) => errors.push((rules[0], PatternError::Regex(e.to_string()))),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self {
+                automata,
+                regexes,
+                longest_literal,
+                longest_regex,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.automata.is_empty() && self.regexes.is_empty()
+    }
+
+    /// The leftmost match starting at or after `pos` (longest at the same start, then
+    /// the lowest rule).
+    pub fn find_at(&self, text: &str, pos: usize) -> Option<Match> {
+        let mut best: Option<Match> = None;
+        let mut consider = |m: Match| {
+            let better = match best {
+                None => true,
+                Some(b) => (m.start, std::cmp::Reverse(m.end), m.rule) < (b.start, std::cmp::Reverse(b.end), b.rule),
+            };
+            if better {
+                best = Some(m);
+            }
+        };
+        for a in &self.automata {
+            if let Some(m) = a.ac.find(Input::new(text).range(pos..)) {
+                consider(Match {
+                    start: m.start(),
+                    end: m.end(),
+                    rule: a.rules[m.pattern().as_usize()],
+                });
+            }
+        }
+        for r in &self.regexes {
+            let mut from = pos;
+            while let Some(m) = r.regex.find_at(text, from) {
+                if r.detector.is_none_or(|d| d.accepts(m.as_str())) {
+                    if m.start() < m.end() {
+                        consider(Match { start: m.start(), end: m.end(), rule: r.rule });
+                    }
+                    break;
+                }
+                // A look-alike (say, a number failing Luhn): look past its first char.
+                from = next_char(text, m.start());
+                if from > text.len() {
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// Every non-overlapping match, left to right.
+    pub fn find_iter<'t>(&'t self, text: &'t str) -> impl Iterator<Item = Match> + 't {
+        let mut pos = 0;
+        std::iter::from_fn(move || {
+            let m = self.find_at(text, pos)?;
+            pos = m.end;
+            Some(m)
+        })
+    }
+
+    /// For a text that may continue: the earliest index at or after `pos` where a match
+    /// could still start once more text arrives. Bytes before it are settled.
+    pub fn hold_from(&self, text: &str, pos: usize) -> usize {
+        let len = text.len();
+        let mut hold = len;
+        if let Some(longest) = self.longest_regex.filter(|_| !self.regexes.is_empty()) {
+            // A regex match starting here could reach past the end (or depend on the next
+            // character, as \b and $ do).
+            hold = floor_char(text, len.saturating_sub(longest));
+        }
+        if self.longest_literal > 1 {
+            let first = floor_char(text, len.saturating_sub(self.longest_literal - 1));
+            for p in (first.max(pos)..hold).filter(|p| text.is_char_boundary(*p)) {
+                if self.is_literal_prefix(&text.as_bytes()[p..]) {
+                    hold = p;
+                    break;
+                }
+            }
+        }
+        hold.max(pos)
+    }
+
+    fn is_literal_prefix(&self, tail: &[u8]) -> bool {
+        self.automata.iter().any(|a| {
+            a.words.iter().any(|w| {
+                w.len() > tail.len()
+                    && if a.ignore_case {
+                        w[..tail.len()].iter().zip(tail).all(|(x, y)| *x == y.to_ascii_lowercase())
+                    } else {
+                        w.starts_with(tail)
+                    }
+            })
+        })
+    }
+}
+
+fn next_char(text: &str, i: usize) -> usize {
+    text[i..].chars().next().map_or(text.len() + 1, |c| i + c.len_utf8())
+}
+
+fn floor_char(text: &str, mut i: usize) -> usize {
+    while i > 0 && !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lits(words: &[&str], case_sensitive: bool) -> Pattern {
+        Pattern::Literals { words: words.iter().map(|w| w.to_string()).collect(), case_sensitive }
+    }
+
+    #[test]
+    fn leftmost_then_longest_then_first_rule() {
+        let m = Matcher::new(&[lits(&["ab"], true), lits(&["abcd"], true), Pattern::Regex("b.".into())], false).unwrap();
+        let found: Vec<_> = m.find_iter("xxabcd ab bz").map(|m| (m.start, m.end, m.rule)).collect();
+        assert_eq!(found, vec![(2, 6, 1), (7, 9, 0), (10, 12, 2)]);
+    }
+
+    #[test]
+    fn case_modes_and_detectors_coexist() {
+        let m = Matcher::new(&[lits(&["Secret"], true), lits(&["password"], false), Pattern::Detector(Detector::CreditCard)], false)
+            .unwrap();
+        let rules: Vec<_> = m.find_iter("secret Secret PASSWORD 4111111111111111 4111111111111112").map(|m| m.rule).collect();
+        assert_eq!(rules, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn hold_keeps_only_what_could_still_match() {
+        let m = Matcher::new(&[lits(&["rabbit", "rat"], false)], true).unwrap();
+        assert_eq!(m.hold_from("a big RAB", 0), 6, "'RAB' may become 'rabbit'");
+        assert_eq!(m.hold_from("a big rabbix", 0), 12, "nothing can start in 'rabbix'");
+        assert_eq!(m.hold_from("a big ra", 0), 6);
+        assert_eq!(m.hold_from("a big r", 7), 7, "never before pos");
+        let r = Matcher::new(&[Pattern::Regex(r"\bab{1,3}\b".into())], true).unwrap();
+        // Its longest match is 4 bytes: one starting in the last 4 could still grow, or
+        // hinge on the \b after it.
+        assert_eq!(r.hold_from("0123456789", 0), 6);
+    }
+
+    #[test]
+    fn errors_name_their_rule() {
+        let errs = Matcher::new(&[lits(&[""], true), Pattern::Regex("(".into()), Pattern::Regex("a+".into())], true).unwrap_err();
+        let rules: Vec<_> = errs.iter().map(|(r, _)| *r).collect();
+        assert_eq!(rules, vec![0, 1, 2]);
+        assert_eq!(errs[2].1, PatternError::Unbounded);
+        assert!(Matcher::new(&[Pattern::Regex("a+".into())], false).is_ok(), "prompt rules may be unbounded");
+    }
+}
