@@ -4,6 +4,7 @@
 pub mod detect;
 pub mod matcher;
 pub mod model;
+pub mod response;
 pub mod tokens;
 
 pub use model::{ModelRewrite, ModelRewriteError, RewriteRule};

@@ -11,7 +11,10 @@ use crate::detect::Detector;
 /// What a rule matches.
 #[derive(Debug, Clone)]
 pub enum Pattern {
-    Literals { words: Vec<String>, case_sensitive: bool },
+    Literals {
+        words: Vec<String>,
+        case_sensitive: bool,
+    },
     Regex(String),
     Detector(Detector),
 }
@@ -86,7 +89,10 @@ impl Matcher {
         let mut longest_regex = Some(0usize);
         for (rule, pattern) in patterns.iter().enumerate() {
             let (source, detector) = match pattern {
-                Pattern::Literals { words, case_sensitive } => {
+                Pattern::Literals {
+                    words,
+                    case_sensitive,
+                } => {
                     if words.is_empty() || words.iter().any(String::is_empty) {
                         errors.push((rule, PatternError::EmptyLiteral));
                     }
@@ -113,7 +119,11 @@ impl Matcher {
             }
             longest_regex = longest_regex.zip(len).map(|(a, b)| a.max(b));
             match Regex::new(source) {
-                Ok(regex) => regexes.push(RegexRule { regex, rule, detector }),
+                Ok(regex) => regexes.push(RegexRule {
+                    regex,
+                    rule,
+                    detector,
+                }),
                 Err(e) => errors.push((rule, PatternError::Regex(e.to_string()))),
             }
         }
@@ -135,7 +145,13 @@ impl Matcher {
                     rules,
                     words: words
                         .iter()
-                        .map(|w| if ignore_case { w.to_ascii_lowercase().into_bytes() } else { w.clone().into_bytes() })
+                        .map(|w| {
+                            if ignore_case {
+                                w.to_ascii_lowercase().into_bytes()
+                            } else {
+                                w.clone().into_bytes()
+                            }
+                        })
                         .collect(),
                     ignore_case,
                 }),
@@ -165,7 +181,10 @@ impl Matcher {
         let mut consider = |m: Match| {
             let better = match best {
                 None => true,
-                Some(b) => (m.start, std::cmp::Reverse(m.end), m.rule) < (b.start, std::cmp::Reverse(b.end), b.rule),
+                Some(b) => {
+                    (m.start, std::cmp::Reverse(m.end), m.rule)
+                        < (b.start, std::cmp::Reverse(b.end), b.rule)
+                }
             };
             if better {
                 best = Some(m);
@@ -185,7 +204,11 @@ impl Matcher {
             while let Some(m) = r.regex.find_at(text, from) {
                 if r.detector.is_none_or(|d| d.accepts(m.as_str())) {
                     if m.start() < m.end() {
-                        consider(Match { start: m.start(), end: m.end(), rule: r.rule });
+                        consider(Match {
+                            start: m.start(),
+                            end: m.end(),
+                            rule: r.rule,
+                        });
                     }
                     break;
                 }
@@ -236,7 +259,10 @@ impl Matcher {
             a.words.iter().any(|w| {
                 w.len() > tail.len()
                     && if a.ignore_case {
-                        w[..tail.len()].iter().zip(tail).all(|(x, y)| *x == y.to_ascii_lowercase())
+                        w[..tail.len()]
+                            .iter()
+                            .zip(tail)
+                            .all(|(x, y)| *x == y.to_ascii_lowercase())
                     } else {
                         w.starts_with(tail)
                     }
@@ -246,7 +272,10 @@ impl Matcher {
 }
 
 fn next_char(text: &str, i: usize) -> usize {
-    text[i..].chars().next().map_or(text.len() + 1, |c| i + c.len_utf8())
+    text[i..]
+        .chars()
+        .next()
+        .map_or(text.len() + 1, |c| i + c.len_utf8())
 }
 
 fn floor_char(text: &str, mut i: usize) -> usize {
@@ -261,21 +290,45 @@ mod tests {
     use super::*;
 
     fn lits(words: &[&str], case_sensitive: bool) -> Pattern {
-        Pattern::Literals { words: words.iter().map(|w| w.to_string()).collect(), case_sensitive }
+        Pattern::Literals {
+            words: words.iter().map(|w| w.to_string()).collect(),
+            case_sensitive,
+        }
     }
 
     #[test]
     fn leftmost_then_longest_then_first_rule() {
-        let m = Matcher::new(&[lits(&["ab"], true), lits(&["abcd"], true), Pattern::Regex("b.".into())], false).unwrap();
-        let found: Vec<_> = m.find_iter("xxabcd ab bz").map(|m| (m.start, m.end, m.rule)).collect();
+        let m = Matcher::new(
+            &[
+                lits(&["ab"], true),
+                lits(&["abcd"], true),
+                Pattern::Regex("b.".into()),
+            ],
+            false,
+        )
+        .unwrap();
+        let found: Vec<_> = m
+            .find_iter("xxabcd ab bz")
+            .map(|m| (m.start, m.end, m.rule))
+            .collect();
         assert_eq!(found, vec![(2, 6, 1), (7, 9, 0), (10, 12, 2)]);
     }
 
     #[test]
     fn case_modes_and_detectors_coexist() {
-        let m = Matcher::new(&[lits(&["Secret"], true), lits(&["password"], false), Pattern::Detector(Detector::CreditCard)], false)
-            .unwrap();
-        let rules: Vec<_> = m.find_iter("secret Secret PASSWORD 4111111111111111 4111111111111112").map(|m| m.rule).collect();
+        let m = Matcher::new(
+            &[
+                lits(&["Secret"], true),
+                lits(&["password"], false),
+                Pattern::Detector(Detector::CreditCard),
+            ],
+            false,
+        )
+        .unwrap();
+        let rules: Vec<_> = m
+            .find_iter("secret Secret PASSWORD 4111111111111111 4111111111111112")
+            .map(|m| m.rule)
+            .collect();
         assert_eq!(rules, vec![0, 1, 2]);
     }
 
@@ -283,7 +336,11 @@ mod tests {
     fn hold_keeps_only_what_could_still_match() {
         let m = Matcher::new(&[lits(&["rabbit", "rat"], false)], true).unwrap();
         assert_eq!(m.hold_from("a big RAB", 0), 6, "'RAB' may become 'rabbit'");
-        assert_eq!(m.hold_from("a big rabbix", 0), 12, "nothing can start in 'rabbix'");
+        assert_eq!(
+            m.hold_from("a big rabbix", 0),
+            12,
+            "nothing can start in 'rabbix'"
+        );
         assert_eq!(m.hold_from("a big ra", 0), 6);
         assert_eq!(m.hold_from("a big r", 7), 7, "never before pos");
         let r = Matcher::new(&[Pattern::Regex(r"\bab{1,3}\b".into())], true).unwrap();
@@ -294,10 +351,21 @@ mod tests {
 
     #[test]
     fn errors_name_their_rule() {
-        let errs = Matcher::new(&[lits(&[""], true), Pattern::Regex("(".into()), Pattern::Regex("a+".into())], true).unwrap_err();
+        let errs = Matcher::new(
+            &[
+                lits(&[""], true),
+                Pattern::Regex("(".into()),
+                Pattern::Regex("a+".into()),
+            ],
+            true,
+        )
+        .unwrap_err();
         let rules: Vec<_> = errs.iter().map(|(r, _)| *r).collect();
         assert_eq!(rules, vec![0, 1, 2]);
         assert_eq!(errs[2].1, PatternError::Unbounded);
-        assert!(Matcher::new(&[Pattern::Regex("a+".into())], false).is_ok(), "prompt rules may be unbounded");
+        assert!(
+            Matcher::new(&[Pattern::Regex("a+".into())], false).is_ok(),
+            "prompt rules may be unbounded"
+        );
     }
 }

@@ -1,0 +1,321 @@
+//! Response rules over generated text: redact (mask in place) or block (end the answer).
+//! On a stream, text is held back only while it could still be the start of a match;
+//! everything before that goes out at once, and a match split across chunks is caught.
+//! Streamed or whole, the result is the same.
+
+use std::sync::Arc;
+
+use crate::matcher::{Matcher, Pattern, PatternError};
+
+/// What a response rule does to a match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseAction {
+    Redact { mask: String },
+    Block,
+}
+
+/// A named response rule.
+#[derive(Debug, Clone)]
+pub struct ResponseRule {
+    pub name: String,
+    pub pattern: Pattern,
+    pub action: ResponseAction,
+}
+
+/// Compiled response rules.
+#[derive(Debug)]
+pub struct ResponseRules {
+    matcher: Matcher,
+    rules: Vec<(String, ResponseAction)>,
+}
+
+/// What to send now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Emit {
+    pub text: String,
+    /// The rule that ended the answer, if one did: send nothing after `text`.
+    pub blocked: Option<String>,
+}
+
+impl ResponseRules {
+    /// Compiles rules; regexes must be bounded. Errors are per rule index.
+    pub fn new(rules: Vec<ResponseRule>) -> Result<Self, Vec<(usize, PatternError)>> {
+        let patterns: Vec<Pattern> = rules.iter().map(|r| r.pattern.clone()).collect();
+        let matcher = Matcher::new(&patterns, true)?;
+        Ok(Self {
+            matcher,
+            rules: rules.into_iter().map(|r| (r.name, r.action)).collect(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.matcher.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// A filter for one streamed answer.
+    pub fn stream(self: &Arc<Self>) -> ResponseFilter {
+        ResponseFilter {
+            rules: self.clone(),
+            pending: String::new(),
+            ended: false,
+            hits: Vec::new(),
+        }
+    }
+
+    /// Filters a whole answer at once.
+    pub fn apply(self: &Arc<Self>, text: &str) -> (Emit, Vec<String>) {
+        let mut f = self.stream();
+        f.pending.push_str(text);
+        let emit = f.run(true);
+        (emit, f.hits())
+    }
+}
+
+/// Filters one answer as it streams.
+pub struct ResponseFilter {
+    rules: Arc<ResponseRules>,
+    pending: String,
+    ended: bool,
+    hits: Vec<usize>,
+}
+
+impl ResponseFilter {
+    /// Takes the next piece of generated text.
+    pub fn push(&mut self, text: &str) -> Emit {
+        if self.ended {
+            return Emit::default();
+        }
+        self.pending.push_str(text);
+        self.run(false)
+    }
+
+    /// The answer ended: releases what was held back, filtered.
+    pub fn finish(&mut self) -> Emit {
+        if self.ended {
+            return Emit::default();
+        }
+        self.ended = true;
+        self.run(true)
+    }
+
+    /// Bytes held back now.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether a block rule ended the answer.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The names of the rules that matched so far, in order.
+    pub fn hits(&self) -> Vec<String> {
+        self.hits
+            .iter()
+            .map(|&i| self.rules.rules[i].0.clone())
+            .collect()
+    }
+
+    fn run(&mut self, last: bool) -> Emit {
+        let buf = std::mem::take(&mut self.pending);
+        let matcher = &self.rules.matcher;
+        let mut out = String::with_capacity(buf.len());
+        let mut pos = 0;
+        loop {
+            let hold = if last {
+                buf.len()
+            } else {
+                matcher.hold_from(&buf, pos)
+            };
+            match matcher.find_at(&buf, pos) {
+                // Settled: nothing that starts before `hold` can change with more text.
+                Some(m) if m.start < hold => {
+                    out.push_str(&buf[pos..m.start]);
+                    self.hits.push(m.rule);
+                    match &self.rules.rules[m.rule].1 {
+                        ResponseAction::Redact { mask } => {
+                            out.push_str(mask);
+                            pos = m.end;
+                        }
+                        ResponseAction::Block => {
+                            self.ended = true;
+                            return Emit {
+                                text: out,
+                                blocked: Some(self.rules.rules[m.rule].0.clone()),
+                            };
+                        }
+                    }
+                }
+                _ => {
+                    out.push_str(&buf[pos..hold]);
+                    self.pending = buf[hold..].to_owned();
+                    return Emit {
+                        text: out,
+                        blocked: None,
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lit(name: &str, words: &[&str], cs: bool, action: ResponseAction) -> ResponseRule {
+        ResponseRule {
+            name: name.into(),
+            pattern: Pattern::Literals {
+                words: words.iter().map(|w| w.to_string()).collect(),
+                case_sensitive: cs,
+            },
+            action,
+        }
+    }
+
+    fn redact() -> ResponseAction {
+        ResponseAction::Redact { mask: "#".into() }
+    }
+
+    fn literal_rules() -> Arc<ResponseRules> {
+        Arc::new(
+            ResponseRules::new(vec![
+                lit("animals", &["rabbit", "rat"], false, redact()),
+                lit("stop", &["STOP"], true, ResponseAction::Block),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn rules() -> Arc<ResponseRules> {
+        Arc::new(
+            ResponseRules::new(vec![
+                lit("animals", &["rabbit", "rat"], false, redact()),
+                lit("bar", &["bar", "aa"], true, redact()),
+                ResponseRule {
+                    name: "bees".into(),
+                    pattern: Pattern::Regex("b{2,3}".into()),
+                    action: redact(),
+                },
+                lit("stop", &["STOP"], true, ResponseAction::Block),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn streamed(rules: &Arc<ResponseRules>, chunks: &[&str]) -> (Vec<Emit>, Emit) {
+        let mut f = rules.stream();
+        let emits = chunks.iter().map(|c| f.push(c)).collect();
+        (emits, f.finish())
+    }
+
+    fn joined(emits: &[Emit], last: &Emit) -> Emit {
+        let mut text = String::new();
+        let mut blocked = None;
+        for e in emits.iter().chain(std::iter::once(last)) {
+            text.push_str(&e.text);
+            blocked = blocked.or(e.blocked.clone());
+        }
+        Emit { text, blocked }
+    }
+
+    #[test]
+    fn redacts_a_word_split_across_chunks() {
+        let r = literal_rules();
+        let (emits, last) = streamed(&r, &["The rab", "bit ran", " away"]);
+        assert_eq!(
+            emits[0].text, "The ",
+            "'rab' is held: it may become 'rabbit'"
+        );
+        assert_eq!(
+            emits[1].text, "# ran",
+            "'ran' cannot start a match any more"
+        );
+        assert_eq!(joined(&emits, &last).text, "The # ran away");
+    }
+
+    #[test]
+    fn text_that_cannot_match_is_never_held() {
+        let r = literal_rules();
+        let mut f = r.stream();
+        assert_eq!(f.push("hello world, ").text, "hello world, ");
+        assert_eq!(f.held(), 0);
+        assert_eq!(f.push("xyz").text, "xyz");
+    }
+
+    #[test]
+    fn a_bounded_regex_holds_at_most_its_longest_match() {
+        let r = Arc::new(
+            ResponseRules::new(vec![ResponseRule {
+                name: "pin".into(),
+                pattern: Pattern::Regex(r"\bPIN [0-9]{4}\b".into()),
+                action: redact(),
+            }])
+            .unwrap(),
+        );
+        let mut f = r.stream();
+        assert_eq!(
+            f.push("your code: ").text,
+            "you",
+            "a match in the last 8 bytes is not settled"
+        );
+        assert_eq!(f.held(), 8);
+        assert_eq!(f.push("PIN 12").text, "r code");
+        assert_eq!(f.push("34 thanks").text, ": #");
+        assert_eq!(f.finish().text, " thanks");
+    }
+
+    #[test]
+    fn block_ends_the_answer_before_the_match() {
+        let r = rules();
+        let (emits, last) = streamed(&r, &["all good ST", "OP now", " more"]);
+        let all = joined(&emits, &last);
+        assert_eq!(all.text, "all good ");
+        assert_eq!(all.blocked.as_deref(), Some("stop"));
+        assert_eq!(emits[2], Emit::default(), "nothing after a block");
+        assert_eq!(r.apply("all good STOP now more").0, all);
+    }
+
+    #[test]
+    fn whole_answers_are_checked_whole() {
+        let (emit, hits) = rules().apply("A RAT drank aa at the bar, bbbb");
+        assert_eq!(emit.text, "A # drank # at the #, #b");
+        assert_eq!(hits, ["animals", "bar", "bar", "bees"]);
+    }
+
+    fn chunkings() -> impl Strategy<Value = (String, Vec<usize>)> {
+        (
+            "[abrtiSTOP ]{0,60}",
+            proptest::collection::vec(0usize..61, 0..8),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_whole_text_result((text, cuts) in chunkings()) {
+            let r = rules();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(text.len())).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for c in cuts {
+                chunks.push(&text[start..c]);
+                start = c;
+            }
+            chunks.push(&text[start..]);
+            let (emits, last) = streamed(&r, &chunks);
+            let streamed = joined(&emits, &last);
+            let (whole, _) = r.apply(&text);
+            prop_assert_eq!(&streamed, &whole);
+            // Never a byte of a banned match: no rule matches anything emitted.
+            let out: String = streamed.text.clone();
+            prop_assert!(r.matcher.find_at(&out, 0).is_none(), "a match got out in {:?}", out);
+        }
+    }
+}
