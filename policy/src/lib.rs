@@ -2,10 +2,14 @@
 //! runtime, no Kubernetes; the gateway feeds it text and applies its decisions.
 
 pub mod detect;
+pub mod limits;
 pub mod matcher;
 pub mod model;
+pub mod prompt;
 pub mod response;
 pub mod tokens;
 
-pub use model::{ModelRewrite, ModelRewriteError, RewriteRule};
+pub use model::{
+    ModelDecision, ModelPattern, ModelRewrite, ModelRewriteError, ModelRules, RewriteRule, Split,
+};
 pub use tokens::{Encoding, TokenCounter};
