@@ -170,6 +170,16 @@ impl Matcher {
         }
     }
 
+    /// A matcher that matches nothing.
+    pub fn empty() -> Self {
+        Self {
+            automata: Vec::new(),
+            regexes: Vec::new(),
+            longest_literal: 0,
+            longest_regex: Some(0),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.automata.is_empty() && self.regexes.is_empty()
     }

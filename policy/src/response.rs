@@ -48,6 +48,14 @@ impl ResponseRules {
         })
     }
 
+    /// No rules.
+    pub fn empty() -> Self {
+        Self {
+            matcher: Matcher::empty(),
+            rules: Vec::new(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.matcher.is_empty()
     }
