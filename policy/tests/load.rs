@@ -1,4 +1,5 @@
 //! Loading policies: both formats, every error with its path, and what the compiled
+#![allow(clippy::unwrap_used)]
 //! policy then does.
 
 use kube_gateway_policy::{load, Format, ModelDecision, Role};
