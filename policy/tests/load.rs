@@ -1,6 +1,6 @@
 //! Loading policies: both formats, every error with its path, and what the compiled
-#![allow(clippy::unwrap_used)]
 //! policy then does.
+#![allow(clippy::unwrap_used)]
 
 use kube_gateway_policy::{load, Format, ModelDecision, Role};
 
