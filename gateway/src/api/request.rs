@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::Endpoint;
+use kube_gateway_policy::Role;
 
 /// Why a body could not be read as a request of its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +152,95 @@ impl LlmRequest {
         }
     }
 
+    /// Calls `f` on every text of the prompt with the role that wrote it. `f` keeps the
+    /// text, replaces it, or stops the walk. Fields with a replaced text are
+    /// re-serialized; the others keep their bytes.
+    pub fn visit_prompt<F>(&mut self, mut f: F)
+    where
+        F: FnMut(Role, &str) -> Visit,
+    {
+        let fields: &[(&str, Role)] = match self.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Chat => &[("messages", Role::User)],
+            Endpoint::Completions => &[("prompt", Role::User)],
+            Endpoint::Embeddings | Endpoint::Embed => &[("input", Role::User)],
+            Endpoint::Responses => &[("instructions", Role::System), ("input", Role::User)],
+            Endpoint::Generate => &[("system", Role::System), ("prompt", Role::User)],
+            Endpoint::LegacyEmbeddings => &[("prompt", Role::User)],
+        };
+        for (field, role) in fields {
+            let Some(Ok(mut value)) = self
+                .raw_field(field)
+                .map(serde_json::from_str::<serde_json::Value>)
+            else {
+                continue;
+            };
+            let mut changed = false;
+            let stop = walk(&mut value, *role, &mut f, &mut changed);
+            if changed {
+                if let Ok(json) = serde_json::to_string(&value) {
+                    self.set_raw(field, json);
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// The generation limit the client asked for, and the field that holds it.
+    pub fn max_tokens(&self) -> Option<u64> {
+        let positive = |v: Option<i64>| v.filter(|n| *n > 0).map(|n| n as u64);
+        match self.endpoint {
+            Endpoint::ChatCompletions => {
+                positive(self.field("max_completion_tokens").ok().flatten())
+                    .or(positive(self.field("max_tokens").ok().flatten()))
+            }
+            Endpoint::Completions => positive(self.field("max_tokens").ok().flatten()),
+            Endpoint::Responses => positive(self.field("max_output_tokens").ok().flatten()),
+            // Ollama: -1 (and -2) mean no limit.
+            Endpoint::Chat | Endpoint::Generate => positive(
+                self.field::<serde_json::Value>("options")
+                    .ok()
+                    .flatten()
+                    .and_then(|o| o.get("num_predict").and_then(serde_json::Value::as_i64)),
+            ),
+            Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => None,
+        }
+    }
+
+    /// Sets the generation limit, in the field this dialect and client use.
+    pub fn set_max_tokens(&mut self, n: u64) {
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions => {
+                // Newer models accept only max_completion_tokens; keep what the client used.
+                if self.raw_field("max_completion_tokens").is_some()
+                    || self.raw_field("max_tokens").is_none()
+                {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                }
+            }
+            Endpoint::Completions => "max_tokens",
+            Endpoint::Responses => "max_output_tokens",
+            Endpoint::Chat | Endpoint::Generate => {
+                let mut options: IndexMap<String, Box<RawValue>> = self
+                    .raw_field("options")
+                    .and_then(|raw| serde_json::from_str(raw).ok())
+                    .unwrap_or_default();
+                if let Ok(v) = RawValue::from_string(n.to_string()) {
+                    options.insert("num_predict".to_owned(), v);
+                }
+                if let Ok(json) = serde_json::to_string(&options) {
+                    self.set_raw("options", json);
+                }
+                return;
+            }
+            Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => return,
+        };
+        self.set_raw(field, n.to_string());
+    }
+
     /// The prompt's text, for token estimates: every text the model will read.
     pub fn prompt_text(&self) -> String {
         let mut out = String::new();
@@ -171,6 +261,50 @@ impl LlmRequest {
             }
         }
         out
+    }
+}
+
+/// What a prompt visitor does with a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Visit {
+    Keep,
+    Replace(String),
+    Stop,
+}
+
+/// Walks a prompt value: strings are texts of `role`; messages carry their own role;
+/// content parts with `text` are texts; images and other parts are left alone.
+fn walk<F>(value: &mut serde_json::Value, role: Role, f: &mut F, changed: &mut bool) -> bool
+where
+    F: FnMut(Role, &str) -> Visit,
+{
+    use serde_json::Value;
+    match value {
+        Value::String(s) => match f(role, s) {
+            Visit::Keep => false,
+            Visit::Replace(new) => {
+                *s = new;
+                *changed = true;
+                false
+            }
+            Visit::Stop => true,
+        },
+        Value::Array(items) => items.iter_mut().any(|i| walk(i, role, f, changed)),
+        Value::Object(o) => {
+            let role = o
+                .get("role")
+                .and_then(Value::as_str)
+                .map_or(role, Role::from_message_role);
+            for key in ["content", "text"] {
+                if let Some(v) = o.get_mut(key) {
+                    if walk(v, role, f, changed) {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+        _ => false,
     }
 }
 
@@ -272,5 +406,91 @@ mod tests {
         )
         .unwrap();
         assert_eq!(gen.prompt_text(), "s\np");
+    }
+}
+
+#[cfg(test)]
+mod prompt_tests {
+    use super::*;
+
+    fn texts(req: &mut LlmRequest) -> Vec<(Role, String)> {
+        let mut out = Vec::new();
+        req.visit_prompt(|role, text| {
+            out.push((role, text.to_owned()));
+            Visit::Keep
+        });
+        out
+    }
+
+    #[test]
+    fn visits_every_text_with_its_role() {
+        let mut chat = LlmRequest::parse(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"developer","content":"rules"},{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:x"}}]},{"role":"assistant","content":"ok"},{"role":"tool","content":"42"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            texts(&mut chat),
+            vec![
+                (Role::System, "rules".into()),
+                (Role::User, "look".into()),
+                (Role::Assistant, "ok".into()),
+                (Role::Tool, "42".into())
+            ]
+        );
+        let mut gen = LlmRequest::parse(
+            Endpoint::Generate,
+            br#"{"model":"m","system":"s","prompt":"p","images":["aGk="]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            texts(&mut gen),
+            vec![(Role::System, "s".into()), (Role::User, "p".into())]
+        );
+        let mut resp = LlmRequest::parse(Endpoint::Responses, br#"{"model":"m","instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"t"}]}]}"#).unwrap();
+        assert_eq!(
+            texts(&mut resp),
+            vec![(Role::System, "i".into()), (Role::User, "t".into())]
+        );
+    }
+
+    #[test]
+    fn replacing_a_text_rewrites_only_its_field() {
+        let body = Bytes::from_static(br#"{"model":"m","temperature":0.50,"messages":[{"role":"user","content":"my secret"}]}"#);
+        let mut req = LlmRequest::parse(Endpoint::Chat, &body).unwrap();
+        req.visit_prompt(|_, t| Visit::Replace(t.replace("secret", "[X]")));
+        assert_eq!(
+            &req.body(body)[..],
+            br#"{"model":"m","temperature":0.50,"messages":[{"role":"user","content":"my [X]"}]}"#
+        );
+    }
+
+    #[test]
+    fn max_tokens_read_and_set_per_dialect() {
+        let mut c = LlmRequest::parse(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","max_tokens":500}"#,
+        )
+        .unwrap();
+        assert_eq!(c.max_tokens(), Some(500));
+        c.set_max_tokens(100);
+        assert_eq!(c.raw_field("max_tokens"), Some("100"));
+        let mut fresh = LlmRequest::parse(Endpoint::ChatCompletions, br#"{"model":"m"}"#).unwrap();
+        fresh.set_max_tokens(64);
+        assert_eq!(fresh.raw_field("max_completion_tokens"), Some("64"));
+        let mut o = LlmRequest::parse(
+            Endpoint::Chat,
+            br#"{"model":"m","options":{"temperature":0,"num_predict":-1}}"#,
+        )
+        .unwrap();
+        assert_eq!(o.max_tokens(), None, "-1 is unlimited");
+        o.set_max_tokens(50);
+        assert_eq!(
+            o.raw_field("options"),
+            Some(r#"{"temperature":0,"num_predict":50}"#)
+        );
+        let mut r = LlmRequest::parse(Endpoint::Responses, br#"{"model":"m"}"#).unwrap();
+        r.set_max_tokens(7);
+        assert_eq!(r.max_tokens(), Some(7));
     }
 }
