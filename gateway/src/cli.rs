@@ -25,6 +25,7 @@ pub mod env {
     pub const CONNECT_TIMEOUT_MS: &str = "CONNECT_TIMEOUT_MS";
     pub const RESPONSE_TIMEOUT_MS: &str = "RESPONSE_TIMEOUT_MS";
     pub const THREADS: &str = "THREADS";
+    pub const POLICY: &str = "POLICY";
 }
 
 #[derive(Debug, Parser)]
@@ -45,6 +46,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Run(RunArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file: print what it does, or every error with its path (exit 1).
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -59,8 +69,9 @@ pub struct RunArgs {
     /// Rewrite the model of every recognized request to NAME.
     #[arg(long, env = env::MODEL, value_name = "NAME")]
     pub model: Option<String>,
-    /// Policy file (model rules, prompt rules, budgets). Not yet supported.
-    #[arg(long, hide = true)]
+    /// Policy file (YAML or JSON): model, prompt and response rules, max tokens.
+    /// Watched: a valid change takes effect at once, a broken one is refused.
+    #[arg(long, env = env::POLICY)]
     pub policy: Option<PathBuf>,
     /// Address of the admin endpoint (/healthz, /readyz).
     #[arg(long, env = env::ADMIN)]
@@ -92,8 +103,6 @@ pub enum ConfigError {
     Upstream(#[from] BadDestination),
     #[error("--model: {0}")]
     Model(#[from] ModelRewriteError),
-    #[error("--policy is not supported yet; model rewrites come from --model")]
-    PolicyUnsupported,
     #[error("--body-limit must be at least 1 byte")]
     BodyLimit,
 }
@@ -102,9 +111,6 @@ impl TryFrom<RunArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(a: RunArgs) -> Result<Self, ConfigError> {
-        if a.policy.is_some() {
-            return Err(ConfigError::PolicyUnsupported);
-        }
         if a.body_limit == 0 {
             return Err(ConfigError::BodyLimit);
         }
@@ -130,6 +136,8 @@ impl TryFrom<RunArgs> for Config {
             limits,
             fail_closed: a.fail_closed,
             log_bodies: a.log_bodies,
+            policy: a.policy,
+            policy_reload: std::time::Duration::from_secs(1),
         })
     }
 }
@@ -140,7 +148,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, ConfigError> {
         let cli = Cli::try_parse_from(args).unwrap();
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         Config::try_from(run)
     }
 

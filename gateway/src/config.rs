@@ -97,6 +97,10 @@ pub struct Config {
     pub fail_closed: bool,
     /// Put prompt and completion text in the access log.
     pub log_bodies: bool,
+    /// The policy file, watched for changes.
+    pub policy: Option<std::path::PathBuf>,
+    /// How often the policy file is checked for changes.
+    pub policy_reload: Duration,
 }
 
 impl Config {
@@ -110,6 +114,8 @@ impl Config {
             limits: Limits::default(),
             fail_closed: false,
             log_bodies: false,
+            policy: None,
+            policy_reload: Duration::from_secs(1),
         }
     }
 }

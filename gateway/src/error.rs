@@ -33,6 +33,9 @@ pub enum GatewayError {
     UpstreamReset { upstream: String, reason: String },
     #[error("the gateway could not build the upstream request: {0}")]
     Internal(String),
+    /// A policy rule refused the request. The message names the rule, never the prompt.
+    #[error("request denied by policy rule {rule:?} ({what})")]
+    PolicyDenied { rule: String, what: &'static str },
 }
 
 impl GatewayError {
@@ -40,7 +43,8 @@ impl GatewayError {
         match self {
             GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
-            | GatewayError::MalformedJson(_) => ErrorSource::Client,
+            | GatewayError::MalformedJson(_)
+            | GatewayError::PolicyDenied { .. } => ErrorSource::Client,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamReset { .. } => ErrorSource::Upstream,
@@ -57,6 +61,7 @@ impl GatewayError {
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::PolicyDenied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -70,6 +75,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::UpstreamReset { .. } => "upstream_reset",
             GatewayError::Internal(_) => "gateway_internal",
+            GatewayError::PolicyDenied { .. } => "policy_denied",
         }
     }
 

@@ -12,6 +12,7 @@ pub mod http;
 pub mod listener;
 pub mod meter;
 pub mod orig_dst;
+pub mod policy;
 pub mod relay;
 pub mod runtime;
 pub mod sniff;

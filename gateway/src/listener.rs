@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube_gateway_policy::{Encoding, TokenCounter};
+use kube_gateway_policy::{Encoding, Policy, TokenCounter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
@@ -15,6 +15,7 @@ use crate::admin;
 use crate::config::{Config, Destination, UpstreamMode};
 use crate::drain::{Drain, DrainWatch};
 use crate::http::{self, Proxy};
+use crate::policy::PolicyStore;
 use crate::sniff::{self, Protocol};
 use crate::usage::{self, Recorder, UsageRecord};
 use crate::{orig_dst, relay};
@@ -32,6 +33,8 @@ pub enum StartError {
     Tokenizer(#[from] kube_gateway_policy::tokens::TokenizerError),
     #[error("cannot start a serving thread: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyLoadError),
 }
 
 /// How long in-flight connections get to finish on shutdown.
@@ -41,20 +44,43 @@ const DRAIN: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Shared {
     config: Arc<Config>,
+    policy: Arc<PolicyStore>,
     recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     ready: Arc<AtomicBool>,
 }
 
 impl Shared {
-    /// Starts the usage recorder on the current tokio runtime.
+    /// Loads the policy, starts the usage recorder and the policy watcher on the
+    /// current tokio runtime.
     pub fn start(config: Config) -> Result<Self, StartError> {
+        let initial = match &config.policy {
+            Some(path) => crate::policy::load_file(path)?,
+            None => Policy::default(),
+        };
+        for note in &initial.notes {
+            tracing::warn!(note = %note, "policy");
+        }
+        let policy = Arc::new(PolicyStore::new(
+            initial,
+            config.policy.clone(),
+            config.rewrite.clone(),
+        ));
+        if let Some(path) = &config.policy {
+            tracing::info!(path = %path.display(), hash = %policy.info().hash, "policy loaded");
+            tokio::spawn(crate::policy::watch(
+                policy.clone(),
+                path.clone(),
+                config.policy_reload,
+            ));
+        }
         let tokens = TokenCounter::new();
         // Built now so the first estimate does not pay for it.
         tokens.warm(Encoding::Cl100kBase)?;
         let (recorder, usage) = usage::spawn_recorder(tokens, config.log_bodies, 65_536);
         Ok(Self {
             config: Arc::new(config),
+            policy,
             recorder,
             usage,
             ready: Arc::new(AtomicBool::new(false)),
@@ -63,6 +89,10 @@ impl Shared {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn policy(&self) -> &Arc<PolicyStore> {
+        &self.policy
     }
 
     /// Finished usage records, as the recorder produces them.
@@ -123,7 +153,11 @@ impl Gateway {
         };
         let listener = to_tokio(listener)?;
         let admin = admin.map(to_tokio).transpose()?;
-        let proxy = Arc::new(Proxy::new(shared.config.clone(), shared.recorder.clone()));
+        let proxy = Arc::new(Proxy::new(
+            shared.config.clone(),
+            shared.policy.clone(),
+            shared.recorder.clone(),
+        ));
         Ok(Self {
             shared,
             listener,
@@ -149,7 +183,11 @@ impl Gateway {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let config = self.shared.config.clone();
         if let Some(admin) = self.admin {
-            tokio::spawn(admin::serve(admin, self.shared.ready.clone()));
+            tokio::spawn(admin::serve(
+                admin,
+                self.shared.ready.clone(),
+                self.shared.policy.clone(),
+            ));
         }
         let drain = Drain::default();
         self.shared.ready.store(true, Ordering::Release);

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use kube_gateway::cli::{Cli, Command};
+use kube_gateway::cli::{Cli, Command, PolicyCommand};
 use kube_gateway::Config;
 
 // Many small, short-lived allocations per request: mimalloc handles them with less
@@ -21,6 +21,16 @@ fn main() -> anyhow::Result<()> {
             };
             let config = Config::try_from(args).context("invalid configuration")?;
             kube_gateway::runtime::serve(config, threads, shutdown_signal())?;
+        }
+        Command::Policy(PolicyCommand::Check { file }) => {
+            use std::io::Write as _;
+            match kube_gateway::policy::load_file(&file) {
+                Ok(policy) => write!(std::io::stdout(), "{}", policy.summary())?,
+                Err(e) => {
+                    writeln!(std::io::stderr(), "{e}")?;
+                    std::process::exit(1);
+                }
+            }
         }
     }
     Ok(())

@@ -26,6 +26,12 @@ pub enum Outcome {
     Rejected,
     /// The upstream could not be reached, timed out or failed mid-answer.
     UpstreamError,
+    /// Refused by a policy rule (model or prompt).
+    Denied,
+    /// Forwarded with a prompt or an answer rewritten by a policy rule.
+    Redacted,
+    /// The answer was ended by a response rule.
+    Blocked,
     /// The client went away before the answer ended.
     ClientCancelled,
 }
@@ -67,6 +73,8 @@ pub struct Exchange {
     pub latency: Duration,
     pub first_chunk: Option<Duration>,
     pub collected: Collected,
+    /// Policy rules that acted, in order.
+    pub rules: Vec<String>,
 }
 
 /// A finished usage record: what the access log shows and the store keeps.
@@ -98,6 +106,8 @@ pub struct UsageRecord {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub error: Option<String>,
+    /// Policy rules that acted, in order.
+    pub rules: Vec<String>,
 }
 
 impl Exchange {
@@ -164,6 +174,7 @@ impl Exchange {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             error: self.error.or(c.error),
+            rules: self.rules,
         };
         (record, bodies)
     }
@@ -272,6 +283,7 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
         bytes_in = r.bytes_in,
         bytes_out = r.bytes_out,
         error = r.error.as_deref().unwrap_or(""),
+        rules = r.rules.join(",").as_str(),
         bodies = bodies.as_deref().unwrap_or(""),
         "request"
     );

@@ -147,12 +147,16 @@ pub fn load(text: &str) -> Result<Policy, PolicyErrors> {
     let mut policy = compile(doc, &origins)?;
     policy.format = format;
     policy.notes.append(&mut notes);
-    policy.hash = hex(&Sha256::digest(text.as_bytes()));
+    policy.hash = hash(text);
     Ok(policy)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The hash that identifies a policy text: SHA-256, hex.
+pub fn hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The proof of concept's format in v1alpha1 terms.

@@ -17,17 +17,80 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{MeteredBody, ProxyBody};
 use super::headers::{is_upgrade, strip_hop_by_hop};
+use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
 use crate::meter::{Format, Meter};
+use crate::policy::PolicyStore;
 use crate::upstream::Affinity;
 use crate::upstream::{Upstream, UpstreamBody};
 use crate::usage::{Exchange, Outcome, Recorder};
+use kube_gateway_policy::{ModelDecision, Policy};
+
+/// Applies the request side of a policy: the model rules, then the prompt rules (every
+/// deny check of a text before its edits), then the max-tokens clamp. Records the rules
+/// that acted on the exchange.
+fn apply_policy(
+    policy: &Policy,
+    req: &mut LlmRequest,
+    key: &[u8],
+    ex: &mut Exchange,
+) -> Result<(), GatewayError> {
+    let asked = req.model.clone().unwrap_or_default();
+    match policy.models.decide(&asked, key) {
+        ModelDecision::Denied { rule } => {
+            ex.rules.push(rule.clone());
+            return Err(GatewayError::PolicyDenied {
+                rule,
+                what: "model",
+            });
+        }
+        ModelDecision::Use { model, changed } => {
+            if changed {
+                req.set_model(&model);
+            }
+        }
+    }
+    if !policy.prompt.is_empty() {
+        let mut denied = None;
+        let mut edits = Vec::new();
+        req.visit_prompt(|role, text| {
+            if let Some(rule) = policy.prompt.denied_by(role, text) {
+                denied = Some(rule.to_owned());
+                return Visit::Stop;
+            }
+            match policy.prompt.edit(role, text) {
+                Some(edited) => {
+                    edits.extend(edited.rules);
+                    Visit::Replace(edited.text)
+                }
+                None => Visit::Keep,
+            }
+        });
+        if let Some(rule) = denied {
+            ex.rules.push(rule.clone());
+            return Err(GatewayError::PolicyDenied {
+                rule,
+                what: "prompt",
+            });
+        }
+        if !edits.is_empty() {
+            ex.outcome = Outcome::Redacted;
+            ex.rules.extend(edits);
+        }
+    }
+    let model = req.model.clone().unwrap_or_default();
+    if let Some(limit) = policy.max_tokens.clamp(&model, req.max_tokens()) {
+        req.set_max_tokens(limit);
+    }
+    Ok(())
+}
 
 /// Shared by every connection of a gateway.
 pub struct Proxy {
     config: Arc<Config>,
+    policy: Arc<PolicyStore>,
     upstream: Arc<Upstream>,
     recorder: Recorder,
     next_seq: AtomicU64,
@@ -52,10 +115,11 @@ impl Proxy {
         }
     }
 
-    pub fn new(config: Arc<Config>, recorder: Recorder) -> Self {
+    pub fn new(config: Arc<Config>, policy: Arc<PolicyStore>, recorder: Recorder) -> Self {
         let upstream = Upstream::new(&config.limits);
         Self {
             config,
+            policy,
             upstream,
             recorder,
             next_seq: AtomicU64::new(0),
@@ -83,6 +147,7 @@ impl Proxy {
             latency: Default::default(),
             first_chunk: None,
             collected: Default::default(),
+            rules: Vec::new(),
         }
     }
 
@@ -175,15 +240,21 @@ impl Proxy {
         ex.bytes_in = original.len() as u64;
 
         let mut hide_usage = false;
+        let policy = self.policy.current();
         let body = match LlmRequest::parse(endpoint, &original) {
             Ok(mut parsed) => {
                 ex.requested_model = parsed.model.clone();
-                let asked = parsed.model.clone().unwrap_or_default();
-                if let Some(target) = self.config.rewrite.apply(&asked).map(str::to_owned) {
-                    parsed.set_model(&target);
+                ex.streamed = parsed.stream;
+                // A retried request (same id, or same body) lands on the same split target.
+                let key = parts
+                    .headers
+                    .get("x-request-id")
+                    .map_or(&original[..], |v| v.as_bytes());
+                if let Err(denial) = apply_policy(&policy, &mut parsed, key, &mut ex) {
+                    ex.request = Some(parsed);
+                    return self.reject(ex, denial, started, Outcome::Denied);
                 }
                 ex.used_model = parsed.model.clone();
-                ex.streamed = parsed.stream;
                 hide_usage = parsed.ensure_stream_usage();
                 let body = parsed.body(original);
                 ex.request = Some(parsed);
