@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod guard;
 pub mod http;
 pub mod listener;
 pub mod meter;

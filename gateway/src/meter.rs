@@ -7,7 +7,12 @@ use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
 use crate::api::{ollama, openai, Dialect, Endpoint, Observation, ReportedUsage};
+use std::sync::Arc;
+
+use kube_gateway_policy::ResponseRules;
+
 use crate::error::stream_error_frame;
+use crate::guard::{Step, StreamGuard};
 use crate::stream::ndjson::{line_json, LineBoundary};
 use crate::stream::sse::{self, SseBoundary};
 use crate::stream::Framer;
@@ -53,6 +58,10 @@ pub struct Collected {
     pub frames: u64,
     /// The response body was larger than the meter keeps; usage may be missing.
     pub truncated: bool,
+    /// Response rules that matched, in order.
+    pub policy_hits: Vec<String>,
+    /// A response rule ended the answer.
+    pub blocked: bool,
 }
 
 enum Framing {
@@ -69,11 +78,34 @@ pub struct Meter {
     /// Drop the usage-only chunk and `"usage":null` fields the client did not ask for.
     hide_usage: bool,
     limit: usize,
+    /// The policy's response rules, for this answer.
+    guard: Option<StreamGuard>,
+    /// Rules for a whole (non-streamed) answer, checked at its end.
+    whole_rules: Option<Arc<ResponseRules>>,
+    /// A rule ended the answer: nothing more goes to the client.
+    ended: bool,
     pub collected: Collected,
 }
 
 impl Meter {
     pub fn new(endpoint: Endpoint, format: Format, hide_usage: bool, limit: usize) -> Self {
+        Self::with_rules(endpoint, format, hide_usage, limit, None)
+    }
+
+    /// A meter that also applies response rules (`None` or empty rules: none).
+    pub fn with_rules(
+        endpoint: Endpoint,
+        format: Format,
+        hide_usage: bool,
+        limit: usize,
+        rules: Option<Arc<ResponseRules>>,
+    ) -> Self {
+        let rules = rules.filter(|r| !r.is_empty() && !endpoint.is_embedding());
+        let guard = rules
+            .as_ref()
+            .filter(|_| format.is_stream())
+            .map(|r| StreamGuard::new(r, endpoint));
+        let whole_rules = rules.filter(|_| format == Format::Json);
         let framing = match format {
             Format::Sse => Framing::Sse(Framer::new()),
             Format::Ndjson => Framing::Ndjson(Framer::new()),
@@ -85,7 +117,31 @@ impl Meter {
             framing,
             hide_usage: hide_usage && format == Format::Sse,
             limit,
+            guard,
+            whole_rules,
+            ended: false,
             collected: Collected::default(),
+        }
+    }
+
+    /// Whether this meter may change the body's bytes or length (then no
+    /// Content-Length can be forwarded).
+    pub fn reframes(&self) -> bool {
+        !matches!(self.framing, Framing::Whole(_) | Framing::None) || self.whole_rules.is_some()
+    }
+
+    /// A response rule ended the answer: the body must end now.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    fn note_guard(&mut self) {
+        if let Some(g) = &self.guard {
+            self.collected.policy_hits = g.hits.clone();
+            if g.is_ended() {
+                self.collected.blocked = true;
+                self.ended = true;
+            }
         }
     }
 
@@ -127,21 +183,63 @@ impl Meter {
             Framing::Whole(buf) => {
                 if buf.len() + chunk.len() <= self.limit {
                     buf.extend_from_slice(&chunk);
+                    if self.whole_rules.is_some() {
+                        // Checked whole: released at the end.
+                        return Bytes::new();
+                    }
+                    chunk
                 } else {
                     self.collected.truncated = true;
+                    if self.whole_rules.take().is_some() {
+                        // Too large to hold: what was held goes out unchecked, then the rest.
+                        tracing::warn!(
+                            limit = self.limit,
+                            "answer too large for response rules; forwarded unchecked"
+                        );
+                        let mut out = BytesMut::from(&buf[..]);
+                        out.extend_from_slice(&chunk);
+                        return out.freeze();
+                    }
+                    chunk
                 }
-                chunk
             }
             Framing::Ndjson(framer) => {
                 let frames = framer.push(&chunk);
+                let mut out = self
+                    .guard
+                    .as_ref()
+                    .map(|_| BytesMut::with_capacity(frames.bytes.len()));
                 for line in frames.iter() {
-                    if let Some(json) = line_json(line) {
-                        self.collected.frames += 1;
-                        let json = json.to_vec();
-                        self.observe(&json);
+                    let Some(json) = line_json(line) else {
+                        if let Some(out) = out.as_mut() {
+                            out.extend_from_slice(line);
+                        }
+                        continue;
+                    };
+                    self.collected.frames += 1;
+                    let json = json.to_vec();
+                    self.observe(&json);
+                    if let (Some(out), Some(guard)) = (out.as_mut(), self.guard.as_mut()) {
+                        if self.ended {
+                            break;
+                        }
+                        match guard.event(&String::from_utf8_lossy(&json)) {
+                            Step::Keep => out.extend_from_slice(line),
+                            Step::Replace { objects, end } => {
+                                for o in objects {
+                                    out.extend_from_slice(o.to_string().as_bytes());
+                                    out.extend_from_slice(b"\n");
+                                }
+                                self.ended |= end;
+                            }
+                        }
                     }
                 }
-                frames.bytes
+                self.note_guard();
+                match out {
+                    Some(out) => out.freeze(),
+                    None => frames.bytes,
+                }
             }
             Framing::Sse(framer) => {
                 let frames = framer.push(&chunk);
@@ -176,6 +274,7 @@ impl Meter {
                     self.collected.frames += 1;
                     self.observe(data.as_bytes());
                 }
+                self.note_guard();
                 match out {
                     Some(out) => out.freeze(),
                     None => frames.bytes,
@@ -191,7 +290,17 @@ impl Meter {
                 if !self.collected.truncated {
                     self.observe(&buf);
                 }
-                Bytes::new()
+                match self.whole_rules.take() {
+                    Some(rules) => match crate::guard::whole(&buf, &rules) {
+                        Some((body, hits, blocked)) => {
+                            self.collected.policy_hits = hits;
+                            self.collected.blocked = blocked;
+                            Bytes::from(body)
+                        }
+                        None => buf.freeze(),
+                    },
+                    None => Bytes::new(),
+                }
             }
             Framing::Sse(mut f) => f.take_rest(),
             Framing::Ndjson(mut f) => {

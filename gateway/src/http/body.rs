@@ -110,6 +110,13 @@ impl MeteredBody {
         if let Some(m) = self.meter.take() {
             ex.collected = m.collected;
         }
+        let c = &mut ex.collected;
+        if c.blocked {
+            ex.outcome = Outcome::Blocked;
+        } else if !c.policy_hits.is_empty() && ex.outcome == Outcome::Allowed {
+            ex.outcome = Outcome::Redacted;
+        }
+        ex.rules.append(&mut c.policy_hits);
         self.recorder.record(ex);
     }
 
@@ -145,6 +152,13 @@ impl Body for MeteredBody {
                         Some(m) => m.on_data(data),
                         None => data,
                     };
+                    if this.meter.as_ref().is_some_and(Meter::is_ended) {
+                        // A response rule ended the answer: end the body here; dropping
+                        // the upstream body closes that connection.
+                        this.done = true;
+                        this.finish(None, None);
+                        return Poll::Ready((!out.is_empty()).then(|| Ok(this.emit(out))));
+                    }
                     // A frame the meter is still completing sends nothing yet.
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(this.emit(out))));

@@ -297,20 +297,26 @@ impl Proxy {
         );
         if format.is_stream() {
             ex.streamed = true;
-            // Frames may be reshaped (hidden usage, an error frame at a failure).
-            parts.headers.remove(header::CONTENT_LENGTH);
         }
         ex.status = parts.status.as_u16();
-        let meter = Meter::new(
+        // Response rules apply to successful answers; errors pass as they are.
+        let rules = parts.status.is_success().then(|| policy.response.clone());
+        let meter = Meter::with_rules(
             endpoint,
             format,
             hide_usage,
             self.config.limits.response_bytes,
+            rules,
         );
+        let reframes = meter.reframes();
+        if reframes {
+            // Frames may be reshaped (hidden usage, rules, an error frame at a failure).
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         let body = MeteredBody::new(
             body,
             Some(meter),
-            format.is_stream(),
+            reframes,
             started,
             ex,
             self.recorder.clone(),
