@@ -247,26 +247,68 @@ impl Meter {
                     .iter()
                     .map(|raw| (sse::parse_event(raw), raw))
                     .collect();
-                let mut out = if self.hide_usage {
-                    Some(BytesMut::with_capacity(frames.bytes.len()))
-                } else {
-                    None
-                };
+                let rewriting = self.hide_usage || self.guard.is_some();
+                let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
                 let mut observed = Vec::with_capacity(events.len());
                 for (event, raw) in events {
                     if let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) {
                         observed.push(data.to_owned());
                     }
-                    if let Some(out) = out.as_mut() {
-                        match event.data.as_deref().filter(|_| !event.is_done()) {
-                            Some(data) => match without_usage(data) {
-                                Hidden::Drop => {}
-                                Hidden::Keep => out.extend_from_slice(raw),
-                                Hidden::Rewrite(new) => {
-                                    out.extend_from_slice(&sse::with_data(raw, &new))
+                    let Some(out) = out.as_mut() else { continue };
+                    if self.ended {
+                        break;
+                    }
+                    let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) else {
+                        out.extend_from_slice(raw);
+                        continue;
+                    };
+                    let hidden = if self.hide_usage {
+                        without_usage(data)
+                    } else {
+                        Hidden::Keep
+                    };
+                    let data = match hidden {
+                        Hidden::Drop => continue,
+                        Hidden::Keep => std::borrow::Cow::Borrowed(data),
+                        Hidden::Rewrite(new) => std::borrow::Cow::Owned(new),
+                    };
+                    let step = match self.guard.as_mut() {
+                        Some(g) => g.event(&data),
+                        None => Step::Keep,
+                    };
+                    match step {
+                        Step::Keep if matches!(data, std::borrow::Cow::Borrowed(_)) => {
+                            out.extend_from_slice(raw)
+                        }
+                        Step::Keep => out.extend_from_slice(&sse::with_data(raw, &data)),
+                        Step::Replace { objects, end } => {
+                            for (i, mut o) in objects.into_iter().enumerate() {
+                                if self.hide_usage
+                                    && o.get("usage").is_some_and(serde_json::Value::is_null)
+                                {
+                                    if let Some(map) = o.as_object_mut() {
+                                        map.shift_remove("usage");
+                                    }
                                 }
-                            },
-                            None => out.extend_from_slice(raw),
+                                let json = o.to_string();
+                                if i == 0 {
+                                    out.extend_from_slice(&sse::with_data(raw, &json));
+                                } else if let Some(kind) =
+                                    o.get("type").and_then(serde_json::Value::as_str)
+                                {
+                                    out.extend_from_slice(
+                                        format!("event: {kind}\ndata: {json}\n\n").as_bytes(),
+                                    );
+                                } else {
+                                    out.extend_from_slice(format!("data: {json}\n\n").as_bytes());
+                                }
+                            }
+                            if end {
+                                self.ended = true;
+                                if self.endpoint != Endpoint::Responses {
+                                    out.extend_from_slice(b"data: [DONE]\n\n");
+                                }
+                            }
                         }
                     }
                 }

@@ -28,6 +28,9 @@ pub struct TestGateway {
 }
 
 pub async fn gateway(config: Config) -> TestGateway {
+    if std::env::var("KGW_TEST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt().with_env_filter("info").try_init();
+    }
     let gw = Gateway::bind(config).await.expect("gateway binds");
     let addr = gw.local_addr().unwrap();
     let usage = gw.subscribe_usage();
