@@ -1,6 +1,7 @@
 //! Policy hot paths: evaluating a typical chat request (5 messages, 2 KiB, 20 literal
 //! and 5 regex rules), the streaming response filter, and token counting throughput.
-//! `cargo bench -p kube-gateway-policy`.
+//! `cargo bench -p kube-gateway-policy --bench policy`.
+#![allow(clippy::expect_used)]
 
 use std::hint::black_box;
 
