@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use kube_gateway_policy::TokenCounter;
+use kube_gateway_policy::{Encoding, TokenCounter};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
@@ -75,6 +75,8 @@ pub struct Exchange {
     pub collected: Collected,
     /// Policy rules that acted, in order.
     pub rules: Vec<String>,
+    /// The encoding estimates use (the policy may set it per model).
+    pub encoding: Option<Encoding>,
 }
 
 /// A finished usage record: what the access log shows and the store keeps.
@@ -124,7 +126,8 @@ impl Exchange {
             .clone()
             .or_else(|| c.model.clone())
             .unwrap_or_default();
-        let count = |text: &str| tokens.count_for_model(&model, text).unwrap_or(0);
+        let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(&model));
+        let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
         let llm = self.endpoint.is_some();
         // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
         let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);

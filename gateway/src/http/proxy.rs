@@ -81,6 +81,7 @@ fn apply_policy(
         }
     }
     let model = req.model.clone().unwrap_or_default();
+    ex.encoding = Some(policy.encoding_for(&model));
     if let Some(limit) = policy.max_tokens.clamp(&model, req.max_tokens()) {
         req.set_max_tokens(limit);
     }
@@ -148,6 +149,7 @@ impl Proxy {
             first_chunk: None,
             collected: Default::default(),
             rules: Vec::new(),
+            encoding: None,
         }
     }
 
