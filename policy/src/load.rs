@@ -266,11 +266,20 @@ fn pattern(m: MatchDoc, at: &str, errors: &mut Vec<PolicyError>) -> Option<Patte
     })
 }
 
-fn pattern_error_path(at: &str, e: &PatternError) -> String {
-    match e {
-        PatternError::EmptyLiteral => format!("{at}.match.literals"),
-        PatternError::Regex(_) | PatternError::Unbounded => format!("{at}.match.regex"),
+/// Per-rule pattern errors, at the paths of the rules they name (`at[rule]`).
+fn pattern_errors(errs: Vec<(usize, PatternError)>, at: &[String], errors: &mut Vec<PolicyError>) {
+    for (i, e) in errs {
+        let path = match e {
+            PatternError::EmptyLiteral => format!("{}.match.literals", at[i]),
+            PatternError::Regex(_) | PatternError::Unbounded => format!("{}.match.regex", at[i]),
+        };
+        errors.push(err(path, e));
     }
+}
+
+/// A redact rule's mask when it gives none.
+fn default_mask(rule: &str) -> String {
+    format!("[REDACTED:{rule}]")
 }
 
 fn model_pattern(p: &str, at: String, errors: &mut Vec<PolicyError>) -> Option<ModelPattern> {
@@ -367,7 +376,7 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
         let action = match r.action {
             PromptActionDoc::Deny => PromptAction::Deny,
             PromptActionDoc::Redact => PromptAction::Redact {
-                mask: r.mask.unwrap_or_else(|| format!("[REDACTED:{}]", r.name)),
+                mask: r.mask.unwrap_or_else(|| default_mask(&r.name)),
             },
             PromptActionDoc::Replace => match r.replacement {
                 Some(with) => PromptAction::Replace { with },
@@ -391,9 +400,7 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
         }
     }
     let prompt = PromptRules::new(prompt_rules).unwrap_or_else(|errs| {
-        for (i, e) in errs {
-            errors.push(err(pattern_error_path(&prompt_at[i], &e), e));
-        }
+        pattern_errors(errs, &prompt_at, &mut errors);
         PromptRules::default()
     });
 
@@ -409,7 +416,7 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
     for (r, at) in doc.response_rules.into_iter().zip(&o.response) {
         let action = match r.action {
             ResponseActionDoc::Redact => ResponseAction::Redact {
-                mask: r.mask.unwrap_or_else(|| format!("[REDACTED:{}]", r.name)),
+                mask: r.mask.unwrap_or_else(|| default_mask(&r.name)),
             },
             ResponseActionDoc::Block => ResponseAction::Block,
         };
@@ -423,9 +430,7 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
         }
     }
     let response = ResponseRules::new(response_rules).unwrap_or_else(|errs| {
-        for (i, e) in errs {
-            errors.push(err(pattern_error_path(&response_at[i], &e), e));
-        }
+        pattern_errors(errs, &response_at, &mut errors);
         ResponseRules::empty()
     });
 
