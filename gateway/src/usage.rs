@@ -128,7 +128,9 @@ impl Exchange {
             .unwrap_or_default();
         let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(&model));
         let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
-        let llm = self.endpoint.is_some();
+        // A request the gateway refused never reached a model: it used no tokens.
+        let llm =
+            self.endpoint.is_some() && !matches!(self.outcome, Outcome::Denied | Outcome::Rejected);
         // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
         let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);
         let (input_tokens, input_source) = match c.usage.input {
