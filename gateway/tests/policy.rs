@@ -288,3 +288,47 @@ async fn hot_reload_takes_effect_and_a_broken_edit_keeps_the_last_good_policy() 
     );
     assert_eq!(ask("forbidden-model").await.status, 200);
 }
+
+#[tokio::test]
+async fn responses_api_streams_are_masked_in_deltas_and_in_the_full_text_events() {
+    let (mut gw, _demo, _) = setup(Duration::ZERO).await;
+    let body = json!({"model": "m", "input": "hello", "stream": true, "max_output_tokens": 6});
+    let a = post(gw.addr, "/v1/responses", &body).await;
+    assert_eq!(a.status, 200);
+    assert!(
+        !a.text().contains("reply from"),
+        "not in deltas nor in the done events: {}",
+        a.text()
+    );
+    let events = a.sse_objects();
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect();
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "response.output_text.done")
+        .unwrap();
+    assert_eq!(
+        deltas,
+        done["text"].as_str().unwrap(),
+        "the deltas add up to the final text"
+    );
+    assert!(deltas.starts_with("Demo [masked]"), "{deltas}");
+    // Six tokens cut the answer short: it ends `response.incomplete`, as OpenAI's does.
+    let completed = events
+        .iter()
+        .find(|e| e["type"] == "response.incomplete")
+        .unwrap();
+    assert_eq!(
+        completed["response"]["output"][0]["content"][0]["text"],
+        done["text"]
+    );
+    assert!(completed["response"]["usage"]["output_tokens"]
+        .as_u64()
+        .is_some());
+    let r = gw.record("/v1/responses").await;
+    assert_eq!(r.outcome, Outcome::Redacted);
+    assert_eq!(r.output_tokens, 6);
+}
