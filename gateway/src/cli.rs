@@ -26,6 +26,7 @@ pub mod env {
     pub const RESPONSE_TIMEOUT_MS: &str = "RESPONSE_TIMEOUT_MS";
     pub const THREADS: &str = "THREADS";
     pub const POLICY: &str = "POLICY";
+    pub const IDLE_TIMEOUT_MS: &str = "IDLE_TIMEOUT_MS";
 }
 
 #[derive(Debug, Parser)]
@@ -88,6 +89,10 @@ pub struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = env::CONNECT_TIMEOUT_MS, default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
+    /// Longest silence between two chunks of an answer, in milliseconds; past it the
+    /// answer ends with an error in the caller's format.
+    #[arg(long, env = env::IDLE_TIMEOUT_MS, default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
     /// Serving threads, each with its own listener and upstream pool (0: one per core).
     #[arg(long, env = env::THREADS, default_value_t = 0)]
     pub threads: usize,
@@ -126,6 +131,7 @@ impl TryFrom<RunArgs> for Config {
             body_bytes: a.body_limit,
             connect_timeout: std::time::Duration::from_millis(a.connect_timeout_ms),
             response_timeout: std::time::Duration::from_millis(a.response_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(a.idle_timeout_ms),
             ..Limits::default()
         };
         Ok(Config {

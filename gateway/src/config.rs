@@ -71,6 +71,9 @@ pub struct Limits {
     pub response_timeout: Duration,
     /// How long to wait for a client's first bytes before relaying opaquely.
     pub sniff_timeout: Duration,
+    /// The longest silence allowed between two chunks of an answer; past it the answer
+    /// ends with an error (a stalled upstream never hangs the client).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -81,6 +84,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(600),
             sniff_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }

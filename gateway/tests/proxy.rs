@@ -694,3 +694,51 @@ async fn an_upstream_that_closed_a_kept_connection_costs_the_client_nothing() {
         "one upstream connection per answer"
     );
 }
+
+#[tokio::test]
+async fn a_stalled_stream_ends_with_an_error_instead_of_hanging() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Sends the head and one event, then keeps the connection open and silent.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+                    event.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let mut cfg = config(upstream);
+    cfg.limits.idle_timeout = Duration::from_millis(300);
+    let mut gw = gateway(cfg).await;
+    let body =
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(gw.addr, "/v1/chat/completions", &body),
+    )
+    .await
+    .expect("the client is not left hanging");
+    let events = answer.sse_objects();
+    assert_eq!(events[0]["choices"][0]["delta"]["content"], "Hi");
+    assert!(
+        events[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sent nothing"),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(
+        gw.record("/v1/chat/completions").await.outcome,
+        Outcome::UpstreamError
+    );
+}

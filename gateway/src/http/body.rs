@@ -2,8 +2,9 @@
 //! pass through a meter chunk by chunk and leave a usage record when they end, fail or
 //! are abandoned by the client.
 
+use std::future::Future as _;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -70,6 +71,9 @@ pub struct MeteredBody {
     exchange: Option<Exchange>,
     recorder: Recorder,
     done: bool,
+    idle_timeout: Duration,
+    /// Fires when the upstream has been silent for `idle_timeout`.
+    idle: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl MeteredBody {
@@ -80,8 +84,11 @@ impl MeteredBody {
         started: Instant,
         exchange: Exchange,
         recorder: Recorder,
+        idle_timeout: Duration,
     ) -> Self {
         Self {
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
             inner,
             meter,
             reframes,
@@ -120,6 +127,22 @@ impl MeteredBody {
         self.recorder.record(ex);
     }
 
+    /// Ends the answer after an upstream failure: a stream gets a well-formed error
+    /// frame; any other body is cut, since aborting is the only honest signal there.
+    fn fail(&mut self, reason: String) -> Option<Result<Frame<Bytes>, BoxError>> {
+        tracing::warn!(error = %reason, "upstream body failed");
+        self.done = true;
+        let end = self
+            .meter
+            .as_mut()
+            .and_then(|m| m.on_upstream_error(&reason));
+        self.finish(Some(Outcome::UpstreamError), Some(reason.clone()));
+        Some(match end {
+            Some(frame) => Ok(self.emit(frame)),
+            None => Err(reason.into()),
+        })
+    }
+
     fn emit(&mut self, data: Bytes) -> Frame<Bytes> {
         self.bytes_out += data.len() as u64;
         Frame::data(data)
@@ -139,7 +162,21 @@ impl Body for MeteredBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(item) => item,
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(this.fail(format!(
+                            "upstream sent nothing for {:?}; answer ended",
+                            this.idle_timeout
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            let deadline = tokio::time::Instant::now() + this.idle_timeout;
+            this.idle.as_mut().reset(deadline);
+            match polled {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,

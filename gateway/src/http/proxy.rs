@@ -322,6 +322,7 @@ impl Proxy {
             started,
             ex,
             self.recorder.clone(),
+            self.config.limits.idle_timeout,
         );
         Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
     }
@@ -365,7 +366,15 @@ impl Proxy {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        let body = MeteredBody::new(body, None, false, started, ex, self.recorder.clone());
+        let body = MeteredBody::new(
+            body,
+            None,
+            false,
+            started,
+            ex,
+            self.recorder.clone(),
+            self.config.limits.idle_timeout,
+        );
         Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
     }
 }
