@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# PostgreSQL for the store tests: a private throw-away cluster, when this machine can
+# start one (root and the server package; CI installs it). Otherwise those parts skip.
+if [ -z "${KGW_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    eval "$(bash tests/postgres.sh start)"
+    trap 'bash tests/postgres.sh stop "$KGW_PG_DIR"' EXIT
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --all-targets --quiet

@@ -161,6 +161,7 @@ fn start_gateway(
     upstream: SocketAddr,
     model: &str,
     policy: &Path,
+    store: &Path,
 ) -> anyhow::Result<Child> {
     Command::new(bin)
         .args([
@@ -173,6 +174,11 @@ fn start_gateway(
         .args(["--upstream", &upstream.to_string(), "--model", model])
         .arg("--policy")
         .arg(policy)
+        .arg("--store")
+        .arg(format!("sqlite://{}", store.display()))
+        .arg("--spool")
+        .arg(store.with_extension("spool"))
+        .args(["--pod-namespace", "demo", "--pod-name", "ai-client"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -211,7 +217,8 @@ pub async fn run(demo: LocalDemo) -> anyhow::Result<()> {
     std::fs::create_dir_all(&policy_dir)?;
     let policy = policy_dir.join("policy.yaml");
     std::fs::write(&policy, POLICY)?;
-    let mut gw = start_gateway(&bin, listen, llm, &demo.model, &policy)?;
+    let store = policy_dir.join("usage.db");
+    let mut gw = start_gateway(&bin, listen, llm, &demo.model, &policy, &store)?;
     let stdout = gw.stdout.take().context("gateway stdout")?;
     let (tx, mut records) = mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
@@ -286,7 +293,7 @@ pub async fn run(demo: LocalDemo) -> anyhow::Result<()> {
         rows.push((call.label, asked.to_owned(), used, record));
     }
 
-    say!("\n  3. usage recorded by the gateway (from its access log):\n");
+    say!("\n  3. what the gateway recorded (its access log):\n");
     say!(
         "  {:<24} {:<24} {:<10} {:>6} {:>7}  {:<9} {:<16} {}",
         "call",
@@ -315,8 +322,27 @@ pub async fn run(demo: LocalDemo) -> anyhow::Result<()> {
             failures.push(format!("{label}: usage was not the provider's"));
         }
     }
+    // A graceful stop (SIGTERM) flushes every usage row to the store.
+    if let Some(pid) = gw.id() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), gw.wait()).await;
+    let table = Command::new(&bin)
+        .args(["usage", "--store", &format!("sqlite://{}", store.display())])
+        .output()
+        .await?;
+    say!("\n  4. the same usage, from the gateway's store (kube-gateway usage):\n");
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    for line in table.lines() {
+        say!("  {line}");
+    }
+    if !table.contains("ai-client") {
+        failures.push("the usage store holds no rows for the demo".to_owned());
+    }
     let _ = std::fs::remove_dir_all(&policy_dir);
-    let _ = gw.start_kill();
     if failures.is_empty() {
         say!(
             "\n  every allowed call was rewritten to {:?}, policed, and metered with the provider's exact usage.",

@@ -27,6 +27,12 @@ pub mod env {
     pub const THREADS: &str = "THREADS";
     pub const POLICY: &str = "POLICY";
     pub const IDLE_TIMEOUT_MS: &str = "IDLE_TIMEOUT_MS";
+    pub const STORE: &str = "STORE";
+    pub const SPOOL: &str = "SPOOL";
+    /// Set by the watcher from the downward API.
+    pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+    pub const POD_NAME: &str = "POD_NAME";
+    pub const CONTAINER_NAME: &str = "CONTAINER_NAME";
 }
 
 #[derive(Debug, Parser)]
@@ -46,10 +52,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print usage by namespace, pod and model from the usage store.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// The store: sqlite://PATH or postgres://URL.
+    #[arg(long, env = env::STORE, default_value = "sqlite://kube-gateway-usage.db")]
+    pub store: String,
+    /// How far back, in hours.
+    #[arg(long, default_value_t = 24)]
+    pub hours: u64,
+    /// Print JSON instead of a table.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +113,20 @@ pub struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = env::CONNECT_TIMEOUT_MS, default_value_t = 5_000)]
     pub connect_timeout_ms: u64,
+    /// Usage store: sqlite://PATH (created with its tables) or postgres://URL; "none" to
+    /// keep usage in the access log only.
+    #[arg(long, env = env::STORE, default_value = "sqlite://kube-gateway-usage.db")]
+    pub store: String,
+    /// Spool file for usage batches while the store is unreachable.
+    #[arg(long, env = env::SPOOL, default_value = "kube-gateway-usage.spool")]
+    pub spool: PathBuf,
+    /// Namespace, pod and container of the workload (labels of every usage row).
+    #[arg(long, env = env::POD_NAMESPACE, default_value = "")]
+    pub pod_namespace: String,
+    #[arg(long, env = env::POD_NAME, default_value = "")]
+    pub pod_name: String,
+    #[arg(long, env = env::CONTAINER_NAME, default_value = "")]
+    pub container_name: String,
     /// Longest silence between two chunks of an answer, in milliseconds; past it the
     /// answer ends with an error in the caller's format.
     #[arg(long, env = env::IDLE_TIMEOUT_MS, default_value_t = 300_000)]
@@ -110,6 +148,8 @@ pub enum ConfigError {
     Model(#[from] ModelRewriteError),
     #[error("--body-limit must be at least 1 byte")]
     BodyLimit,
+    #[error(transparent)]
+    Store(#[from] crate::store::BadStoreUrl),
 }
 
 impl TryFrom<RunArgs> for Config {
@@ -144,6 +184,18 @@ impl TryFrom<RunArgs> for Config {
             log_bodies: a.log_bodies,
             policy: a.policy,
             policy_reload: std::time::Duration::from_secs(1),
+            store: match a.store.as_str() {
+                "none" | "" => None,
+                url => Some(crate::config::StoreConfig {
+                    url: url.parse()?,
+                    spool: a.spool,
+                }),
+            },
+            identity: crate::store::Identity {
+                namespace: a.pod_namespace,
+                pod: a.pod_name,
+                container: a.container_name,
+            },
         })
     }
 }
@@ -157,7 +209,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        Config::try_from(run)
+        Config::try_from(*run)
     }
 
     #[test]

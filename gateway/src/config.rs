@@ -105,6 +105,18 @@ pub struct Config {
     pub policy: Option<std::path::PathBuf>,
     /// How often the policy file is checked for changes.
     pub policy_reload: Duration,
+    /// The usage store and its spool; `None`: usage goes to the access log only.
+    pub store: Option<StoreConfig>,
+    /// Who this gateway serves (labels of every usage row).
+    pub identity: crate::store::Identity,
+}
+
+/// Where usage rows go.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: crate::store::StoreUrl,
+    /// Holds batches while the store is unreachable.
+    pub spool: std::path::PathBuf,
 }
 
 impl Config {
@@ -120,6 +132,8 @@ impl Config {
             log_bodies: false,
             policy: None,
             policy_reload: Duration::from_secs(1),
+            store: None,
+            identity: crate::store::Identity::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod relay;
 pub mod runtime;
 pub mod sniff;
+pub mod store;
 pub mod stream;
 pub mod telemetry;
 pub mod upstream;

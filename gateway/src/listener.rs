@@ -17,6 +17,9 @@ use crate::drain::{Drain, DrainWatch};
 use crate::http::{self, Proxy};
 use crate::policy::PolicyStore;
 use crate::sniff::{self, Protocol};
+use crate::store::spool::Spool;
+use crate::store::writer::WriterConfig;
+use crate::store::Store;
 use crate::usage::{self, Recorder, UsageRecord};
 use crate::{orig_dst, relay};
 
@@ -45,6 +48,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub struct Shared {
     config: Arc<Config>,
     policy: Arc<PolicyStore>,
+    /// The usage writer, awaited on shutdown so every record is stored or spooled.
+    writer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     ready: Arc<AtomicBool>,
@@ -53,7 +58,7 @@ pub struct Shared {
 impl Shared {
     /// Loads the policy, starts the usage recorder and the policy watcher on the
     /// current tokio runtime.
-    pub fn start(config: Config) -> Result<Self, StartError> {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
         let initial = match &config.policy {
             Some(path) => crate::policy::load_file(path)?,
             None => Policy::default(),
@@ -77,18 +82,47 @@ impl Shared {
         let tokens = TokenCounter::new();
         // Built now so the first estimate does not pay for it.
         tokens.warm(Encoding::Cl100kBase)?;
-        let (recorder, usage) = usage::spawn_recorder(tokens, config.log_bodies, 65_536);
+        let (store_tx, writer) = match &config.store {
+            Some(sc) => {
+                let store = match Store::connect(&sc.url).await {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        // Serving does not wait for the store: usage is spooled until it is back.
+                        tracing::warn!(error = %e, spool = %sc.spool.display(), "usage store unavailable at start; spooling");
+                        None
+                    }
+                };
+                let (tx, rx) = tokio::sync::mpsc::channel(8192);
+                let (handle, _stats) = crate::store::writer::spawn(
+                    sc.url.clone(),
+                    store,
+                    Spool::new(&sc.spool),
+                    config.identity.clone(),
+                    WriterConfig::default(),
+                    rx,
+                );
+                (Some(tx), Some(handle))
+            }
+            None => (None, None),
+        };
+        let (recorder, usage) = usage::spawn_recorder(tokens, config.log_bodies, 65_536, store_tx);
         Ok(Self {
             config: Arc::new(config),
             policy,
             recorder,
             usage,
             ready: Arc::new(AtomicBool::new(false)),
+            writer: Arc::new(std::sync::Mutex::new(writer)),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The usage writer's task: it ends once every recorder is gone and all is stored.
+    pub fn take_writer(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.writer.lock().ok().and_then(|mut w| w.take())
     }
 
     pub fn policy(&self) -> &Arc<PolicyStore> {
@@ -137,8 +171,8 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let listener = bind_listener(config.listen, false)?;
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
-        let shared = Shared::start(config)?;
-        Self::from_listeners(shared, listener, admin)
+        let shared = Shared::start(config).await?;
+        Self::from_listeners(shared, listener, admin, 0)
     }
 
     /// A gateway on an already bound listener. Must run inside the runtime that serves it.
@@ -146,6 +180,7 @@ impl Gateway {
         shared: Shared,
         listener: std::net::TcpListener,
         admin: Option<std::net::TcpListener>,
+        worker: u16,
     ) -> Result<Self, StartError> {
         let addr = shared.config.listen;
         let to_tokio = |l: std::net::TcpListener| {
@@ -157,6 +192,7 @@ impl Gateway {
             shared.config.clone(),
             shared.policy.clone(),
             shared.recorder.clone(),
+            worker,
         ));
         Ok(Self {
             shared,

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use kube_gateway::cli::{Cli, Command, PolicyCommand};
+use kube_gateway::cli::{Cli, Command, PolicyCommand, UsageArgs};
 use kube_gateway::Config;
 
 // Many small, short-lived allocations per request: mimalloc handles them with less
@@ -12,16 +12,21 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _log = kube_gateway::telemetry::init(cli.log_format);
+    let to = match cli.command {
+        Command::Run(_) => kube_gateway::telemetry::LogTo::Stdout,
+        _ => kube_gateway::telemetry::LogTo::Stderr,
+    };
+    let _log = kube_gateway::telemetry::init(cli.log_format, to);
     match cli.command {
         Command::Run(args) => {
             let threads = match args.threads {
                 0 => kube_gateway::runtime::default_threads(),
                 n => n,
             };
-            let config = Config::try_from(args).context("invalid configuration")?;
+            let config = Config::try_from(*args).context("invalid configuration")?;
             kube_gateway::runtime::serve(config, threads, shutdown_signal())?;
         }
+        Command::Usage(args) => usage(args)?,
         Command::Policy(PolicyCommand::Check { file }) => {
             use std::io::Write as _;
             match kube_gateway::policy::load_file(&file) {
@@ -33,6 +38,32 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `kube-gateway usage`: totals from the store for the last hours.
+fn usage(args: UsageArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let url: kube_gateway::store::StoreUrl = args.store.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let totals = rt.block_on(async {
+        let store = kube_gateway::store::Store::connect(&url).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        let from = now - i64::try_from(args.hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
+        anyhow::Ok(store.totals(from, now + 1).await?)
+    })?;
+    let out = if args.json {
+        serde_json::to_string_pretty(&totals)? + "\n"
+    } else if args.csv {
+        kube_gateway::store::render_csv(&totals)
+    } else {
+        kube_gateway::store::render_table(&totals)
+    };
+    std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
 }
 

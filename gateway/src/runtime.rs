@@ -41,7 +41,8 @@ where
             listeners.push(bind_listener(addr, true)?);
         }
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
-        let shared = Shared::start(config)?;
+        let shared = Shared::start(config).await?;
+        let writer = shared.take_writer();
         tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -54,7 +55,8 @@ where
                 .name(format!("kube-gateway-{}", i + 1))
                 .spawn(move || -> Result<(), StartError> {
                     single_threaded()?.block_on(async move {
-                        let gateway = Gateway::from_listeners(shared, listener, None)?;
+                        let worker = u16::try_from(i + 1).unwrap_or(u16::MAX);
+                        let gateway = Gateway::from_listeners(shared, listener, None, worker)?;
                         gateway.run(async move { let _ = stop.wait_for(|s| *s).await; }).await;
                         Ok(())
                     })
@@ -63,13 +65,19 @@ where
             handles.push(handle);
         }
         if let Some(listener) = own {
-            Gateway::from_listeners(shared, listener, admin)?.run(shutdown).await;
+            Gateway::from_listeners(shared, listener, admin, 0)?.run(shutdown).await;
         }
         let _ = stop_tx.send(true);
         for h in handles {
             match h.join() {
                 Ok(result) => result?,
                 Err(_) => tracing::error!("a serving thread panicked"),
+            }
+        }
+        // Every recorder is gone now: the writer stores (or spools) what is left and ends.
+        if let Some(w) = writer {
+            if tokio::time::timeout(std::time::Duration::from_secs(30), w).await.is_err() {
+                tracing::error!("usage writer did not finish in 30 s; unwritten rows may be lost");
             }
         }
         Ok(())

@@ -11,10 +11,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where log lines go: the gateway logs to stdout (what container runtimes collect);
+/// the other commands keep stdout for their output and log to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Stdout,
+    Stderr,
+}
+
 /// Installs the global subscriber. Keep the guard alive: dropping it flushes the log.
-pub fn init(format: LogFormat) -> WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(format: LogFormat, to: LogTo) -> WorkerGuard {
+    let (writer, guard) = match to {
+        LogTo::Stdout => tracing_appender::non_blocking(std::io::stdout()),
+        LogTo::Stderr => tracing_appender::non_blocking(std::io::stderr()),
+    };
+    // sqlx reports PostgreSQL notices ("relation already exists") at info.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

@@ -220,19 +220,14 @@ pub fn spawn_recorder(
     tokens: TokenCounter,
     log_bodies: bool,
     capacity: usize,
+    store: Option<mpsc::Sender<Arc<UsageRecord>>>,
 ) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
     let out2 = out.clone();
-    let start = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // Unique across restarts without a random source: start time and pid.
-    let id_prefix = format!(
-        "{:x}{:x}",
-        start.as_millis() & 0xffff_ffff,
-        std::process::id()
-    );
+    // Unique across restarts and pods (the store keys on request ids; pids repeat in
+    // containers).
+    let id_prefix = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(DRAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -243,8 +238,16 @@ pub fn spawn_recorder(
                     Ok(exchange) => {
                         let (record, bodies) = exchange.finish(&id_prefix, &tokens, log_bodies);
                         access_log(&record, bodies);
+                        let record = Arc::new(record);
+                        if let Some(store) = &store {
+                            // Waits when the writer is behind: backpressure stays here,
+                            // never on the request path.
+                            if store.send(record.clone()).await.is_err() {
+                                tracing::error!(request_id = %record.request_id, "usage writer gone: row not stored");
+                            }
+                        }
                         // No subscriber is fine: the access log above is the record then.
-                        let _ = out2.send(Arc::new(record));
+                        let _ = out2.send(record);
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return,

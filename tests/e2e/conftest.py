@@ -61,7 +61,8 @@ def servers(tmp_path_factory):
     gw = start(
         [binary("kube-gateway"), "--log-format", "json", "run",
          "--listen", f"127.0.0.1:{gw_port}", "--upstream", f"127.0.0.1:{demo_port}",
-         "--model", REWRITTEN],
+         "--model", REWRITTEN, "--store", f"sqlite://{logs}/usage.db",
+         "--spool", str(logs / "usage.spool")],
         gw_port, "gateway", gw_log,
     )
     yield f"http://127.0.0.1:{demo_port}", f"http://127.0.0.1:{gw_port}", gw_log

@@ -184,7 +184,7 @@ def test_errors_reach_the_clients_in_their_own_format(servers):
     from conftest import binary, free_port, wait_listening
     dead, port = free_port(), free_port()
     gw = subprocess.Popen([binary("kube-gateway"), "run", "--listen", f"127.0.0.1:{port}",
-                           "--upstream", f"127.0.0.1:{dead}"],
+                           "--upstream", f"127.0.0.1:{dead}", "--store", "none"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, gw, "gateway")

@@ -46,7 +46,7 @@ def policy_gateway(tmp_path_factory):
                   "--token-delay-ms", "30"], demo_port, "demo", d / "demo.log")
     gw = start([binary("kube-gateway"), "--log-format", "json", "run",
                 "--listen", f"127.0.0.1:{gw_port}", "--upstream", f"127.0.0.1:{demo_port}",
-                "--policy", str(d / "policy.yaml")], gw_port, "gateway", d / "gateway.log")
+                "--policy", str(d / "policy.yaml"), "--store", "none"], gw_port, "gateway", d / "gateway.log")
     yield f"http://127.0.0.1:{demo_port}", f"http://127.0.0.1:{gw_port}"
     for p in (gw, demo):
         p.terminate()

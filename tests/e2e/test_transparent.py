@@ -68,7 +68,8 @@ def netns(tmp_path_factory):
             stdout=open(demo_log, "wb"), stderr=subprocess.STDOUT))
         procs.append(subprocess.Popen(
             in_ns(binary("kube-gateway"), "--log-format", "json", "run",
-                  "--listen", f"[::]:{GATEWAY_PORT}", "--model", REWRITTEN, "--threads", "1"),
+                  "--listen", f"[::]:{GATEWAY_PORT}", "--model", REWRITTEN, "--threads", "1",
+                  "--store", "none"),
             stdout=open(gw_log, "wb"), stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 20
         while b"gateway ready" not in gw_log.read_bytes() or b"listening" not in demo_log.read_bytes():

@@ -116,14 +116,21 @@ impl Proxy {
         }
     }
 
-    pub fn new(config: Arc<Config>, policy: Arc<PolicyStore>, recorder: Recorder) -> Self {
+    /// A proxy for serving thread `worker`. Request ids carry the worker in their top
+    /// bits: threads share one id prefix and must never hand out the same id.
+    pub fn new(
+        config: Arc<Config>,
+        policy: Arc<PolicyStore>,
+        recorder: Recorder,
+        worker: u16,
+    ) -> Self {
         let upstream = Upstream::new(&config.limits);
         Self {
             config,
             policy,
             upstream,
             recorder,
-            next_seq: AtomicU64::new(0),
+            next_seq: AtomicU64::new(u64::from(worker) << 48),
         }
     }
 

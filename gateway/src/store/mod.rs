@@ -1,0 +1,453 @@
+//! The usage store: SQLite embedded by default, PostgreSQL when gateways share usage.
+//! Rows, not HTTP: each finished usage record becomes one `usage_events` row, written in
+//! batches, one transaction a batch, idempotent on the request id, with the hourly and
+//! daily rollups updated in the same transaction for the rows that were new.
+
+pub mod spool;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Row;
+
+use crate::usage::{TokenSource, UsageRecord};
+
+/// Where usage goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// A `--store` value is not a supported URL.
+#[derive(Debug, thiserror::Error)]
+#[error("store {0:?} is not sqlite://PATH or postgres://...")]
+pub struct BadStoreUrl(pub String);
+
+impl FromStr for StoreUrl {
+    type Err = BadStoreUrl;
+
+    fn from_str(s: &str) -> Result<Self, BadStoreUrl> {
+        if let Some(path) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                return Err(BadStoreUrl(s.to_owned()));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        Err(BadStoreUrl(s.to_owned()))
+    }
+}
+
+/// The store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the usage store: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the usage store: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("usage store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// Who this gateway serves: the labels every row carries (from the pod's environment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+/// One `usage_events` row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UsageRow {
+    pub request_id: String,
+    pub time_ms: i64,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub source_ip: String,
+    pub destination: String,
+    pub api: String,
+    pub endpoint: String,
+    pub requested_model: Option<String>,
+    pub used_model: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
+    pub token_source: String,
+    pub status: i32,
+    pub outcome: String,
+    pub rules: String,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub streamed: bool,
+}
+
+fn source_name(s: TokenSource) -> &'static str {
+    match s {
+        TokenSource::Provider => "provider",
+        TokenSource::Estimate => "estimate",
+        TokenSource::None => "none",
+    }
+}
+
+impl UsageRow {
+    pub fn new(r: &UsageRecord, who: &Identity) -> Self {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        // A count estimated anywhere makes the row an estimate.
+        let token_source = if r.input_source == TokenSource::Estimate
+            || r.output_source == TokenSource::Estimate
+        {
+            TokenSource::Estimate
+        } else if r.input_source == TokenSource::Provider
+            || r.output_source == TokenSource::Provider
+        {
+            TokenSource::Provider
+        } else {
+            TokenSource::None
+        };
+        Self {
+            request_id: r.request_id.clone(),
+            time_ms: r
+                .time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            namespace: who.namespace.clone(),
+            pod: who.pod.clone(),
+            container: who.container.clone(),
+            source_ip: r.peer.ip().to_string(),
+            destination: r.destination.clone(),
+            api: r.api.to_owned(),
+            endpoint: r.endpoint.to_owned(),
+            requested_model: r.requested_model.clone(),
+            used_model: r.used_model.clone(),
+            input_tokens: to_i64(r.input_tokens),
+            output_tokens: to_i64(r.output_tokens),
+            cached_tokens: r.cached_tokens.map(to_i64),
+            reasoning_tokens: r.reasoning_tokens.map(to_i64),
+            token_source: source_name(token_source).to_owned(),
+            status: i32::from(r.status),
+            outcome: serde_json::to_value(r.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            rules: r.rules.join(","),
+            latency_ms: ms(r.latency),
+            ttft_ms: r.first_chunk.map(ms),
+            streamed: r.streamed,
+        }
+    }
+
+    fn model(&self) -> &str {
+        self.used_model.as_deref().unwrap_or("")
+    }
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// An open store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Totals per namespace, pod and model over a time range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UsageTotal {
+    pub namespace: String,
+    pub pod: String,
+    pub model: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// Writes one batch inside an open transaction: events first (skipping ones already
+/// stored), then the rollups of the rows that were new. The same text for both
+/// databases but for placeholders.
+macro_rules! write_rows {
+    ($tx:expr, $rows:expr, $p:ident) => {{
+        let mut inserted = 0usize;
+        for r in $rows {
+            let done = sqlx::query(concat!(
+                "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
+                "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
+                "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) VALUES (",
+                $p!(), ") ON CONFLICT (request_id) DO NOTHING"
+            ))
+            .bind(&r.request_id)
+            .bind(r.time_ms)
+            .bind(&r.namespace)
+            .bind(&r.pod)
+            .bind(&r.container)
+            .bind(&r.source_ip)
+            .bind(&r.destination)
+            .bind(&r.api)
+            .bind(&r.endpoint)
+            .bind(&r.requested_model)
+            .bind(&r.used_model)
+            .bind(r.input_tokens)
+            .bind(r.output_tokens)
+            .bind(r.cached_tokens)
+            .bind(r.reasoning_tokens)
+            .bind(&r.token_source)
+            .bind(r.status)
+            .bind(&r.outcome)
+            .bind(&r.rules)
+            .bind(r.latency_ms)
+            .bind(r.ttft_ms)
+            .bind(r.streamed)
+            .execute(&mut *$tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            inserted += 1;
+            for (table, width) in [("usage_hourly", HOUR_MS), ("usage_daily", DAY_MS)] {
+                let sql = format!(
+                    "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
+                     VALUES ({}) ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
+                     requests = {table}.requests + 1, \
+                     input_tokens = {table}.input_tokens + excluded.input_tokens, \
+                     output_tokens = {table}.output_tokens + excluded.output_tokens",
+                    $p!(rollup)
+                );
+                sqlx::query(&sql)
+                    .bind(r.time_ms - r.time_ms.rem_euclid(width))
+                    .bind(&r.namespace)
+                    .bind(&r.pod)
+                    .bind(r.model())
+                    .bind(1i64)
+                    .bind(r.input_tokens)
+                    .bind(r.output_tokens)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+        }
+        inserted
+    }};
+}
+
+macro_rules! sqlite_params {
+    () => {
+        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    };
+    (rollup) => {
+        "?, ?, ?, ?, ?, ?, ?"
+    };
+}
+
+macro_rules! pg_params {
+    () => {
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22"
+    };
+    (rollup) => {
+        "$1, $2, $3, $4, $5, $6, $7"
+    };
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if needed) and applies the migrations.
+    pub async fn connect(url: &StoreUrl) -> Result<Self, StoreError> {
+        match url {
+            StoreUrl::Sqlite(path) => {
+                let opts = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(opts)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                sqlx::migrate!("../migrations/sqlite")
+                    .run(&pool)
+                    .await
+                    .map_err(StoreError::Migrate)?;
+                Ok(Store::Sqlite(pool))
+            }
+            StoreUrl::Postgres(url) => {
+                let opts = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(std::time::Duration::from_secs(5))
+                    .connect_with(opts)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                sqlx::migrate!("../migrations/postgres")
+                    .run(&pool)
+                    .await
+                    .map_err(StoreError::Migrate)?;
+                Ok(Store::Postgres(pool))
+            }
+        }
+    }
+
+    /// Writes a batch in one transaction. Returns how many rows were new.
+    pub async fn write(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let n = write_rows!(tx, rows, sqlite_params);
+                tx.commit().await?;
+                Ok(n)
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let n = write_rows!(tx, rows, pg_params);
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Totals per namespace, pod and model for events in `[from_ms, to_ms)`.
+    pub async fn totals(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageTotal>, StoreError> {
+        // Sums cast to BIGINT: PostgreSQL would sum BIGINT into NUMERIC.
+        const SELECT: &str = "SELECT namespace, pod, COALESCE(used_model, '') AS model, COUNT(*) AS requests, \
+             CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT) FROM usage_events";
+        const GROUP: &str =
+            "GROUP BY namespace, pod, COALESCE(used_model, '') ORDER BY namespace, pod, model";
+        let to_total = |r: &dyn RowAccess| {
+            total(
+                r.text(0),
+                r.text(1),
+                r.text(2),
+                r.int(3),
+                r.int(4),
+                r.int(5),
+            )
+        };
+        Ok(match self {
+            Store::Sqlite(pool) => sqlx::query(&format!(
+                "{SELECT} WHERE time_ms >= ? AND time_ms < ? {GROUP}"
+            ))
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| to_total(r))
+            .collect(),
+            Store::Postgres(pool) => sqlx::query(&format!(
+                "{SELECT} WHERE time_ms >= $1 AND time_ms < $2 {GROUP}"
+            ))
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| to_total(r))
+            .collect(),
+        })
+    }
+}
+
+/// Reads columns the same way from either database's rows.
+trait RowAccess {
+    fn text(&self, i: usize) -> String;
+    fn int(&self, i: usize) -> i64;
+}
+
+impl RowAccess for sqlx::sqlite::SqliteRow {
+    fn text(&self, i: usize) -> String {
+        self.try_get(i).unwrap_or_default()
+    }
+    fn int(&self, i: usize) -> i64 {
+        self.try_get(i).unwrap_or_default()
+    }
+}
+
+impl RowAccess for sqlx::postgres::PgRow {
+    fn text(&self, i: usize) -> String {
+        self.try_get(i).unwrap_or_default()
+    }
+    fn int(&self, i: usize) -> i64 {
+        self.try_get(i).unwrap_or_default()
+    }
+}
+
+/// Renders totals as an aligned table, with a total line.
+pub fn render_table(totals: &[UsageTotal]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<20} {:<28} {:<24} {:>9} {:>12} {:>12}",
+        "NAMESPACE", "POD", "MODEL", "REQUESTS", "INPUT", "OUTPUT"
+    );
+    for t in totals {
+        let _ = writeln!(
+            s,
+            "{:<20} {:<28} {:<24} {:>9} {:>12} {:>12}",
+            t.namespace, t.pod, t.model, t.requests, t.input_tokens, t.output_tokens
+        );
+    }
+    let sum = |f: fn(&UsageTotal) -> i64| totals.iter().map(f).sum::<i64>();
+    let _ = writeln!(
+        s,
+        "{:<20} {:<28} {:<24} {:>9} {:>12} {:>12}",
+        "TOTAL",
+        "",
+        "",
+        sum(|t| t.requests),
+        sum(|t| t.input_tokens),
+        sum(|t| t.output_tokens)
+    );
+    s
+}
+
+/// Renders totals as CSV with a header line.
+pub fn render_csv(totals: &[UsageTotal]) -> String {
+    let quote = |v: &str| {
+        if v.contains([',', '"', '\n']) {
+            format!("\"{}\"", v.replace('"', "\"\""))
+        } else {
+            v.to_owned()
+        }
+    };
+    let mut s = String::from("namespace,pod,model,requests,input_tokens,output_tokens\n");
+    for t in totals {
+        s.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            quote(&t.namespace),
+            quote(&t.pod),
+            quote(&t.model),
+            t.requests,
+            t.input_tokens,
+            t.output_tokens
+        ));
+    }
+    s
+}
+
+fn total(
+    namespace: String,
+    pod: String,
+    model: String,
+    requests: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+) -> UsageTotal {
+    UsageTotal {
+        namespace,
+        pod,
+        model,
+        requests,
+        input_tokens,
+        output_tokens,
+    }
+}
