@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -71,3 +72,39 @@ def test_every_request_is_stored_after_a_graceful_stop(tmp_path, which):
     assert totals == [{"namespace": "team-a", "pod": "app-1", "model": "llama3.2:1b",
                        "requests": 60, "input_tokens": prompt_total,
                        "output_tokens": eval_total}], (tmp_path / "gateway.log").read_text()[-2000:]
+
+
+def test_a_hard_kill_loses_at_most_the_last_batch_window(tmp_path):
+    """SIGKILL, no flush: rows older than one batch window (200 ms) plus the recorder's
+    tick (20 ms) are already committed; only the newest may be lost."""
+    url = f"sqlite://{tmp_path}/usage.db"
+    demo_port, gw_port = free_port(), free_port()
+    demo = start([binary("ai-demo"), "serve", "--listen", f"127.0.0.1:{demo_port}"],
+                 demo_port, "demo", tmp_path / "demo.log")
+    gw = start([binary("kube-gateway"), "run", "--threads", "2",
+                "--listen", f"127.0.0.1:{gw_port}", "--upstream", f"127.0.0.1:{demo_port}",
+                "--store", url, "--spool", str(tmp_path / "usage.spool")],
+               gw_port, "gateway", tmp_path / "gateway.log")
+
+    def call(i):
+        body = json.dumps({"model": "m", "prompt": f"q {i}", "stream": False}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{gw_port}/api/generate", data=body)
+        with urllib.request.urlopen(req) as r:
+            r.read()
+
+    try:
+        for i in range(30):
+            call(i)
+        time.sleep(0.5)  # more than a batch window: these 30 are committed
+        for i in range(30, 40):
+            call(i)
+        gw.kill()
+        gw.wait(timeout=10)
+    finally:
+        demo.terminate()
+        demo.wait(timeout=15)
+    out = subprocess.run([binary("kube-gateway"), "usage", "--store", url, "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    stored = sum(t["requests"] for t in json.loads(out))
+    print(f"hard kill: {stored} of 40 rows stored, {40 - stored} lost (sent in the last window)")
+    assert 30 <= stored <= 40
