@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use crate::budget::Budget;
 use crate::limits::MaxTokens;
 use crate::model::{ModelPattern, ModelRules};
 use crate::prompt::PromptRules;
@@ -26,6 +27,8 @@ pub struct Policy {
     pub response: Arc<ResponseRules>,
     /// Which encoding estimates use for which models (first match), before the defaults.
     pub tokenizers: Vec<(ModelPattern, Encoding)>,
+    /// Token and request budgets; a request is counted against every one that applies.
+    pub budgets: Vec<Budget>,
     pub format: Format,
     /// SHA-256 of the source text, hex.
     pub hash: String,
@@ -41,6 +44,7 @@ impl Default for Policy {
             prompt: PromptRules::default(),
             response: Arc::new(ResponseRules::empty()),
             tokenizers: Vec::new(),
+            budgets: Vec::new(),
             format: Format::V1Alpha1,
             hash: String::new(),
             notes: Vec::new(),
@@ -87,6 +91,22 @@ impl Policy {
         }
         let _ = writeln!(s, "  prompt rules: {}", self.prompt.len());
         let _ = writeln!(s, "  response rules: {}", self.response.len());
+        for b in &self.budgets {
+            let l = &b.limits;
+            let limit =
+                |name: &str, v: Option<u64>| v.map(|v| format!(" {name} {v}")).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  budget {}: per {:?} per {}:{}{}{}{}",
+                b.name,
+                b.scope,
+                b.window.name(),
+                limit("total", l.total_tokens),
+                limit("input", l.input_tokens),
+                limit("output", l.output_tokens),
+                limit("requests", l.requests)
+            );
+        }
         if !self.tokenizers.is_empty() {
             let _ = writeln!(s, "  tokenizer overrides: {}", self.tokenizers.len());
         }

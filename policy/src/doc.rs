@@ -27,6 +27,50 @@ pub struct PolicyDoc {
     pub response_rules: Vec<ResponseRuleDoc>,
     #[serde(default)]
     pub tokenizers: Vec<TokenizerDoc>,
+    #[serde(default)]
+    pub budgets: Vec<BudgetDoc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeDoc {
+    Pod,
+    Namespace,
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowDoc {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsDoc {
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
+    #[serde(default)]
+    pub input_tokens: Option<u64>,
+    #[serde(default)]
+    pub output_tokens: Option<u64>,
+    #[serde(default)]
+    pub requests: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetDoc {
+    pub name: String,
+    pub scope: ScopeDoc,
+    /// Only requests for these models count; empty: all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    pub window: WindowDoc,
+    pub limits: LimitsDoc,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,6 +1,7 @@
 //! The policy model of kube-gateway and its evaluation. Pure: no sockets, no async
 //! runtime, no Kubernetes; the gateway feeds it text and applies its decisions.
 
+pub mod budget;
 pub mod compiled;
 pub mod detect;
 pub mod doc;

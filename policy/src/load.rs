@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
+use crate::budget::{Budget, Limits, Scope, Window};
 use crate::doc::*;
 use crate::limits::MaxTokens;
 use crate::matcher::{Pattern, PatternError};
@@ -229,6 +230,7 @@ fn from_legacy(l: LegacyDoc) -> Result<(PolicyDoc, Origins, Vec<String>), Policy
             }]
         },
         tokenizers: Vec::new(),
+        budgets: Vec::new(),
     };
     let origins = Origins {
         rewrite: (0..doc.models.rewrite.len())
@@ -275,6 +277,10 @@ fn pattern_errors(errs: Vec<(usize, PatternError)>, at: &[String], errors: &mut 
         };
         errors.push(err(path, e));
     }
+}
+
+fn budget_paths(i: usize) -> String {
+    format!("budgets[{i}]")
 }
 
 /// A redact rule's mask when it gives none.
@@ -450,10 +456,62 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
         })
         .collect();
 
+    let budget_at: Vec<String> = (0..doc.budgets.len()).map(budget_paths).collect();
+    check_names(
+        doc.budgets
+            .iter()
+            .zip(&budget_at)
+            .map(|(b, at)| (b.name.as_str(), at.as_str())),
+        &mut errors,
+    );
+    let mut budgets = Vec::new();
+    for (i, b) in doc.budgets.into_iter().enumerate() {
+        let at = budget_paths(i);
+        let l = &b.limits;
+        if l.total_tokens.is_none()
+            && l.input_tokens.is_none()
+            && l.output_tokens.is_none()
+            && l.requests.is_none()
+        {
+            errors.push(err(
+                format!("{at}.limits"),
+                "set at least one of totalTokens, inputTokens, outputTokens, requests",
+            ));
+        }
+        let models = b
+            .models
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| model_pattern(m, format!("{at}.models[{j}]"), &mut errors))
+            .collect();
+        budgets.push(Budget {
+            name: b.name,
+            scope: match b.scope {
+                ScopeDoc::Pod => Scope::Pod,
+                ScopeDoc::Namespace => Scope::Namespace,
+                ScopeDoc::Model => Scope::Model,
+            },
+            models,
+            window: match b.window {
+                WindowDoc::Minute => Window::Minute,
+                WindowDoc::Hour => Window::Hour,
+                WindowDoc::Day => Window::Day,
+                WindowDoc::Month => Window::Month,
+            },
+            limits: Limits {
+                total_tokens: l.total_tokens,
+                input_tokens: l.input_tokens,
+                output_tokens: l.output_tokens,
+                requests: l.requests,
+            },
+        });
+    }
+
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
     Ok(Policy {
+        budgets,
         models: ModelRules {
             splits,
             rewrite: ModelRewrite::new(rewrite),

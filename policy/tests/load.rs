@@ -134,3 +134,34 @@ fn structure_errors_name_their_path() {
     let e = load("{ not json").unwrap_err();
     assert!(e.0[0].message.starts_with("not valid JSON"), "{e}");
 }
+
+#[test]
+fn budgets_load_with_their_scopes_windows_and_limits() {
+    use kube_gateway_policy::budget::{Scope, Subject, Window};
+    let p = load(&example("policy.yaml")).unwrap();
+    assert_eq!(p.budgets.len(), 2);
+    let b = &p.budgets[1];
+    assert_eq!((b.scope, b.window), (Scope::Pod, Window::Hour));
+    assert_eq!(b.limits.output_tokens, Some(50_000));
+    assert!(b.applies("gpt-4o") && !b.applies("llama3"));
+    let who = Subject {
+        namespace: "ns",
+        pod: "p",
+        model: "gpt-4o",
+    };
+    assert_eq!(b.key(&who), "gpt4-per-pod-hourly|hour|pod/ns/p");
+    assert!(
+        p.summary().contains(
+            "budget namespace-daily: per Namespace per day: total 2000000 requests 20000"
+        ),
+        "{}",
+        p.summary()
+    );
+    let e = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: {} }\n  - { name: a, scope: galaxy, window: day, limits: { requests: 1 } }\n").unwrap_err();
+    assert_eq!(e.0[0].path, "budgets[1].scope", "{e}");
+    let e = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: {} }\n  - { name: a, scope: pod, window: week, limits: { requests: 1 } }\n").unwrap_err();
+    assert_eq!(e.0[0].path, "budgets[1].window", "{e}");
+    let e = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: {} }\n  - { name: a, scope: pod, window: day, limits: { requests: 1 } }\n").unwrap_err();
+    let paths: Vec<&str> = e.0.iter().map(|x| x.path.as_str()).collect();
+    assert_eq!(paths, ["budgets[1].name", "budgets[0].limits"], "{e}");
+}
