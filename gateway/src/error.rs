@@ -36,6 +36,9 @@ pub enum GatewayError {
     /// A policy rule refused the request. The message names the rule, never the prompt.
     #[error("request denied by policy rule {rule:?} ({what})")]
     PolicyDenied { rule: String, what: &'static str },
+    /// A token or request budget has no room left in its window.
+    #[error("budget {budget:?} is spent; it resets in {retry_after} s")]
+    BudgetExhausted { budget: String, retry_after: u64 },
 }
 
 impl GatewayError {
@@ -44,7 +47,8 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
             | GatewayError::MalformedJson(_)
-            | GatewayError::PolicyDenied { .. } => ErrorSource::Client,
+            | GatewayError::PolicyDenied { .. }
+            | GatewayError::BudgetExhausted { .. } => ErrorSource::Client,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamReset { .. } => ErrorSource::Upstream,
@@ -62,6 +66,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::PolicyDenied { .. } => StatusCode::FORBIDDEN,
+            GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -76,6 +81,7 @@ impl GatewayError {
             GatewayError::UpstreamReset { .. } => "upstream_reset",
             GatewayError::Internal(_) => "gateway_internal",
             GatewayError::PolicyDenied { .. } => "policy_denied",
+            GatewayError::BudgetExhausted { .. } => "budget_exhausted",
         }
     }
 
@@ -117,6 +123,9 @@ impl GatewayError {
             "x-kube-gateway-error",
             HeaderValue::from_static(self.code()),
         );
+        if let GatewayError::BudgetExhausted { retry_after, .. } = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
         resp
     }
 }

@@ -97,16 +97,48 @@ fn walk_texts(v: &mut Value, f: &mut dyn FnMut(&mut String)) {
 }
 
 fn mark_blocked(v: &mut Value) {
+    mark_finished(v, "content_filter");
+}
+
+/// Makes an event the last of its answer, ended for `reason`.
+fn mark_finished(v: &mut Value, reason: &str) {
     if let Some(choice) = v.pointer_mut("/choices/0").and_then(Value::as_object_mut) {
-        choice.insert("finish_reason".into(), json!("content_filter"));
+        choice.insert("finish_reason".into(), json!(reason));
     }
     if v.get("done").is_some()
         || v.get("message").is_some()
         || v.get("response").is_some_and(Value::is_string)
     {
         v["done"] = json!(true);
-        v["done_reason"] = json!("content_filter");
+        v["done_reason"] = json!(reason);
     }
+}
+
+/// The text an event carries, if any.
+pub fn event_text(json: &str) -> Option<String> {
+    let mut v: Value = serde_json::from_str(json).ok()?;
+    delta_text(&mut v).map(std::mem::take)
+}
+
+/// The event that ends an answer cut at a budget: shaped like `json` (the event just
+/// sent), with no text and `finish_reason: "length"` (Ollama `done_reason`); for the
+/// Responses API a `response.incomplete`.
+pub fn length_cut_event(json: &str, endpoint: Endpoint) -> Option<Value> {
+    if endpoint == Endpoint::Responses {
+        return Some(json!({"type": "response.incomplete",
+            "response": {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}}));
+    }
+    let mut v: Value = serde_json::from_str(json).ok()?;
+    set_text(&mut v, String::new());
+    if let Some(delta) = v
+        .pointer_mut("/choices/0/delta")
+        .and_then(Value::as_object_mut)
+    {
+        delta.remove("content");
+        delta.remove("role");
+    }
+    mark_finished(&mut v, "length");
+    Some(v)
 }
 
 /// A whole (non-streamed) answer through the rules: the new body, the rules hit, and

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 
 use crate::admin;
+use crate::budget::{Ledger, SystemClock};
 use crate::config::{Config, Destination, UpstreamMode};
 use crate::drain::{Drain, DrainWatch};
 use crate::http::{self, Proxy};
@@ -48,6 +49,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub struct Shared {
     config: Arc<Config>,
     policy: Arc<PolicyStore>,
+    ledger: Arc<Ledger>,
+    tokens: TokenCounter,
     /// The usage writer, awaited on shutdown so every record is stored or spooled.
     writer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     recorder: Recorder,
@@ -105,10 +108,19 @@ impl Shared {
             }
             None => (None, None),
         };
-        let (recorder, usage) = usage::spawn_recorder(tokens, config.log_bodies, 65_536, store_tx);
+        let ledger = Arc::new(Ledger::new(Arc::new(SystemClock)));
+        let (recorder, usage) = usage::spawn_recorder(
+            tokens.clone(),
+            config.log_bodies,
+            65_536,
+            store_tx,
+            ledger.clone(),
+        );
         Ok(Self {
             config: Arc::new(config),
             policy,
+            ledger,
+            tokens,
             recorder,
             usage,
             ready: Arc::new(AtomicBool::new(false)),
@@ -193,6 +205,8 @@ impl Gateway {
             shared.policy.clone(),
             shared.recorder.clone(),
             worker,
+            shared.ledger.clone(),
+            shared.tokens.clone(),
         ));
         Ok(Self {
             shared,

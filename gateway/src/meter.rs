@@ -62,6 +62,16 @@ pub struct Collected {
     pub policy_hits: Vec<String>,
     /// A response rule ended the answer.
     pub blocked: bool,
+    /// A budget ended the answer.
+    pub budget_cut: bool,
+}
+
+/// Counts a streamed answer's tokens against the room its budgets left it.
+pub struct BudgetCut {
+    pub room: u64,
+    pub used: u64,
+    pub tokens: kube_gateway_policy::TokenCounter,
+    pub encoding: kube_gateway_policy::Encoding,
 }
 
 enum Framing {
@@ -84,6 +94,8 @@ pub struct Meter {
     whole_rules: Option<Arc<ResponseRules>>,
     /// A rule ended the answer: nothing more goes to the client.
     ended: bool,
+    /// The budget line for a streamed answer.
+    cut: Option<BudgetCut>,
     pub collected: Collected,
 }
 
@@ -120,8 +132,33 @@ impl Meter {
             guard,
             whole_rules,
             ended: false,
+            cut: None,
             collected: Collected::default(),
         }
+    }
+
+    /// Ends a streamed answer once it has generated `room` tokens (counted as they pass).
+    pub fn with_budget(mut self, cut: Option<BudgetCut>) -> Self {
+        if matches!(self.framing, Framing::Sse(_) | Framing::Ndjson(_)) {
+            self.cut = cut;
+        }
+        self
+    }
+
+    /// Counts an event's text against the budget; at the line, the event that ends the
+    /// answer (to send after this one).
+    fn budget_step(&mut self, data: &str) -> Option<serde_json::Value> {
+        let cut = self.cut.as_mut()?;
+        if let Some(text) = crate::guard::event_text(data) {
+            cut.used += cut.tokens.count(cut.encoding, &text).unwrap_or(0);
+        }
+        if cut.used < cut.room {
+            return None;
+        }
+        let last = crate::guard::length_cut_event(data, self.endpoint)?;
+        self.ended = true;
+        self.collected.budget_cut = true;
+        Some(last)
     }
 
     /// Whether this meter may change the body's bytes or length (then no
@@ -205,10 +242,8 @@ impl Meter {
             }
             Framing::Ndjson(framer) => {
                 let frames = framer.push(&chunk);
-                let mut out = self
-                    .guard
-                    .as_ref()
-                    .map(|_| BytesMut::with_capacity(frames.bytes.len()));
+                let rewriting = self.guard.is_some() || self.cut.is_some();
+                let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
                 for line in frames.iter() {
                     let Some(json) = line_json(line) else {
                         if let Some(out) = out.as_mut() {
@@ -219,19 +254,29 @@ impl Meter {
                     self.collected.frames += 1;
                     let json = json.to_vec();
                     self.observe(&json);
-                    if let (Some(out), Some(guard)) = (out.as_mut(), self.guard.as_mut()) {
-                        if self.ended {
-                            break;
-                        }
-                        match guard.event(&String::from_utf8_lossy(&json)) {
-                            Step::Keep => out.extend_from_slice(line),
-                            Step::Replace { objects, end } => {
-                                for o in objects {
-                                    out.extend_from_slice(o.to_string().as_bytes());
-                                    out.extend_from_slice(b"\n");
-                                }
-                                self.ended |= end;
+                    let Some(out) = out.as_mut() else { continue };
+                    if self.ended {
+                        break;
+                    }
+                    let data = String::from_utf8_lossy(&json).into_owned();
+                    let step = match self.guard.as_mut() {
+                        Some(guard) => guard.event(&data),
+                        None => Step::Keep,
+                    };
+                    match step {
+                        Step::Keep => out.extend_from_slice(line),
+                        Step::Replace { objects, end } => {
+                            for o in objects {
+                                out.extend_from_slice(o.to_string().as_bytes());
+                                out.extend_from_slice(b"\n");
                             }
+                            self.ended |= end;
+                        }
+                    }
+                    if !self.ended {
+                        if let Some(last) = self.budget_step(&data) {
+                            out.extend_from_slice(last.to_string().as_bytes());
+                            out.extend_from_slice(b"\n");
                         }
                     }
                 }
@@ -247,7 +292,7 @@ impl Meter {
                     .iter()
                     .map(|raw| (sse::parse_event(raw), raw))
                     .collect();
-                let rewriting = self.hide_usage || self.guard.is_some();
+                let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
                 let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
                 let mut observed = Vec::with_capacity(events.len());
                 for (event, raw) in events {
@@ -308,6 +353,18 @@ impl Meter {
                                 if self.endpoint != Endpoint::Responses {
                                     out.extend_from_slice(b"data: [DONE]\n\n");
                                 }
+                            }
+                        }
+                    }
+                    if !self.ended {
+                        if let Some(last) = self.budget_step(&data) {
+                            match last.get("type").and_then(serde_json::Value::as_str) {
+                                Some(kind) => out.extend_from_slice(
+                                    format!("event: {kind}\ndata: {last}\n\n").as_bytes(),
+                                ),
+                                None => out.extend_from_slice(
+                                    format!("data: {last}\n\ndata: [DONE]\n\n").as_bytes(),
+                                ),
                             }
                         }
                     }

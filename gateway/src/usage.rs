@@ -32,6 +32,8 @@ pub enum Outcome {
     Redacted,
     /// The answer was ended by a response rule.
     Blocked,
+    /// A streamed answer was ended at its budget's line.
+    BudgetCut,
     /// The client went away before the answer ended.
     ClientCancelled,
 }
@@ -77,6 +79,8 @@ pub struct Exchange {
     pub rules: Vec<String>,
     /// The encoding estimates use (the policy may set it per model).
     pub encoding: Option<Encoding>,
+    /// What the request holds in the budget ledger, settled when the record is finished.
+    pub reservation: Option<crate::budget::Reservation>,
 }
 
 /// A finished usage record: what the access log shows and the store keeps.
@@ -221,6 +225,7 @@ pub fn spawn_recorder(
     log_bodies: bool,
     capacity: usize,
     store: Option<mpsc::Sender<Arc<UsageRecord>>>,
+    ledger: Arc<crate::budget::Ledger>,
 ) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
@@ -235,8 +240,12 @@ pub fn spawn_recorder(
             tick.tick().await;
             loop {
                 match rx.try_recv() {
-                    Ok(exchange) => {
+                    Ok(mut exchange) => {
+                        let reservation = exchange.reservation.take();
                         let (record, bodies) = exchange.finish(&id_prefix, &tokens, log_bodies);
+                        if let Some(r) = reservation {
+                            ledger.settle(&r, record.input_tokens, record.output_tokens);
+                        }
                         access_log(&record, bodies);
                         let record = Arc::new(record);
                         if let Some(store) = &store {

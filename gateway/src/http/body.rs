@@ -120,6 +120,8 @@ impl MeteredBody {
         let c = &mut ex.collected;
         if c.blocked {
             ex.outcome = Outcome::Blocked;
+        } else if c.budget_cut {
+            ex.outcome = Outcome::BudgetCut;
         } else if !c.policy_hits.is_empty() && ex.outcome == Outcome::Allowed {
             ex.outcome = Outcome::Redacted;
         }

@@ -19,14 +19,16 @@ use super::body::{MeteredBody, ProxyBody};
 use super::headers::{is_upgrade, strip_hop_by_hop};
 use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
+use crate::budget::Ledger;
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
-use crate::meter::{Format, Meter};
+use crate::meter::{BudgetCut, Format, Meter};
 use crate::policy::PolicyStore;
 use crate::upstream::Affinity;
 use crate::upstream::{Upstream, UpstreamBody};
 use crate::usage::{Exchange, Outcome, Recorder};
-use kube_gateway_policy::{ModelDecision, Policy};
+use kube_gateway_policy::budget::Subject;
+use kube_gateway_policy::{ModelDecision, Policy, TokenCounter};
 
 /// Applies the request side of a policy: the model rules, then the prompt rules (every
 /// deny check of a text before its edits), then the max-tokens clamp. Records the rules
@@ -92,6 +94,8 @@ fn apply_policy(
 pub struct Proxy {
     config: Arc<Config>,
     policy: Arc<PolicyStore>,
+    ledger: Arc<Ledger>,
+    tokens: TokenCounter,
     upstream: Arc<Upstream>,
     recorder: Recorder,
     next_seq: AtomicU64,
@@ -123,11 +127,15 @@ impl Proxy {
         policy: Arc<PolicyStore>,
         recorder: Recorder,
         worker: u16,
+        ledger: Arc<Ledger>,
+        tokens: TokenCounter,
     ) -> Self {
         let upstream = Upstream::new(&config.limits);
         Self {
             config,
             policy,
+            ledger,
+            tokens,
             upstream,
             recorder,
             next_seq: AtomicU64::new(u64::from(worker) << 48),
@@ -157,6 +165,7 @@ impl Proxy {
             collected: Default::default(),
             rules: Vec::new(),
             encoding: None,
+            reservation: None,
         }
     }
 
@@ -206,6 +215,41 @@ impl Proxy {
             parts.headers.insert(header::HOST, host);
         }
         Ok(Request::from_parts(parts, body))
+    }
+
+    /// Budget admission: the prompt's estimated tokens and what the answer may generate
+    /// must fit every applicable budget; the reservation rides with the exchange.
+    fn admit(
+        &self,
+        policy: &Policy,
+        req: &LlmRequest,
+        ex: &mut Exchange,
+    ) -> Result<(), GatewayError> {
+        let model = req.model.clone().unwrap_or_default();
+        let id = &self.config.identity;
+        let who = Subject {
+            namespace: &id.namespace,
+            pod: &id.pod,
+            model: &model,
+        };
+        let encoding = ex.encoding.unwrap_or_else(|| policy.encoding_for(&model));
+        let input = self.tokens.count(encoding, &req.prompt_text()).unwrap_or(0);
+        match self
+            .ledger
+            .admit(&policy.budgets, &who, input, req.max_tokens())
+        {
+            Ok(reservation) => {
+                ex.reservation = Some(reservation);
+                Ok(())
+            }
+            Err(e) => {
+                ex.rules.push(e.budget.clone());
+                Err(GatewayError::BudgetExhausted {
+                    budget: e.budget,
+                    retry_after: e.retry_after,
+                })
+            }
+        }
     }
 
     async fn llm(
@@ -263,6 +307,12 @@ impl Proxy {
                     ex.request = Some(parsed);
                     return self.reject(ex, denial, started, Outcome::Denied);
                 }
+                if !policy.budgets.is_empty() {
+                    if let Err(denial) = self.admit(&policy, &parsed, &mut ex) {
+                        ex.request = Some(parsed);
+                        return self.reject(ex, denial, started, Outcome::Denied);
+                    }
+                }
                 ex.used_model = parsed.model.clone();
                 hide_usage = parsed.ensure_stream_usage();
                 let body = parsed.body(original);
@@ -310,13 +360,26 @@ impl Proxy {
         ex.status = parts.status.as_u16();
         // Response rules apply to successful answers; errors pass as they are.
         let rules = parts.status.is_success().then(|| policy.response.clone());
+        let cut = ex
+            .reservation
+            .as_ref()
+            .and_then(|r| r.room)
+            .map(|room| BudgetCut {
+                room,
+                used: 0,
+                tokens: self.tokens.clone(),
+                encoding: ex
+                    .encoding
+                    .unwrap_or(kube_gateway_policy::Encoding::Cl100kBase),
+            });
         let meter = Meter::with_rules(
             endpoint,
             format,
             hide_usage,
             self.config.limits.response_bytes,
             rules,
-        );
+        )
+        .with_budget(cut);
         let reframes = meter.reframes();
         if reframes {
             // Frames may be reshaped (hidden usage, rules, an error frame at a failure).

@@ -1,0 +1,253 @@
+//! The budget ledger: what each budget window has used. Before a request, admission
+//! checks every applicable budget and reserves the prompt's estimated tokens plus the
+//! output it may still make; after, the reservation is settled with the exact usage.
+//! In memory, per gateway (shared PostgreSQL leases come with their own module).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube_gateway_policy::budget::{Budget, Subject};
+
+/// The time, injected so tests can move it.
+pub trait Clock: Send + Sync {
+    /// UTC milliseconds since the epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    input: u64,
+    output: u64,
+    requests: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Charge {
+    key: String,
+    window_start: i64,
+}
+
+/// What an admitted request holds in the ledger until it is settled.
+#[derive(Debug, Clone, Default)]
+pub struct Reservation {
+    charges: Vec<Charge>,
+    input: u64,
+    output: u64,
+    /// Output tokens the answer may make before the tightest budget is spent.
+    pub room: Option<u64>,
+}
+
+/// A budget has no room for the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exhausted {
+    pub budget: String,
+    /// Seconds until the budget's window resets.
+    pub retry_after: u64,
+}
+
+/// The in-memory ledger.
+pub struct Ledger {
+    clock: Arc<dyn Clock>,
+    counts: Mutex<HashMap<(String, i64), Counts>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits a request estimated at `input` prompt tokens that may generate up to
+    /// `max_output` (if it says), or names the budget that has no room.
+    pub fn admit(
+        &self,
+        budgets: &[Budget],
+        who: &Subject<'_>,
+        input: u64,
+        max_output: Option<u64>,
+    ) -> Result<Reservation, Exhausted> {
+        let now = self.clock.now_ms();
+        let Ok(mut counts) = self.counts.lock() else {
+            return Ok(Reservation::default());
+        };
+        let mut room: Option<u64> = None;
+        let mut charges = Vec::new();
+        for b in budgets.iter().filter(|b| b.applies(who.model)) {
+            let start = b.window.start(now);
+            let key = b.key(who);
+            let used = counts
+                .get(&(key.clone(), start))
+                .copied()
+                .unwrap_or_default();
+            let l = &b.limits;
+            let over = |limit: Option<u64>, used: u64, want: u64| {
+                limit.is_some_and(|l| used.saturating_add(want) > l)
+            };
+            // Room for the prompt and at least one generated token.
+            if over(l.requests, used.requests, 1)
+                || over(l.input_tokens, used.input, input)
+                || over(l.output_tokens, used.output, 1)
+                || over(l.total_tokens, used.input + used.output, input + 1)
+            {
+                let end = b.window.end(now);
+                return Err(Exhausted {
+                    budget: b.name.clone(),
+                    retry_after: u64::try_from((end - now + 999) / 1000).unwrap_or(1).max(1),
+                });
+            }
+            let mut left = None::<u64>;
+            if let Some(o) = l.output_tokens {
+                left = Some(o - used.output);
+            }
+            if let Some(t) = l.total_tokens {
+                let t_left = t - (used.input + used.output + input);
+                left = Some(left.map_or(t_left, |x| x.min(t_left)));
+            }
+            if let Some(left) = left {
+                room = Some(room.map_or(left, |r| r.min(left)));
+            }
+            charges.push(Charge {
+                key,
+                window_start: start,
+            });
+        }
+        let output = match (max_output, room) {
+            (Some(m), Some(r)) => m.min(r),
+            (Some(m), None) => m,
+            (None, Some(r)) => r,
+            (None, None) => 0,
+        };
+        for c in &charges {
+            let e = counts.entry((c.key.clone(), c.window_start)).or_default();
+            e.requests += 1;
+            e.input += input;
+            e.output += output;
+        }
+        Ok(Reservation {
+            charges,
+            input,
+            output,
+            room,
+        })
+    }
+
+    /// Replaces a reservation's estimate with what the request really used.
+    pub fn settle(&self, r: &Reservation, input: u64, output: u64) {
+        let Ok(mut counts) = self.counts.lock() else {
+            return;
+        };
+        for c in &r.charges {
+            if let Some(e) = counts.get_mut(&(c.key.clone(), c.window_start)) {
+                e.input = e.input.saturating_sub(r.input).saturating_add(input);
+                e.output = e.output.saturating_sub(r.output).saturating_add(output);
+            }
+        }
+    }
+
+    /// Used tokens and requests of a budget key in the window holding now.
+    pub fn used(&self, budget: &Budget, who: &Subject<'_>) -> (u64, u64, u64) {
+        let start = budget.window.start(self.clock.now_ms());
+        self.counts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(budget.key(who), start)).copied())
+            .map_or((0, 0, 0), |c| (c.input, c.output, c.requests))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube_gateway_policy::budget::{Limits, Scope, Window};
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    struct FakeClock(AtomicI64);
+    impl Clock for FakeClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    fn budget(limits: Limits) -> Budget {
+        Budget {
+            name: "b".into(),
+            scope: Scope::Pod,
+            models: vec![],
+            window: Window::Minute,
+            limits,
+        }
+    }
+
+    const WHO: Subject<'static> = Subject {
+        namespace: "ns",
+        pod: "p",
+        model: "m",
+    };
+
+    #[test]
+    fn admits_until_spent_then_names_the_budget_and_the_reset() {
+        // 15 s into a minute (1_000_000_020_000 is minute-aligned).
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000_020_000 + 15_000)));
+        let ledger = Ledger::new(clock.clone());
+        let b = [budget(Limits {
+            total_tokens: Some(100),
+            ..Default::default()
+        })];
+        let r = ledger.admit(&b, &WHO, 30, Some(20)).unwrap();
+        assert_eq!(r.room, Some(70));
+        ledger.settle(&r, 30, 20);
+        let r = ledger.admit(&b, &WHO, 30, None).unwrap();
+        assert_eq!(r.room, Some(20), "the answer may use what is left");
+        ledger.settle(&r, 30, 20);
+        assert_eq!(ledger.used(&b[0], &WHO), (60, 40, 2));
+        let e = ledger.admit(&b, &WHO, 1, None).unwrap_err();
+        assert_eq!(e.budget, "b");
+        assert_eq!(e.retry_after, 45, "the minute resets in 45 s");
+        clock.0.fetch_add(45_000, Ordering::Relaxed);
+        assert!(ledger.admit(&b, &WHO, 1, None).is_ok(), "a new window");
+    }
+
+    #[test]
+    fn the_tightest_budget_wins_and_requests_count() {
+        let ledger = Ledger::new(Arc::new(FakeClock(AtomicI64::new(0))));
+        let b = [
+            budget(Limits {
+                output_tokens: Some(500),
+                ..Default::default()
+            }),
+            Budget {
+                name: "req".into(),
+                ..budget(Limits {
+                    requests: Some(2),
+                    total_tokens: Some(50),
+                    ..Default::default()
+                })
+            },
+        ];
+        let r = ledger.admit(&b, &WHO, 10, Some(1000)).unwrap();
+        assert_eq!(r.room, Some(40));
+        ledger.settle(&r, 10, 5);
+        ledger.admit(&b, &WHO, 1, None).unwrap();
+        assert_eq!(ledger.admit(&b, &WHO, 1, None).unwrap_err().budget, "req");
+    }
+}
