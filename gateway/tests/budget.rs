@@ -105,13 +105,7 @@ async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
     .await;
     assert_eq!(a.status, 200);
     let events = a.sse_objects();
-    let text: String = events
-        .iter()
-        .filter_map(|e| {
-            e.pointer("/choices/0/delta/content")
-                .and_then(Value::as_str)
-        })
-        .collect();
+    let text = a.chat_stream_text();
     assert_eq!(
         events.last().unwrap()["choices"][0]["finish_reason"],
         "length",

@@ -215,13 +215,7 @@ async fn a_blocked_answer_ends_well_formed_with_content_filter() {
         a.text()
     );
     assert!(a.text().ends_with("data: [DONE]\n\n"));
-    let text: String = events
-        .iter()
-        .filter_map(|e| {
-            e.pointer("/choices/0/delta/content")
-                .and_then(Value::as_str)
-        })
-        .collect();
+    let text = a.chat_stream_text();
     assert_eq!(text, "[response blocked by policy rule stop-word]");
     assert_eq!(
         gw.record("/v1/chat/completions").await.outcome,

@@ -88,6 +88,18 @@ impl Answer {
             .collect()
     }
 
+    /// The generated text of an OpenAI chat stream: its deltas' content, joined.
+    pub fn chat_stream_text(&self) -> String {
+        self.sse_objects()
+            .iter()
+            .filter_map(|e| {
+                e.pointer("/choices/0/delta/content")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
     pub fn ndjson_objects(&self) -> Vec<serde_json::Value> {
         self.text()
             .lines()
