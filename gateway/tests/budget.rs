@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use kube_gateway::Outcome;
 use kube_gateway_ai_demo::DemoConfig;
-use serde_json::{json, Value};
+use serde_json::json;
 
 async fn with_budget(limits: &str) -> TestGateway {
     let (demo_addr, _) = demo(DemoConfig::default()).await;
