@@ -57,10 +57,11 @@ pub struct Exhausted {
     pub retry_after: u64,
 }
 
-/// The in-memory ledger.
+/// The in-memory ledger: per budget key, the counts of its current window only (a new
+/// window replaces the old one, so the ledger never grows past its keys).
 pub struct Ledger {
     clock: Arc<dyn Clock>,
-    counts: Mutex<HashMap<(String, i64), Counts>>,
+    counts: Mutex<HashMap<String, (i64, Counts)>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -95,10 +96,10 @@ impl Ledger {
         for b in budgets.iter().filter(|b| b.applies(who.model)) {
             let start = b.window.start(now);
             let key = b.key(who);
-            let used = counts
-                .get(&(key.clone(), start))
-                .copied()
-                .unwrap_or_default();
+            let used = match counts.get(&key) {
+                Some((s, c)) if *s == start => *c,
+                _ => Counts::default(),
+            };
             let l = &b.limits;
             let over = |limit: Option<u64>, used: u64, want: u64| {
                 limit.is_some_and(|l| used.saturating_add(want) > l)
@@ -138,10 +139,15 @@ impl Ledger {
             (None, None) => 0,
         };
         for c in &charges {
-            let e = counts.entry((c.key.clone(), c.window_start)).or_default();
-            e.requests += 1;
-            e.input += input;
-            e.output += output;
+            let slot = counts
+                .entry(c.key.clone())
+                .or_insert((c.window_start, Counts::default()));
+            if slot.0 != c.window_start {
+                *slot = (c.window_start, Counts::default());
+            }
+            slot.1.requests += 1;
+            slot.1.input += input;
+            slot.1.output += output;
         }
         Ok(Reservation {
             charges,
@@ -157,9 +163,12 @@ impl Ledger {
             return;
         };
         for c in &r.charges {
-            if let Some(e) = counts.get_mut(&(c.key.clone(), c.window_start)) {
-                e.input = e.input.saturating_sub(r.input).saturating_add(input);
-                e.output = e.output.saturating_sub(r.output).saturating_add(output);
+            // A reservation from a window that has since ended settles nothing.
+            if let Some((start, e)) = counts.get_mut(&c.key) {
+                if *start == c.window_start {
+                    e.input = e.input.saturating_sub(r.input).saturating_add(input);
+                    e.output = e.output.saturating_sub(r.output).saturating_add(output);
+                }
             }
         }
     }
@@ -170,8 +179,9 @@ impl Ledger {
         self.counts
             .lock()
             .ok()
-            .and_then(|c| c.get(&(budget.key(who), start)).copied())
-            .map_or((0, 0, 0), |c| (c.input, c.output, c.requests))
+            .and_then(|c| c.get(&budget.key(who)).copied())
+            .filter(|(s, _)| *s == start)
+            .map_or((0, 0, 0), |(_, c)| (c.input, c.output, c.requests))
     }
 }
 
@@ -224,7 +234,25 @@ mod tests {
         assert_eq!(e.budget, "b");
         assert_eq!(e.retry_after, 45, "the minute resets in 45 s");
         clock.0.fetch_add(45_000, Ordering::Relaxed);
-        assert!(ledger.admit(&b, &WHO, 1, None).is_ok(), "a new window");
+        let late = ledger.admit(&b, &WHO, 1, None).unwrap();
+        assert_eq!(
+            ledger.used(&b[0], &WHO),
+            (1, 99, 1),
+            "a new window, the old one gone"
+        );
+        ledger.settle(&r, 0, 0);
+        assert_eq!(
+            ledger.used(&b[0], &WHO),
+            (1, 99, 1),
+            "a reservation of the old window settles nothing"
+        );
+        ledger.settle(&late, 1, 3);
+        assert_eq!(ledger.used(&b[0], &WHO), (1, 3, 1));
+        assert_eq!(
+            ledger.counts.lock().unwrap().len(),
+            1,
+            "one entry per key, whatever the windows"
+        );
     }
 
     #[test]
