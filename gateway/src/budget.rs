@@ -132,11 +132,13 @@ impl Ledger {
                 window_start: start,
             });
         }
+        // Hold what the request may generate when it says; an open-ended request holds
+        // nothing up front (holding the whole room would refuse its neighbours until it
+        // settles): the cut on streams and the settlement keep it honest.
         let output = match (max_output, room) {
             (Some(m), Some(r)) => m.min(r),
             (Some(m), None) => m,
-            (None, Some(r)) => r,
-            (None, None) => 0,
+            (None, _) => 0,
         };
         for c in &charges {
             let slot = counts
@@ -183,6 +185,90 @@ impl Ledger {
             .filter(|(s, _)| *s == start)
             .map_or((0, 0, 0), |(_, c)| (c.input, c.output, c.requests))
     }
+}
+
+/// One budget key's state, as `kube-gateway usage` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BudgetState {
+    pub budget: String,
+    pub scope: String,
+    pub window: &'static str,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub requests: u64,
+    pub limit: String,
+    /// When the window resets, UTC milliseconds.
+    pub resets_at_ms: i64,
+}
+
+/// The state of `budget` for every scope that used it, from the stored usage of its
+/// current window.
+pub fn state(budget: &Budget, spent: &[crate::store::Spent], now_ms: i64) -> Vec<BudgetState> {
+    let mut by_key: HashMap<String, (u64, u64, u64)> = HashMap::new();
+    for s in spent.iter().filter(|s| budget.applies(&s.model)) {
+        let who = Subject {
+            namespace: &s.namespace,
+            pod: &s.pod,
+            model: &s.model,
+        };
+        let e = by_key.entry(budget.key(&who)).or_default();
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        e.0 += n(s.input_tokens);
+        e.1 += n(s.output_tokens);
+        e.2 += n(s.requests);
+    }
+    let l = &budget.limits;
+    let limit = [
+        ("total", l.total_tokens),
+        ("input", l.input_tokens),
+        ("output", l.output_tokens),
+        ("requests", l.requests),
+    ]
+    .iter()
+    .filter_map(|(n, v)| v.map(|v| format!("{n} {v}")))
+    .collect::<Vec<_>>()
+    .join(", ");
+    let mut out: Vec<BudgetState> = by_key
+        .into_iter()
+        .map(|(key, (input, output, requests))| BudgetState {
+            budget: budget.name.clone(),
+            scope: key.rsplit('|').next().unwrap_or_default().to_owned(),
+            window: budget.window.name(),
+            input_tokens: input,
+            output_tokens: output,
+            requests,
+            limit: limit.clone(),
+            resets_at_ms: budget.window.end(now_ms),
+        })
+        .collect();
+    out.sort_by(|a, b| a.scope.cmp(&b.scope));
+    out
+}
+
+/// Budget states as an aligned table.
+pub fn render(states: &[BudgetState]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from("\n");
+    let _ = writeln!(
+        s,
+        "{:<20} {:<32} {:<7} {:>9} {:>9} {:>8}  {:<28} RESETS AT (UTC)",
+        "BUDGET", "SCOPE", "WINDOW", "INPUT", "OUTPUT", "REQUESTS", "LIMIT"
+    );
+    for b in states {
+        let _ = writeln!(
+            s,
+            "{:<20} {:<32} {:<7} {:>9} {:>9} {:>8}  {:<28} {}",
+            b.budget,
+            b.scope,
+            b.window,
+            b.input_tokens,
+            b.output_tokens,
+            b.requests,
+            b.limit,
+            kube_gateway_policy::budget::utc_minute(b.resets_at_ms)
+        );
+    }
+    s
 }
 
 #[cfg(test)]
@@ -237,13 +323,13 @@ mod tests {
         let late = ledger.admit(&b, &WHO, 1, None).unwrap();
         assert_eq!(
             ledger.used(&b[0], &WHO),
-            (1, 99, 1),
+            (1, 0, 1),
             "a new window, the old one gone"
         );
         ledger.settle(&r, 0, 0);
         assert_eq!(
             ledger.used(&b[0], &WHO),
-            (1, 99, 1),
+            (1, 0, 1),
             "a reservation of the old window settles nothing"
         );
         ledger.settle(&late, 1, 3);
@@ -253,6 +339,67 @@ mod tests {
             1,
             "one entry per key, whatever the windows"
         );
+    }
+
+    #[test]
+    fn open_ended_requests_do_not_hold_the_whole_room() {
+        let ledger = Ledger::new(Arc::new(FakeClock(AtomicI64::new(0))));
+        let b = [budget(Limits {
+            total_tokens: Some(100),
+            ..Default::default()
+        })];
+        let first = ledger.admit(&b, &WHO, 10, None).unwrap();
+        assert_eq!(first.room, Some(90));
+        let second = ledger
+            .admit(&b, &WHO, 10, None)
+            .expect("its neighbour is not refused");
+        assert_eq!(second.room, Some(80));
+        assert_eq!(ledger.used(&b[0], &WHO), (20, 0, 2));
+        ledger.settle(&first, 10, 70);
+        assert_eq!(ledger.used(&b[0], &WHO), (20, 70, 2));
+    }
+
+    #[test]
+    fn state_sums_stored_usage_per_scope_key() {
+        let spent = |ns: &str, pod: &str, model: &str, i, o, r| crate::store::Spent {
+            namespace: ns.into(),
+            pod: pod.into(),
+            model: model.into(),
+            input_tokens: i,
+            output_tokens: o,
+            requests: r,
+        };
+        let rows = [
+            spent("a", "p1", "m1", 1, 10, 1),
+            spent("a", "p2", "m1", 2, 20, 2),
+            spent("b", "p3", "m2", 4, 40, 4),
+        ];
+        let b = Budget {
+            scope: Scope::Namespace,
+            ..budget(Limits {
+                total_tokens: Some(100),
+                ..Default::default()
+            })
+        };
+        let st = state(&b, &rows, 0);
+        assert_eq!(st.len(), 2);
+        assert_eq!(
+            (
+                st[0].scope.as_str(),
+                st[0].input_tokens,
+                st[0].output_tokens,
+                st[0].requests
+            ),
+            ("namespace/a", 3, 30, 3)
+        );
+        assert_eq!(st[0].limit, "total 100");
+        assert_eq!(st[0].resets_at_ms, 60_000);
+        let only_m2 = Budget {
+            models: vec![kube_gateway_policy::ModelPattern::new("m2").unwrap()],
+            ..b
+        };
+        assert_eq!(state(&only_m2, &rows, 0).len(), 1);
+        assert!(render(&st).contains("namespace/a"));
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct UsageArgs {
     /// Print CSV instead of a table.
     #[arg(long)]
     pub csv: bool,
+    /// Also print the state of this policy's budgets (used, limit, reset time).
+    #[arg(long, env = env::POLICY)]
+    pub policy: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -48,13 +48,24 @@ fn usage(args: UsageArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let totals = rt.block_on(async {
+    let policy = args
+        .policy
+        .as_deref()
+        .map(kube_gateway::policy::load_file)
+        .transpose()?;
+    let (totals, budgets) = rt.block_on(async {
         let store = kube_gateway::store::Store::connect(&url).await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as i64;
         let from = now - i64::try_from(args.hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-        anyhow::Ok(store.totals(from, now + 1).await?)
+        let totals = store.totals(from, now + 1).await?;
+        let mut budgets = Vec::new();
+        for b in policy.iter().flat_map(|p| p.budgets.iter()) {
+            let spent = store.spent_since(b.window.start(now)).await?;
+            budgets.extend(kube_gateway::budget::state(b, &spent, now));
+        }
+        anyhow::Ok((totals, budgets))
     })?;
     let out = if args.json {
         serde_json::to_string_pretty(&totals)? + "\n"
@@ -64,6 +75,14 @@ fn usage(args: UsageArgs) -> anyhow::Result<()> {
         kube_gateway::store::render_table(&totals)
     };
     std::io::stdout().write_all(out.as_bytes())?;
+    if !budgets.is_empty() {
+        let out = if args.json {
+            serde_json::to_string_pretty(&budgets)? + "\n"
+        } else {
+            kube_gateway::budget::render(&budgets)
+        };
+        std::io::stdout().write_all(out.as_bytes())?;
+    }
     Ok(())
 }
 

@@ -131,6 +131,15 @@ impl Budget {
     }
 }
 
+/// A UTC time (milliseconds since the epoch) as `YYYY-MM-DD HH:MM`.
+pub fn utc_minute(ms: i64) -> String {
+    let days = ms.div_euclid(DAY_MS);
+    let rem = ms.rem_euclid(DAY_MS) / MINUTE_MS;
+    let (y, m) = civil_from_days(days);
+    let d = days - days_from_civil(y, m) + 1;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +165,10 @@ mod tests {
         assert_eq!(days_from_civil(1970, 1), 0);
         assert_eq!(days_from_civil(2000, 3), 11_017);
         assert_eq!(civil_from_days(11_017), (2000, 3));
+        assert_eq!(
+            utc_minute(ms(2026, 11, 23, 13, 37) + 59_999),
+            "2026-11-23 13:37"
+        );
     }
 
     #[test]

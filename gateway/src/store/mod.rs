@@ -380,6 +380,50 @@ impl RowAccess for sqlx::postgres::PgRow {
     }
 }
 
+/// Admitted usage per namespace, pod and model since a time: what budgets count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spent {
+    pub namespace: String,
+    pub pod: String,
+    pub model: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub requests: i64,
+}
+
+impl Store {
+    /// Usage of requests the gateway let through (refusals count nothing) since `from_ms`.
+    pub async fn spent_since(&self, from_ms: i64) -> Result<Vec<Spent>, StoreError> {
+        const SQL: &str = "SELECT namespace, pod, COALESCE(used_model, ''), CAST(SUM(input_tokens) AS BIGINT), \
+             CAST(SUM(output_tokens) AS BIGINT), COUNT(*) FROM usage_events \
+             WHERE time_ms >= {} AND outcome NOT IN ('denied', 'rejected') GROUP BY namespace, pod, COALESCE(used_model, '')";
+        let to_spent = |r: &dyn RowAccess| Spent {
+            namespace: r.text(0),
+            pod: r.text(1),
+            model: r.text(2),
+            input_tokens: r.int(3),
+            output_tokens: r.int(4),
+            requests: r.int(5),
+        };
+        Ok(match self {
+            Store::Sqlite(pool) => sqlx::query(&SQL.replace("{}", "?"))
+                .bind(from_ms)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| to_spent(r))
+                .collect(),
+            Store::Postgres(pool) => sqlx::query(&SQL.replace("{}", "$1"))
+                .bind(from_ms)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| to_spent(r))
+                .collect(),
+        })
+    }
+}
+
 /// Renders totals as an aligned table, with a total line.
 pub fn render_table(totals: &[UsageTotal]) -> String {
     use std::fmt::Write as _;
