@@ -317,11 +317,11 @@ impl Store {
     /// Totals per namespace, pod and model for events in `[from_ms, to_ms)`.
     pub async fn totals(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageTotal>, StoreError> {
         // Sums cast to BIGINT: PostgreSQL would sum BIGINT into NUMERIC.
-        const SELECT: &str = "SELECT namespace, pod, COALESCE(used_model, '') AS model, COUNT(*) AS requests, \
-             CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT) FROM usage_events";
-        const GROUP: &str =
-            "GROUP BY namespace, pod, COALESCE(used_model, '') ORDER BY namespace, pod, model";
-        let to_total = |r: &dyn RowAccess| {
+        const SQL: &str = "SELECT namespace, pod, COALESCE(used_model, '') AS model, COUNT(*) AS requests, \
+             CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT) FROM usage_events \
+             WHERE time_ms >= $1 AND time_ms < $2 \
+             GROUP BY namespace, pod, COALESCE(used_model, '') ORDER BY namespace, pod, model";
+        self.select(SQL, &[from_ms, to_ms], |r| {
             total(
                 r.text(0),
                 r.text(1),
@@ -330,29 +330,38 @@ impl Store {
                 r.int(4),
                 r.int(5),
             )
-        };
-        Ok(match self {
-            Store::Sqlite(pool) => sqlx::query(&format!(
-                "{SELECT} WHERE time_ms >= ? AND time_ms < ? {GROUP}"
-            ))
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| to_total(r))
-            .collect(),
-            Store::Postgres(pool) => sqlx::query(&format!(
-                "{SELECT} WHERE time_ms >= $1 AND time_ms < $2 {GROUP}"
-            ))
-            .bind(from_ms)
-            .bind(to_ms)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| to_total(r))
-            .collect(),
         })
+        .await
+    }
+
+    /// Runs a read query on either database. `sql` numbers its parameters `$1`, `$2`...
+    /// (rewritten to `?` for SQLite, which binds in order); `map` reads each row.
+    async fn select<T>(
+        &self,
+        sql: &str,
+        params: &[i64],
+        map: impl Fn(&dyn RowAccess) -> T,
+    ) -> Result<Vec<T>, StoreError> {
+        match self {
+            Store::Sqlite(pool) => {
+                let mut sql = sql.to_owned();
+                for i in (1..=params.len()).rev() {
+                    sql = sql.replace(&format!("${i}"), "?");
+                }
+                let mut q = sqlx::query(&sql);
+                for p in params {
+                    q = q.bind(*p);
+                }
+                Ok(q.fetch_all(pool).await?.iter().map(|r| map(r)).collect())
+            }
+            Store::Postgres(pool) => {
+                let mut q = sqlx::query(sql);
+                for p in params {
+                    q = q.bind(*p);
+                }
+                Ok(q.fetch_all(pool).await?.iter().map(|r| map(r)).collect())
+            }
+        }
     }
 }
 
@@ -394,33 +403,20 @@ pub struct Spent {
 impl Store {
     /// Usage of requests the gateway let through (refusals count nothing) since `from_ms`.
     pub async fn spent_since(&self, from_ms: i64) -> Result<Vec<Spent>, StoreError> {
-        const SQL: &str = "SELECT namespace, pod, COALESCE(used_model, ''), CAST(SUM(input_tokens) AS BIGINT), \
+        const SQL: &str =
+            "SELECT namespace, pod, COALESCE(used_model, ''), CAST(SUM(input_tokens) AS BIGINT), \
              CAST(SUM(output_tokens) AS BIGINT), COUNT(*) FROM usage_events \
-             WHERE time_ms >= {} AND outcome NOT IN ('denied', 'rejected') GROUP BY namespace, pod, COALESCE(used_model, '')";
-        let to_spent = |r: &dyn RowAccess| Spent {
+             WHERE time_ms >= $1 AND outcome NOT IN ('denied', 'rejected') \
+             GROUP BY namespace, pod, COALESCE(used_model, '')";
+        self.select(SQL, &[from_ms], |r| Spent {
             namespace: r.text(0),
             pod: r.text(1),
             model: r.text(2),
             input_tokens: r.int(3),
             output_tokens: r.int(4),
             requests: r.int(5),
-        };
-        Ok(match self {
-            Store::Sqlite(pool) => sqlx::query(&SQL.replace("{}", "?"))
-                .bind(from_ms)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| to_spent(r))
-                .collect(),
-            Store::Postgres(pool) => sqlx::query(&SQL.replace("{}", "$1"))
-                .bind(from_ms)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(|r| to_spent(r))
-                .collect(),
         })
+        .await
     }
 }
 
