@@ -70,6 +70,13 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
+impl Reservation {
+    /// The prompt tokens it was admitted with (the estimate).
+    pub fn input_estimate(&self) -> u64 {
+        self.input
+    }
+}
+
 impl Ledger {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {

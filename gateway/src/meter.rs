@@ -137,6 +137,11 @@ impl Meter {
         }
     }
 
+    /// Output tokens counted as they passed, when a budget is watching this answer.
+    pub fn counted_output(&self) -> Option<u64> {
+        self.cut.as_ref().map(|c| c.used)
+    }
+
     /// Ends a streamed answer once it has generated `room` tokens (counted as they pass).
     pub fn with_budget(mut self, cut: Option<BudgetCut>) -> Self {
         if matches!(self.framing, Framing::Sse(_) | Framing::Ndjson(_)) {

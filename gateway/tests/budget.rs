@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
 use kube_gateway::Outcome;
@@ -120,6 +120,13 @@ async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
     let r = gw.record("/v1/chat/completions").await;
     assert_eq!(r.outcome, Outcome::BudgetCut);
     assert_eq!(r.output_tokens, 9, "cut at the line: {text:?}");
+    let next = post(
+        gw.addr,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(next.status, 429, "spent once the cut answer ended");
 
     let mut gw = with_budget("{ outputTokens: 5 }").await;
     let o = post(
@@ -137,8 +144,7 @@ async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
         o.text()
     );
     assert_eq!(lines.len(), 6, "five tokens, then the end");
-    assert_eq!(gw.record("/api/chat").await.outcome, Outcome::BudgetCut);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // At once: the cut answer's tokens count from the moment it ends.
     let again = post(
         gw.addr,
         "/api/chat",
@@ -146,4 +152,5 @@ async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
     )
     .await;
     assert_eq!(again.status, 429, "spent");
+    assert_eq!(gw.record("/api/chat").await.outcome, Outcome::BudgetCut);
 }

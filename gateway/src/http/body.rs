@@ -11,6 +11,9 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use std::sync::Arc;
+
+use crate::budget::Ledger;
 use crate::meter::Meter;
 use crate::upstream::root_cause;
 use crate::usage::{Exchange, Outcome, Recorder};
@@ -58,6 +61,14 @@ impl Body for ProxyBody {
     }
 }
 
+/// Where a finished exchange goes.
+#[derive(Clone)]
+pub struct Sink {
+    pub recorder: Recorder,
+    /// Settles the exchange's budget reservation the moment the answer ends.
+    pub ledger: Option<Arc<Ledger>>,
+}
+
 /// An upstream body on its way to the client.
 pub struct MeteredBody {
     inner: Incoming,
@@ -69,7 +80,7 @@ pub struct MeteredBody {
     first_chunk: Option<Duration>,
     bytes_out: u64,
     exchange: Option<Exchange>,
-    recorder: Recorder,
+    sink: Sink,
     done: bool,
     idle_timeout: Duration,
     /// Fires when the upstream has been silent for `idle_timeout`.
@@ -83,10 +94,11 @@ impl MeteredBody {
         reframes: bool,
         started: Instant,
         exchange: Exchange,
-        recorder: Recorder,
+        sink: Sink,
         idle_timeout: Duration,
     ) -> Self {
         Self {
+            sink,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             inner,
@@ -96,7 +108,6 @@ impl MeteredBody {
             first_chunk: None,
             bytes_out: 0,
             exchange: Some(exchange),
-            recorder,
             done: false,
         }
     }
@@ -114,8 +125,19 @@ impl MeteredBody {
         ex.latency = self.started.elapsed();
         ex.first_chunk = self.first_chunk;
         ex.bytes_out = self.bytes_out;
+        let counted = self.meter.as_ref().and_then(Meter::counted_output);
         if let Some(m) = self.meter.take() {
             ex.collected = m.collected;
+        }
+        // Budgets see what this answer used now, not at the recorder's next tick: the
+        // next request may already be waiting. Without any count yet, the recorder
+        // settles with its estimate.
+        if let (Some(ledger), Some(r)) = (&self.sink.ledger, ex.reservation.take()) {
+            let u = &ex.collected.usage;
+            match u.output.or(counted) {
+                Some(output) => ledger.settle(&r, u.input.unwrap_or(r.input_estimate()), output),
+                None => ex.reservation = Some(r),
+            }
         }
         let c = &mut ex.collected;
         if c.blocked {
@@ -126,7 +148,7 @@ impl MeteredBody {
             ex.outcome = Outcome::Redacted;
         }
         ex.rules.append(&mut c.policy_hits);
-        self.recorder.record(ex);
+        self.sink.recorder.record(ex);
     }
 
     /// Ends the answer after an upstream failure: a stream gets a well-formed error

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{MeteredBody, ProxyBody};
+use super::body::{MeteredBody, ProxyBody, Sink};
 use super::headers::{is_upgrade, strip_hop_by_hop};
 use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
@@ -391,7 +391,10 @@ impl Proxy {
             reframes,
             started,
             ex,
-            self.recorder.clone(),
+            Sink {
+                recorder: self.recorder.clone(),
+                ledger: Some(self.ledger.clone()),
+            },
             self.config.limits.idle_timeout,
         );
         Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
@@ -442,7 +445,10 @@ impl Proxy {
             false,
             started,
             ex,
-            self.recorder.clone(),
+            Sink {
+                recorder: self.recorder.clone(),
+                ledger: None,
+            },
             self.config.limits.idle_timeout,
         );
         Response::from_parts(parts, ProxyBody::Metered(Box::new(body)))
