@@ -1,13 +1,22 @@
 //! The budget ledger: what each budget window has used. Before a request, admission
 //! checks every applicable budget and reserves the prompt's estimated tokens plus the
-//! output it may still make; after, the reservation is settled with the exact usage.
-//! In memory, per gateway (shared PostgreSQL leases come with their own module).
+//! output it says it may make; a streamed answer draws its tokens as they pass and is cut
+//! at the line; after, the reservation is settled with the exact usage.
+//!
+//! Per gateway by default. With a shared (PostgreSQL) store, a gateway admits only
+//! against slices it leased of each window's limits (`store::lease`): admission costs a
+//! database round trip only when the slice in hand is too small, refills run in the
+//! background when half a slice is left, and a stream may overdraw by at most one slice
+//! while a refill is under way. Across G gateways the spend of a window therefore stays
+//! within limit + G x slice (see the README for what else can pass the line).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kube_gateway_policy::budget::{Budget, Subject};
+use kube_gateway_policy::budget::{Budget, Limits, Subject};
 
+use crate::store::lease::Measures;
+use crate::store::{Spent, Store, StoreError};
 /// The time, injected so tests can move it.
 pub trait Clock: Send + Sync {
     /// UTC milliseconds since the epoch.
@@ -26,17 +35,111 @@ impl Clock for SystemClock {
     }
 }
 
+/// Indexes into [`Measures`].
+const TOTAL: usize = 0;
+const INPUT: usize = 1;
+const OUTPUT: usize = 2;
+const REQUESTS: usize = 3;
+
+fn limits_of(l: &Limits) -> [Option<u64>; 4] {
+    [l.total_tokens, l.input_tokens, l.output_tokens, l.requests]
+}
+
+/// How long a gateway that found a shared window's limits all leased waits before asking
+/// again (another gateway may give its unused slice back meanwhile).
+const DRY_MS: i64 = 1_000;
+
+/// This gateway's lease of a shared budget window.
 #[derive(Debug, Default, Clone, Copy)]
-struct Counts {
+struct Lease {
+    /// What this gateway has leased, per measure.
+    granted: Measures,
+    /// Until when the cluster had nothing more to lease of a measure.
+    dry_until: [i64; 4],
+    /// A lease for this window is under way.
+    refilling: bool,
+}
+
+/// One budget key's window.
+#[derive(Debug, Default, Clone, Copy)]
+struct Entry {
+    start: i64,
     input: u64,
     output: u64,
     requests: u64,
+    lease: Lease,
+}
+
+impl Entry {
+    fn used(&self) -> Measures {
+        let mut used = [0; 4];
+        used[TOTAL] = self.input + self.output;
+        used[INPUT] = self.input;
+        used[OUTPUT] = self.output;
+        used[REQUESTS] = self.requests;
+        used
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Charge {
+    budget: String,
     key: String,
     window_start: i64,
+    limits: [Option<u64>; 4],
+    slice: Measures,
+}
+
+impl Charge {
+    fn new(b: &Budget, key: String, window_start: i64) -> Self {
+        let limits = limits_of(&b.limits);
+        Self {
+            budget: b.name.clone(),
+            key,
+            window_start,
+            limits,
+            slice: limits.map(|l| l.map_or(0, |l| b.slice(l))),
+        }
+    }
+
+    /// A lease of what `used` is short of, plus a slice, for each measure at or past
+    /// `granted - margin`; `None` when nothing is short.
+    fn ask(&self, e: &Entry, want: Measures, margin: impl Fn(u64) -> u64, now: i64) -> Option<Ask> {
+        let used = e.used();
+        let mut ask = [0; 4];
+        for m in 0..4 {
+            if self.limits[m].is_some()
+                && e.lease.dry_until[m] <= now
+                && used[m] + want[m] + margin(self.slice[m]) > e.lease.granted[m]
+            {
+                ask[m] = (used[m] + want[m]).saturating_sub(e.lease.granted[m]) + self.slice[m];
+            }
+        }
+        ask.iter().any(|a| *a > 0).then(|| Ask {
+            budget: self.budget.clone(),
+            key: self.key.clone(),
+            window_start: self.window_start,
+            want: ask,
+            limits: self.limits,
+        })
+    }
+}
+
+/// A lease a gateway needs from the shared store.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    budget: String,
+    key: String,
+    window_start: i64,
+    want: Measures,
+    limits: [Option<u64>; 4],
+}
+
+impl Ask {
+    /// The budget it is for.
+    pub fn budget(&self) -> &str {
+        &self.budget
+    }
 }
 
 /// What an admitted request holds in the ledger until it is settled.
@@ -45,7 +148,10 @@ pub struct Reservation {
     charges: Vec<Charge>,
     input: u64,
     output: u64,
-    /// Output tokens the answer may make before the tightest budget is spent.
+    /// Output tokens a stream drew past `output` as they passed.
+    drawn: u64,
+    /// Output tokens the answer may make before the tightest budget is spent (in this
+    /// gateway's hands, for shared budgets).
     pub room: Option<u64>,
 }
 
@@ -57,16 +163,46 @@ pub struct Exhausted {
     pub retry_after: u64,
 }
 
-/// The in-memory ledger: per budget key, the counts of its current window only (a new
-/// window replaces the old one, so the ledger never grows past its keys).
+/// Why admission did not admit.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// The budget is spent.
+    Exhausted(Exhausted),
+    /// Shared budgets: this gateway's slices are too small; lease (`Ledger::lease`) and
+    /// ask again.
+    Lease(Vec<Ask>),
+}
+
+impl Refusal {
+    /// The budget refused when leasing did not help.
+    pub fn budget(&self) -> &str {
+        match self {
+            Refusal::Exhausted(e) => &e.budget,
+            Refusal::Lease(asks) => asks.first().map_or("", |a| a.budget.as_str()),
+        }
+    }
+}
+
+/// Budgets shared through a store.
+struct SharedStore {
+    store: Store,
+    /// The runtime the store's connections live on; leases run there.
+    runtime: tokio::runtime::Handle,
+}
+
+/// The ledger: per budget key, the counts of its current window only (a new window
+/// replaces the old one, so the ledger never grows past its keys).
 pub struct Ledger {
     clock: Arc<dyn Clock>,
-    counts: Mutex<HashMap<String, (i64, Counts)>>,
+    counts: Mutex<HashMap<String, Entry>>,
+    shared: Option<SharedStore>,
 }
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ledger").finish_non_exhaustive()
+        f.debug_struct("Ledger")
+            .field("shared", &self.shared.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,108 +214,262 @@ impl Reservation {
 }
 
 impl Ledger {
+    /// A ledger of this gateway's own.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock,
             counts: Mutex::new(HashMap::new()),
+            shared: None,
         }
     }
 
+    /// A ledger whose budgets are shared with other gateways through `store`, whose
+    /// connections belong to `runtime`.
+    pub fn shared(clock: Arc<dyn Clock>, store: Store, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            shared: Some(SharedStore { store, runtime }),
+            ..Self::new(clock)
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// What a measure may reach at admission: the limit, or the slices in hand.
+    fn cap(&self, e: &Entry, c: &Charge, m: usize) -> Option<u64> {
+        c.limits[m].map(|l| match self.shared {
+            Some(_) => e.lease.granted[m].min(l),
+            None => l,
+        })
+    }
+
     /// Admits a request estimated at `input` prompt tokens that may generate up to
-    /// `max_output` (if it says), or names the budget that has no room.
+    /// `max_output` (if it says), names the budget that has no room, or, for shared
+    /// budgets, asks for leases first.
     pub fn admit(
-        &self,
+        self: &Arc<Self>,
         budgets: &[Budget],
         who: &Subject<'_>,
         input: u64,
         max_output: Option<u64>,
-    ) -> Result<Reservation, Exhausted> {
+    ) -> Result<Reservation, Refusal> {
         let now = self.clock.now_ms();
         let Ok(mut counts) = self.counts.lock() else {
             return Ok(Reservation::default());
         };
         let mut room: Option<u64> = None;
         let mut charges = Vec::new();
+        let mut asks = Vec::new();
+        // Room for the prompt and at least one generated token.
+        let mut want = [0; 4];
+        (want[TOTAL], want[INPUT], want[OUTPUT], want[REQUESTS]) = (input + 1, input, 1, 1);
         for b in budgets.iter().filter(|b| b.applies(who.model)) {
             let start = b.window.start(now);
-            let key = b.key(who);
-            let used = match counts.get(&key) {
-                Some((s, c)) if *s == start => *c,
-                _ => Counts::default(),
+            let charge = Charge::new(b, b.key(who), start);
+            let e = match counts.get(&charge.key) {
+                Some(e) if e.start == start => *e,
+                _ => Entry {
+                    start,
+                    ..Entry::default()
+                },
             };
-            let l = &b.limits;
-            let over = |limit: Option<u64>, used: u64, want: u64| {
-                limit.is_some_and(|l| used.saturating_add(want) > l)
+            let used = e.used();
+            let short = (0..4).any(|m| {
+                self.cap(&e, &charge, m)
+                    .is_some_and(|c| used[m] + want[m] > c)
+            });
+            if short {
+                match self.shared.as_ref().and(charge.ask(&e, want, |_| 0, now)) {
+                    Some(ask) => asks.push(ask),
+                    None => {
+                        let end = b.window.end(now);
+                        return Err(Refusal::Exhausted(Exhausted {
+                            budget: b.name.clone(),
+                            retry_after: u64::try_from((end - now + 999) / 1000)
+                                .unwrap_or(1)
+                                .max(1),
+                        }));
+                    }
+                }
+                continue;
+            }
+            let left_of = |m: usize| self.cap(&e, &charge, m).map(|c| c - used[m]);
+            let left = match (left_of(OUTPUT), left_of(TOTAL).map(|t| t - input)) {
+                (Some(o), Some(t)) => Some(o.min(t)),
+                (o, t) => o.or(t),
             };
-            // Room for the prompt and at least one generated token.
-            if over(l.requests, used.requests, 1)
-                || over(l.input_tokens, used.input, input)
-                || over(l.output_tokens, used.output, 1)
-                || over(l.total_tokens, used.input + used.output, input + 1)
-            {
-                let end = b.window.end(now);
-                return Err(Exhausted {
-                    budget: b.name.clone(),
-                    retry_after: u64::try_from((end - now + 999) / 1000).unwrap_or(1).max(1),
-                });
-            }
-            let mut left = None::<u64>;
-            if let Some(o) = l.output_tokens {
-                left = Some(o - used.output);
-            }
-            if let Some(t) = l.total_tokens {
-                let t_left = t - (used.input + used.output + input);
-                left = Some(left.map_or(t_left, |x| x.min(t_left)));
-            }
             if let Some(left) = left {
                 room = Some(room.map_or(left, |r| r.min(left)));
             }
-            charges.push(Charge {
-                key,
-                window_start: start,
-            });
+            charges.push(charge);
+        }
+        if !asks.is_empty() {
+            return Err(Refusal::Lease(asks));
         }
         // Hold what the request may generate when it says; an open-ended request holds
         // nothing up front (holding the whole room would refuse its neighbours until it
-        // settles): the cut on streams and the settlement keep it honest.
+        // settles): streams draw as they go, and the settlement keeps it honest.
         let output = match (max_output, room) {
             (Some(m), Some(r)) => m.min(r),
             (Some(m), None) => m,
             (None, _) => 0,
         };
+        let mut refills = Vec::new();
         for c in &charges {
-            let slot = counts
-                .entry(c.key.clone())
-                .or_insert((c.window_start, Counts::default()));
-            if slot.0 != c.window_start {
-                *slot = (c.window_start, Counts::default());
+            let e = counts.entry(c.key.clone()).or_default();
+            if e.start != c.window_start {
+                *e = Entry {
+                    start: c.window_start,
+                    ..Entry::default()
+                };
             }
-            slot.1.requests += 1;
-            slot.1.input += input;
-            slot.1.output += output;
+            e.requests += 1;
+            e.input += input;
+            e.output += output;
+            refills.extend(self.refill(e, c, now));
         }
+        drop(counts);
+        self.spawn_leases(refills);
         Ok(Reservation {
             charges,
             input,
             output,
+            drawn: 0,
             room,
         })
     }
 
+    /// Shared budgets: a background lease when less than half a slice is left in hand.
+    fn refill(&self, e: &mut Entry, c: &Charge, now: i64) -> Option<Ask> {
+        if self.shared.is_none() || e.lease.refilling {
+            return None;
+        }
+        let ask = c.ask(e, [0; 4], |slice| slice / 2, now)?;
+        e.lease.refilling = true;
+        Some(ask)
+    }
+
+    fn spawn_leases(self: &Arc<Self>, asks: Vec<Ask>) {
+        let Some(shared) = &self.shared else { return };
+        if asks.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        shared.runtime.spawn(async move {
+            if let Err(e) = this.lease_now(asks).await {
+                tracing::warn!(error = %e, "budget lease failed; serving from the slices in hand");
+            }
+        });
+    }
+
+    /// Leases what `asks` name from the shared store (on the store's runtime).
+    pub async fn lease(self: &Arc<Self>, asks: Vec<Ask>) -> Result<(), StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let this = self.clone();
+        shared
+            .runtime
+            .spawn(async move { this.lease_now(asks).await })
+            .await
+            .unwrap_or(Err(StoreError::NotShared))
+    }
+
+    async fn lease_now(&self, asks: Vec<Ask>) -> Result<(), StoreError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        for ask in asks {
+            let result = shared
+                .store
+                .lease(&ask.key, ask.window_start, ask.want, ask.limits)
+                .await;
+            let now = self.clock.now_ms();
+            let Ok(mut counts) = self.counts.lock() else {
+                return Ok(());
+            };
+            let e = counts.entry(ask.key.clone()).or_default();
+            if e.start != ask.window_start {
+                if e.start > ask.window_start {
+                    // A lease of a window that has ended: nothing to keep.
+                    continue;
+                }
+                *e = Entry {
+                    start: ask.window_start,
+                    ..Entry::default()
+                };
+            }
+            e.lease.refilling = false;
+            let grant = result?;
+            for m in 0..4 {
+                e.lease.granted[m] += grant.granted[m];
+                if grant.granted[m] < ask.want[m] {
+                    e.lease.dry_until[m] = now + DRY_MS;
+                }
+            }
+            tracing::debug!(key = %ask.key, granted = ?grant.granted, leased = ?grant.leased, "budget lease");
+        }
+        Ok(())
+    }
+
+    /// A streamed answer has generated `counted` tokens so far: draws what passes its
+    /// reservation. `false`: a budget's line is reached, end the answer.
+    pub fn draw(self: &Arc<Self>, r: &mut Reservation, counted: u64) -> bool {
+        let extra = counted.saturating_sub(r.output + r.drawn);
+        if extra == 0 {
+            return true;
+        }
+        r.drawn += extra;
+        let now = self.clock.now_ms();
+        let Ok(mut counts) = self.counts.lock() else {
+            return true;
+        };
+        let mut within = true;
+        let mut refills = Vec::new();
+        for c in &r.charges {
+            let Some(e) = counts.get_mut(&c.key).filter(|e| e.start == c.window_start) else {
+                continue;
+            };
+            e.output += extra;
+            let used = e.used();
+            for m in [TOTAL, OUTPUT] {
+                // A stream cannot wait for a lease: it may overdraw one slice meanwhile.
+                let line = match self.shared {
+                    Some(_) => c.limits[m].map(|l| (e.lease.granted[m] + c.slice[m]).min(l)),
+                    None => c.limits[m],
+                };
+                if line.is_some_and(|l| used[m] >= l) {
+                    within = false;
+                }
+            }
+            refills.extend(self.refill(e, c, now));
+        }
+        drop(counts);
+        self.spawn_leases(refills);
+        within
+    }
+
     /// Replaces a reservation's estimate with what the request really used.
-    pub fn settle(&self, r: &Reservation, input: u64, output: u64) {
+    pub fn settle(self: &Arc<Self>, r: &Reservation, input: u64, output: u64) {
+        let now = self.clock.now_ms();
         let Ok(mut counts) = self.counts.lock() else {
             return;
         };
+        let mut refills = Vec::new();
         for c in &r.charges {
             // A reservation from a window that has since ended settles nothing.
-            if let Some((start, e)) = counts.get_mut(&c.key) {
-                if *start == c.window_start {
-                    e.input = e.input.saturating_sub(r.input).saturating_add(input);
-                    e.output = e.output.saturating_sub(r.output).saturating_add(output);
-                }
+            if let Some(e) = counts.get_mut(&c.key).filter(|e| e.start == c.window_start) {
+                e.input = e.input.saturating_sub(r.input).saturating_add(input);
+                e.output = e
+                    .output
+                    .saturating_sub(r.output + r.drawn)
+                    .saturating_add(output);
+                refills.extend(self.refill(e, c, now));
             }
         }
+        drop(counts);
+        self.spawn_leases(refills);
     }
 
     /// Used tokens and requests of a budget key in the window holding now.
@@ -189,8 +479,64 @@ impl Ledger {
             .lock()
             .ok()
             .and_then(|c| c.get(&budget.key(who)).copied())
-            .filter(|(s, _)| *s == start)
-            .map_or((0, 0, 0), |(_, c)| (c.input, c.output, c.requests))
+            .filter(|e| e.start == start)
+            .map_or((0, 0, 0), |e| (e.input, e.output, e.requests))
+    }
+
+    /// Starts a gateway's own ledger from the stored usage of each budget's current
+    /// window (`spent`: the rows since that window's start), so a restart does not
+    /// reset its budgets.
+    pub fn seed(&self, budget: &Budget, spent: &[Spent]) {
+        let start = budget.window.start(self.clock.now_ms());
+        let Ok(mut counts) = self.counts.lock() else {
+            return;
+        };
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        for s in spent.iter().filter(|s| budget.applies(&s.model)) {
+            let who = Subject {
+                namespace: &s.namespace,
+                pod: &s.pod,
+                model: &s.model,
+            };
+            let e = counts.entry(budget.key(&who)).or_default();
+            if e.start != start {
+                *e = Entry {
+                    start,
+                    ..Entry::default()
+                };
+            }
+            e.input += n(s.input_tokens);
+            e.output += n(s.output_tokens);
+            e.requests += n(s.requests);
+        }
+    }
+
+    /// Shared budgets: gives every unused leased slice back (on shutdown).
+    pub async fn release(self: &Arc<Self>) {
+        let Some(shared) = &self.shared else { return };
+        let unused: Vec<(String, i64, Measures)> = match self.counts.lock() {
+            Ok(mut counts) => counts
+                .iter_mut()
+                .filter_map(|(key, e)| {
+                    let used = e.used();
+                    let back: Measures =
+                        std::array::from_fn(|m| e.lease.granted[m].saturating_sub(used[m]));
+                    e.lease.granted = std::array::from_fn(|m| e.lease.granted[m] - back[m]);
+                    back.iter()
+                        .any(|b| *b > 0)
+                        .then(|| (key.clone(), e.start, back))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        for (key, start, back) in unused {
+            match shared.store.give_back(&key, start, back).await {
+                Ok(()) => tracing::debug!(key = %key, unused = ?back, "budget lease given back"),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "could not give a budget lease back; it lapses with its window")
+                }
+            }
+        }
     }
 }
 
@@ -298,6 +644,14 @@ mod tests {
             models: vec![],
             window: Window::Minute,
             limits,
+            slice_percent: 5,
+        }
+    }
+
+    fn exhausted(r: Refusal) -> Exhausted {
+        match r {
+            Refusal::Exhausted(e) => e,
+            Refusal::Lease(a) => panic!("a gateway's own ledger asked for a lease: {a:?}"),
         }
     }
 
@@ -311,7 +665,7 @@ mod tests {
     fn admits_until_spent_then_names_the_budget_and_the_reset() {
         // 15 s into a minute (1_000_000_020_000 is minute-aligned).
         let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000_020_000 + 15_000)));
-        let ledger = Ledger::new(clock.clone());
+        let ledger = Arc::new(Ledger::new(clock.clone()));
         let b = [budget(Limits {
             total_tokens: Some(100),
             ..Default::default()
@@ -323,7 +677,7 @@ mod tests {
         assert_eq!(r.room, Some(20), "the answer may use what is left");
         ledger.settle(&r, 30, 20);
         assert_eq!(ledger.used(&b[0], &WHO), (60, 40, 2));
-        let e = ledger.admit(&b, &WHO, 1, None).unwrap_err();
+        let e = exhausted(ledger.admit(&b, &WHO, 1, None).unwrap_err());
         assert_eq!(e.budget, "b");
         assert_eq!(e.retry_after, 45, "the minute resets in 45 s");
         clock.0.fetch_add(45_000, Ordering::Relaxed);
@@ -350,7 +704,7 @@ mod tests {
 
     #[test]
     fn open_ended_requests_do_not_hold_the_whole_room() {
-        let ledger = Ledger::new(Arc::new(FakeClock(AtomicI64::new(0))));
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
         let b = [budget(Limits {
             total_tokens: Some(100),
             ..Default::default()
@@ -411,7 +765,7 @@ mod tests {
 
     #[test]
     fn the_tightest_budget_wins_and_requests_count() {
-        let ledger = Ledger::new(Arc::new(FakeClock(AtomicI64::new(0))));
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
         let b = [
             budget(Limits {
                 output_tokens: Some(500),
@@ -430,6 +784,84 @@ mod tests {
         assert_eq!(r.room, Some(40));
         ledger.settle(&r, 10, 5);
         ledger.admit(&b, &WHO, 1, None).unwrap();
-        assert_eq!(ledger.admit(&b, &WHO, 1, None).unwrap_err().budget, "req");
+        assert_eq!(ledger.admit(&b, &WHO, 1, None).unwrap_err().budget(), "req");
+    }
+
+    #[test]
+    fn concurrent_streams_draw_from_one_line() {
+        // Two open-ended streams admitted together: each may not spend the room both saw.
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
+        let b = [budget(Limits {
+            total_tokens: Some(100),
+            ..Default::default()
+        })];
+        let mut a = ledger.admit(&b, &WHO, 10, None).unwrap();
+        let mut c = ledger.admit(&b, &WHO, 10, None).unwrap();
+        assert_eq!((a.room, c.room), (Some(90), Some(80)));
+        let mut spent = (0, 0);
+        let mut open = (true, true);
+        while open.0 || open.1 {
+            if open.0 {
+                spent.0 += 7;
+                open.0 = ledger.draw(&mut a, spent.0);
+            }
+            if open.1 {
+                spent.1 += 7;
+                open.1 = ledger.draw(&mut c, spent.1);
+            }
+        }
+        let (i, o, _) = ledger.used(&b[0], &WHO);
+        assert!(i + o >= 100, "drawn up to the line: {}", i + o);
+        assert!(
+            i + o < 100 + 2 * 7,
+            "past it by at most one step a stream: {}",
+            i + o
+        );
+        ledger.settle(&a, 10, spent.0);
+        ledger.settle(&c, 10, spent.1);
+        assert_eq!(ledger.used(&b[0], &WHO), (20, spent.0 + spent.1, 2));
+        assert!(ledger.admit(&b, &WHO, 1, None).is_err());
+    }
+
+    #[test]
+    fn a_reserved_answer_draws_only_past_its_reservation() {
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
+        let b = [budget(Limits {
+            output_tokens: Some(50),
+            ..Default::default()
+        })];
+        let mut r = ledger.admit(&b, &WHO, 5, Some(30)).unwrap();
+        assert!(ledger.draw(&mut r, 30));
+        assert_eq!(ledger.used(&b[0], &WHO).1, 30, "the reservation covered it");
+        assert!(ledger.draw(&mut r, 45));
+        assert!(!ledger.draw(&mut r, 50), "the line");
+        ledger.settle(&r, 5, 50);
+        assert_eq!(ledger.used(&b[0], &WHO), (5, 50, 1));
+    }
+
+    #[test]
+    fn a_restarted_ledger_starts_from_the_stored_window() {
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
+        let b = budget(Limits {
+            total_tokens: Some(100),
+            ..Default::default()
+        });
+        let row = |pod: &str, model: &str| crate::store::Spent {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            model: model.into(),
+            input_tokens: 40,
+            output_tokens: 50,
+            requests: 3,
+        };
+        ledger.seed(&b, &[row("p", "m"), row("other", "m")]);
+        assert_eq!(ledger.used(&b, &WHO), (40, 50, 3));
+        let r = ledger
+            .admit(std::slice::from_ref(&b), &WHO, 5, None)
+            .unwrap();
+        assert_eq!(r.room, Some(5));
+        assert!(ledger
+            .admit(std::slice::from_ref(&b), &WHO, 10, None)
+            .is_err());
     }
 }

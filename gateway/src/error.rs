@@ -39,6 +39,9 @@ pub enum GatewayError {
     /// A token or request budget has no room left in its window.
     #[error("budget {budget:?} is spent; it resets in {retry_after} s")]
     BudgetExhausted { budget: String, retry_after: u64 },
+    /// A shared budget needs a lease and the shared store cannot be reached.
+    #[error("budget {budget:?} is shared and its store is unreachable: {reason}")]
+    BudgetUnavailable { budget: String, reason: String },
 }
 
 impl GatewayError {
@@ -52,7 +55,9 @@ impl GatewayError {
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::UpstreamReset { .. } => ErrorSource::Upstream,
-            GatewayError::Internal(_) => ErrorSource::Internal,
+            GatewayError::Internal(_) | GatewayError::BudgetUnavailable { .. } => {
+                ErrorSource::Internal
+            }
         }
     }
 
@@ -67,6 +72,7 @@ impl GatewayError {
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::PolicyDenied { .. } => StatusCode::FORBIDDEN,
             GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::BudgetUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -82,6 +88,7 @@ impl GatewayError {
             GatewayError::Internal(_) => "gateway_internal",
             GatewayError::PolicyDenied { .. } => "policy_denied",
             GatewayError::BudgetExhausted { .. } => "budget_exhausted",
+            GatewayError::BudgetUnavailable { .. } => "budget_unavailable",
         }
     }
 
@@ -123,8 +130,14 @@ impl GatewayError {
             "x-kube-gateway-error",
             HeaderValue::from_static(self.code()),
         );
-        if let GatewayError::BudgetExhausted { retry_after, .. } = self {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        match self {
+            GatewayError::BudgetExhausted { retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            GatewayError::BudgetUnavailable { .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         resp
     }

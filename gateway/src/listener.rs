@@ -20,7 +20,7 @@ use crate::policy::PolicyStore;
 use crate::sniff::{self, Protocol};
 use crate::store::spool::Spool;
 use crate::store::writer::WriterConfig;
-use crate::store::Store;
+use crate::store::{Store, StoreUrl};
 use crate::usage::{self, Recorder, UsageRecord};
 use crate::{orig_dst, relay};
 
@@ -85,6 +85,7 @@ impl Shared {
         let tokens = TokenCounter::new();
         // Built now so the first estimate does not pay for it.
         tokens.warm(Encoding::Cl100kBase)?;
+        let mut ledger = Ledger::new(Arc::new(SystemClock));
         let (store_tx, writer) = match &config.store {
             Some(sc) => {
                 let store = match Store::connect(&sc.url).await {
@@ -95,6 +96,7 @@ impl Shared {
                         None
                     }
                 };
+                ledger = budget_ledger(&sc.url, store.as_ref(), &policy.current()).await;
                 let (tx, rx) = tokio::sync::mpsc::channel(8192);
                 let (handle, _stats) = crate::store::writer::spawn(
                     sc.url.clone(),
@@ -108,7 +110,7 @@ impl Shared {
             }
             None => (None, None),
         };
-        let ledger = Arc::new(Ledger::new(Arc::new(SystemClock)));
+        let ledger = Arc::new(ledger);
         let (recorder, usage) = usage::spawn_recorder(
             tokens.clone(),
             config.log_bodies,
@@ -132,6 +134,11 @@ impl Shared {
         &self.config
     }
 
+    /// The budget ledger (its shared leases are given back once nothing is served).
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
+    }
+
     /// The usage writer's task: it ends once every recorder is gone and all is stored.
     pub fn take_writer(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.writer.lock().ok().and_then(|mut w| w.take())
@@ -145,6 +152,36 @@ impl Shared {
     pub fn subscribe_usage(&self) -> broadcast::Receiver<Arc<UsageRecord>> {
         self.usage.subscribe()
     }
+}
+
+/// The budget ledger for a store: shared through PostgreSQL (leases), or this gateway's
+/// own, started from the stored usage of each budget's current window.
+async fn budget_ledger(url: &StoreUrl, store: Option<&Store>, policy: &Policy) -> Ledger {
+    let clock = Arc::new(SystemClock);
+    if let StoreUrl::Postgres(_) = url {
+        // Without the store at start, leases connect when it is back (and budgets
+        // needing one answer 503 until then).
+        let store = match store {
+            Some(s) => Some(s.clone()),
+            None => Store::lazy(url).ok(),
+        };
+        if let Some(store) = store {
+            return Ledger::shared(clock, store, tokio::runtime::Handle::current());
+        }
+    }
+    let ledger = Ledger::new(clock.clone());
+    if let Some(store) = store {
+        let now = crate::budget::Clock::now_ms(&*clock);
+        for b in &policy.budgets {
+            match store.spent_since(b.window.start(now)).await {
+                Ok(spent) => ledger.seed(b, &spent),
+                Err(e) => {
+                    tracing::warn!(budget = %b.name, error = %e, "cannot read this window's usage; the budget starts from zero")
+                }
+            }
+        }
+    }
+    ledger
 }
 
 /// Binds a listening socket. With `reuse_port`, several threads can each bind one on the

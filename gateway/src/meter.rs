@@ -66,9 +66,10 @@ pub struct Collected {
     pub budget_cut: bool,
 }
 
-/// Counts a streamed answer's tokens against the room its budgets left it.
+/// Counts a streamed answer's tokens as they pass and draws them from its budgets.
 pub struct BudgetCut {
-    pub room: u64,
+    pub ledger: std::sync::Arc<crate::budget::Ledger>,
+    pub reservation: crate::budget::Reservation,
     pub used: u64,
     pub tokens: kube_gateway_policy::TokenCounter,
     pub encoding: kube_gateway_policy::Encoding,
@@ -142,12 +143,19 @@ impl Meter {
         self.cut.as_ref().map(|c| c.used)
     }
 
-    /// Ends a streamed answer once it has generated `room` tokens (counted as they pass).
+    /// Ends a streamed answer at its budgets' line (its tokens counted as they pass).
+    /// Only streams can be cut: the caller keeps the reservation of any other answer.
     pub fn with_budget(mut self, cut: Option<BudgetCut>) -> Self {
-        if matches!(self.framing, Framing::Sse(_) | Framing::Ndjson(_)) {
-            self.cut = cut;
-        }
+        debug_assert!(
+            cut.is_none() || matches!(self.framing, Framing::Sse(_) | Framing::Ndjson(_))
+        );
+        self.cut = cut;
         self
+    }
+
+    /// The reservation a stream drew from, to be settled.
+    pub fn take_reservation(&mut self) -> Option<crate::budget::Reservation> {
+        self.cut.take().map(|c| c.reservation)
     }
 
     /// Counts an event's text against the budget; at the line, the event that ends the
@@ -157,7 +165,7 @@ impl Meter {
         if let Some(text) = crate::guard::event_text(data) {
             cut.used += cut.tokens.count(cut.encoding, &text).unwrap_or(0);
         }
-        if cut.used < cut.room {
+        if cut.ledger.draw(&mut cut.reservation, cut.used) {
             return None;
         }
         let last = crate::guard::length_cut_event(data, self.endpoint)?;

@@ -43,6 +43,7 @@ where
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
         let shared = Shared::start(config).await?;
         let writer = shared.take_writer();
+        let ledger = shared.ledger();
         tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -74,6 +75,7 @@ where
                 Err(_) => tracing::error!("a serving thread panicked"),
             }
         }
+        ledger.release().await;
         // Every recorder is gone now: the writer stores (or spools) what is left and ends.
         if let Some(w) = writer {
             if tokio::time::timeout(std::time::Duration::from_secs(30), w).await.is_err() {

@@ -105,7 +105,12 @@ pub struct Budget {
     pub models: Vec<ModelPattern>,
     pub window: Window,
     pub limits: Limits,
+    /// The share of each limit a gateway leases at a time from a shared store, percent.
+    pub slice_percent: u32,
 }
+
+/// The slice share when a budget names none: 5% of each limit.
+pub const DEFAULT_SLICE_PERCENT: u32 = 5;
 
 /// Who is asking: the labels a scope key is made of.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +121,14 @@ pub struct Subject<'a> {
 }
 
 impl Budget {
+    /// How much of `limit` a gateway leases at a time (at least one unit).
+    pub fn slice(&self, limit: u64) -> u64 {
+        (limit
+            .saturating_mul(u64::from(self.slice_percent))
+            .div_ceil(100))
+        .max(1)
+    }
+
     pub fn applies(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m.matches(model))
     }
@@ -179,6 +192,7 @@ mod tests {
             models: vec![],
             window: Window::Day,
             limits: Limits::default(),
+            slice_percent: DEFAULT_SLICE_PERCENT,
         };
         let who = Subject {
             namespace: "ns",
@@ -193,5 +207,9 @@ mod tests {
             ..b(Scope::Pod)
         };
         assert!(filtered.applies("gpt-4o") && !filtered.applies("llama3"));
+        let s = b(Scope::Pod);
+        assert_eq!(s.slice(1000), 50);
+        assert_eq!(s.slice(30), 2, "rounded up");
+        assert_eq!(s.slice(3), 1, "never zero");
     }
 }

@@ -71,6 +71,10 @@ pub struct BudgetDoc {
     pub models: Vec<String>,
     pub window: WindowDoc,
     pub limits: LimitsDoc,
+    /// With a shared (PostgreSQL) store: the share of each limit a gateway leases at a
+    /// time, in percent (1-100).
+    #[serde(default, rename = "slicePercent")]
+    pub slice_percent: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

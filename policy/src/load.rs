@@ -478,6 +478,15 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
                 "set at least one of totalTokens, inputTokens, outputTokens, requests",
             ));
         }
+        let slice_percent = b
+            .slice_percent
+            .unwrap_or(crate::budget::DEFAULT_SLICE_PERCENT);
+        if !(1..=100).contains(&slice_percent) {
+            errors.push(err(
+                format!("{at}.slicePercent"),
+                format!("{slice_percent} is not a percentage between 1 and 100"),
+            ));
+        }
         let models = b
             .models
             .iter()
@@ -504,6 +513,7 @@ fn compile(doc: PolicyDoc, o: &Origins) -> Result<Policy, PolicyErrors> {
                 output_tokens: l.output_tokens,
                 requests: l.requests,
             },
+            slice_percent,
         });
     }
 

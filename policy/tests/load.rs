@@ -164,4 +164,9 @@ fn budgets_load_with_their_scopes_windows_and_limits() {
     let e = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: {} }\n  - { name: a, scope: pod, window: day, limits: { requests: 1 } }\n").unwrap_err();
     let paths: Vec<&str> = e.0.iter().map(|x| x.path.as_str()).collect();
     assert_eq!(paths, ["budgets[1].name", "budgets[0].limits"], "{e}");
+    assert_eq!(b.slice_percent, 5, "the default slice");
+    let e = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: { requests: 1 }, slicePercent: 0 }\n").unwrap_err();
+    assert_eq!(e.0[0].path, "budgets[0].slicePercent", "{e}");
+    let p = load("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - { name: a, scope: pod, window: day, limits: { requests: 1 }, slicePercent: 20 }\n").unwrap();
+    assert_eq!(p.budgets[0].slice_percent, 20);
 }

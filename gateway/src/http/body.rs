@@ -126,7 +126,10 @@ impl MeteredBody {
         ex.first_chunk = self.first_chunk;
         ex.bytes_out = self.bytes_out;
         let counted = self.meter.as_ref().and_then(Meter::counted_output);
-        if let Some(m) = self.meter.take() {
+        if let Some(mut m) = self.meter.take() {
+            if let Some(r) = m.take_reservation() {
+                ex.reservation = Some(r);
+            }
             ex.collected = m.collected;
         }
         // Budgets see what this answer used now, not at the recorder's next tick: the

@@ -19,7 +19,7 @@ use super::body::{MeteredBody, ProxyBody, Sink};
 use super::headers::{is_upgrade, strip_hop_by_hop};
 use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
-use crate::budget::Ledger;
+use crate::budget::{Ledger, Refusal};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
 use crate::meter::{BudgetCut, Format, Meter};
@@ -219,7 +219,7 @@ impl Proxy {
 
     /// Budget admission: the prompt's estimated tokens and what the answer may generate
     /// must fit every applicable budget; the reservation rides with the exchange.
-    fn admit(
+    async fn admit(
         &self,
         policy: &Policy,
         req: &LlmRequest,
@@ -234,22 +234,39 @@ impl Proxy {
         };
         let encoding = ex.encoding.unwrap_or_else(|| policy.encoding_for(&model));
         let input = self.tokens.count(encoding, &req.prompt_text()).unwrap_or(0);
-        match self
-            .ledger
-            .admit(&policy.budgets, &who, input, req.max_tokens())
-        {
-            Ok(reservation) => {
-                ex.reservation = Some(reservation);
-                Ok(())
+        // Shared budgets may need a lease first; gateways racing for the last of a
+        // window get a few tries before the request is refused.
+        let mut leases = 0;
+        let refusal = loop {
+            match self
+                .ledger
+                .admit(&policy.budgets, &who, input, req.max_tokens())
+            {
+                Ok(reservation) => {
+                    ex.reservation = Some(reservation);
+                    return Ok(());
+                }
+                Err(Refusal::Lease(asks)) if leases < 3 => {
+                    leases += 1;
+                    let budget = asks.first().map(|a| a.budget().to_owned());
+                    if let Err(e) = self.ledger.lease(asks).await {
+                        return Err(GatewayError::BudgetUnavailable {
+                            budget: budget.unwrap_or_default(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                Err(refusal) => break refusal,
             }
-            Err(e) => {
-                ex.rules.push(e.budget.clone());
-                Err(GatewayError::BudgetExhausted {
-                    budget: e.budget,
-                    retry_after: e.retry_after,
-                })
-            }
-        }
+        };
+        ex.rules.push(refusal.budget().to_owned());
+        Err(GatewayError::BudgetExhausted {
+            budget: refusal.budget().to_owned(),
+            retry_after: match refusal {
+                Refusal::Exhausted(e) => e.retry_after,
+                Refusal::Lease(_) => 1,
+            },
+        })
     }
 
     async fn llm(
@@ -308,7 +325,7 @@ impl Proxy {
                     return self.reject(ex, denial, started, Outcome::Denied);
                 }
                 if !policy.budgets.is_empty() {
-                    if let Err(denial) = self.admit(&policy, &parsed, &mut ex) {
+                    if let Err(denial) = self.admit(&policy, &parsed, &mut ex).await {
                         ex.request = Some(parsed);
                         return self.reject(ex, denial, started, Outcome::Denied);
                     }
@@ -360,12 +377,13 @@ impl Proxy {
         ex.status = parts.status.as_u16();
         // Response rules apply to successful answers; errors pass as they are.
         let rules = parts.status.is_success().then(|| policy.response.clone());
+        // A stream draws its budgets as it goes; any other answer settles at its end.
         let cut = ex
             .reservation
-            .as_ref()
-            .and_then(|r| r.room)
-            .map(|room| BudgetCut {
-                room,
+            .take_if(|_| format.is_stream())
+            .map(|reservation| BudgetCut {
+                ledger: self.ledger.clone(),
+                reservation,
                 used: 0,
                 tokens: self.tokens.clone(),
                 encoding: ex

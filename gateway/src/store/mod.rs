@@ -3,6 +3,7 @@
 //! batches, one transaction a batch, idempotent on the request id, with the hourly and
 //! daily rollups updated in the same transaction for the rows that were new.
 
+pub mod lease;
 pub mod spool;
 pub mod writer;
 
@@ -56,6 +57,8 @@ pub enum StoreError {
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("usage store query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("budget leases need a shared (PostgreSQL) store")]
+    NotShared,
 }
 
 /// Who this gateway serves: the labels every row carries (from the pod's environment).
@@ -293,6 +296,23 @@ impl Store {
                     .map_err(StoreError::Migrate)?;
                 Ok(Store::Postgres(pool))
             }
+        }
+    }
+
+    /// A PostgreSQL store that connects on first use (no migrations: the writer applies
+    /// them when it connects).
+    pub fn lazy(url: &StoreUrl) -> Result<Self, StoreError> {
+        match url {
+            StoreUrl::Postgres(url) => {
+                let opts = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
+                Ok(Store::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(4)
+                        .acquire_timeout(std::time::Duration::from_secs(5))
+                        .connect_lazy_with(opts),
+                ))
+            }
+            StoreUrl::Sqlite(_) => Err(StoreError::NotShared),
         }
     }
 
