@@ -173,6 +173,19 @@ pub enum Refusal {
     Lease(Vec<Ask>),
 }
 
+/// Why [`Ledger::admit_leasing`] did not admit.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("budget {:?} is spent", .0.budget)]
+    Exhausted(Exhausted),
+    #[error("budget {budget:?} needs a lease and its store failed: {error}")]
+    Unavailable {
+        budget: String,
+        #[source]
+        error: StoreError,
+    },
+}
+
 impl Refusal {
     /// The budget refused when leasing did not help.
     pub fn budget(&self) -> &str {
@@ -338,6 +351,38 @@ impl Ledger {
             drawn: 0,
             room,
         })
+    }
+
+    /// [`Ledger::admit`], leasing first where shared budgets need it: a request costs a
+    /// database round trip only when the slices in hand are too small. Gateways racing
+    /// for the last of a window get a few tries before the request is refused.
+    pub async fn admit_leasing(
+        self: &Arc<Self>,
+        budgets: &[Budget],
+        who: &Subject<'_>,
+        input: u64,
+        max_output: Option<u64>,
+    ) -> Result<Reservation, AdmitError> {
+        for _ in 0..3 {
+            match self.admit(budgets, who, input, max_output) {
+                Ok(r) => return Ok(r),
+                Err(Refusal::Exhausted(e)) => return Err(AdmitError::Exhausted(e)),
+                Err(Refusal::Lease(asks)) => {
+                    let budget = asks.first().map(|a| a.budget.clone()).unwrap_or_default();
+                    if let Err(error) = self.lease(asks).await {
+                        return Err(AdmitError::Unavailable { budget, error });
+                    }
+                }
+            }
+        }
+        match self.admit(budgets, who, input, max_output) {
+            Ok(r) => Ok(r),
+            Err(Refusal::Exhausted(e)) => Err(AdmitError::Exhausted(e)),
+            Err(r @ Refusal::Lease(_)) => Err(AdmitError::Exhausted(Exhausted {
+                budget: r.budget().to_owned(),
+                retry_after: 1,
+            })),
+        }
     }
 
     /// Shared budgets: a background lease when less than half a slice is left in hand.

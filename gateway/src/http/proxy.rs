@@ -19,7 +19,7 @@ use super::body::{MeteredBody, ProxyBody, Sink};
 use super::headers::{is_upgrade, strip_hop_by_hop};
 use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
-use crate::budget::{Ledger, Refusal};
+use crate::budget::{AdmitError, Ledger};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
 use crate::meter::{BudgetCut, Format, Meter};
@@ -234,39 +234,29 @@ impl Proxy {
         };
         let encoding = ex.encoding.unwrap_or_else(|| policy.encoding_for(&model));
         let input = self.tokens.count(encoding, &req.prompt_text()).unwrap_or(0);
-        // Shared budgets may need a lease first; gateways racing for the last of a
-        // window get a few tries before the request is refused.
-        let mut leases = 0;
-        let refusal = loop {
-            match self
-                .ledger
-                .admit(&policy.budgets, &who, input, req.max_tokens())
-            {
-                Ok(reservation) => {
-                    ex.reservation = Some(reservation);
-                    return Ok(());
-                }
-                Err(Refusal::Lease(asks)) if leases < 3 => {
-                    leases += 1;
-                    let budget = asks.first().map(|a| a.budget().to_owned());
-                    if let Err(e) = self.ledger.lease(asks).await {
-                        return Err(GatewayError::BudgetUnavailable {
-                            budget: budget.unwrap_or_default(),
-                            reason: e.to_string(),
-                        });
-                    }
-                }
-                Err(refusal) => break refusal,
+        match self
+            .ledger
+            .admit_leasing(&policy.budgets, &who, input, req.max_tokens())
+            .await
+        {
+            Ok(reservation) => {
+                ex.reservation = Some(reservation);
+                Ok(())
             }
-        };
-        ex.rules.push(refusal.budget().to_owned());
-        Err(GatewayError::BudgetExhausted {
-            budget: refusal.budget().to_owned(),
-            retry_after: match refusal {
-                Refusal::Exhausted(e) => e.retry_after,
-                Refusal::Lease(_) => 1,
-            },
-        })
+            Err(AdmitError::Exhausted(e)) => {
+                ex.rules.push(e.budget.clone());
+                Err(GatewayError::BudgetExhausted {
+                    budget: e.budget,
+                    retry_after: e.retry_after,
+                })
+            }
+            Err(AdmitError::Unavailable { budget, error }) => {
+                Err(GatewayError::BudgetUnavailable {
+                    budget,
+                    reason: error.to_string(),
+                })
+            }
+        }
     }
 
     async fn llm(
