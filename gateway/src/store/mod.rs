@@ -178,88 +178,114 @@ pub struct UsageTotal {
     pub output_tokens: i64,
 }
 
-/// Writes one batch inside an open transaction: events first (skipping ones already
-/// stored), then the rollups of the rows that were new. The same text for both
-/// databases but for placeholders.
+/// Rows per INSERT statement, largest first: 22 parameters a row stays far below both
+/// databases' parameter limits. A batch is cut into these sizes only, so a handful of
+/// statement texts is prepared once and cached (each odd size would be a new prepare).
+const INSERT_SIZES: [usize; 5] = [200, 64, 16, 4, 1];
+
+/// `rows` cut into chunks of the [`INSERT_SIZES`].
+fn insert_chunks(mut rows: &[UsageRow]) -> impl Iterator<Item = &[UsageRow]> {
+    std::iter::from_fn(move || {
+        let size = INSERT_SIZES.into_iter().find(|s| *s <= rows.len())?;
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+/// The rollup rows a batch adds to: per (table, bucket, namespace, pod, model), the
+/// requests and tokens of the batch's new rows. A batch then costs one upsert per group,
+/// not per row.
+type RollupKey<'a> = (&'static str, i64, &'a str, &'a str, &'a str);
+
+fn rollup_sums<'a>(
+    rows: impl Iterator<Item = &'a UsageRow>,
+) -> std::collections::BTreeMap<RollupKey<'a>, (i64, i64, i64)> {
+    let mut sums = std::collections::BTreeMap::new();
+    for r in rows {
+        for (table, width) in [("usage_hourly", HOUR_MS), ("usage_daily", DAY_MS)] {
+            let bucket = r.time_ms - r.time_ms.rem_euclid(width);
+            let e = sums
+                .entry((
+                    table,
+                    bucket,
+                    r.namespace.as_str(),
+                    r.pod.as_str(),
+                    r.model(),
+                ))
+                .or_insert((0, 0, 0));
+            e.0 += 1;
+            e.1 += r.input_tokens;
+            e.2 += r.output_tokens;
+        }
+    }
+    sums
+}
+
+/// Writes one batch inside an open transaction: events first, many rows a statement,
+/// skipping ones already stored; then the rollups of the rows that were new. The same
+/// code for both databases (`$db`).
 macro_rules! write_rows {
-    ($tx:expr, $rows:expr, $p:ident) => {{
-        let mut inserted = 0usize;
-        for r in $rows {
-            let done = sqlx::query(concat!(
+    ($tx:expr, $rows:expr, $db:ty) => {{
+        let rows: &[UsageRow] = $rows;
+        let mut new_ids = std::collections::HashSet::new();
+        for chunk in insert_chunks(rows) {
+            let mut q = sqlx::QueryBuilder::<$db>::new(concat!(
                 "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
                 "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
-                "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) VALUES (",
-                $p!(), ") ON CONFLICT (request_id) DO NOTHING"
-            ))
-            .bind(&r.request_id)
-            .bind(r.time_ms)
-            .bind(&r.namespace)
-            .bind(&r.pod)
-            .bind(&r.container)
-            .bind(&r.source_ip)
-            .bind(&r.destination)
-            .bind(&r.api)
-            .bind(&r.endpoint)
-            .bind(&r.requested_model)
-            .bind(&r.used_model)
-            .bind(r.input_tokens)
-            .bind(r.output_tokens)
-            .bind(r.cached_tokens)
-            .bind(r.reasoning_tokens)
-            .bind(&r.token_source)
-            .bind(r.status)
-            .bind(&r.outcome)
-            .bind(&r.rules)
-            .bind(r.latency_ms)
-            .bind(r.ttft_ms)
-            .bind(r.streamed)
-            .execute(&mut *$tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                continue;
-            }
-            inserted += 1;
-            for (table, width) in [("usage_hourly", HOUR_MS), ("usage_daily", DAY_MS)] {
-                let sql = format!(
-                    "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
-                     VALUES ({}) ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
-                     requests = {table}.requests + 1, \
-                     input_tokens = {table}.input_tokens + excluded.input_tokens, \
-                     output_tokens = {table}.output_tokens + excluded.output_tokens",
-                    $p!(rollup)
-                );
-                sqlx::query(&sql)
-                    .bind(r.time_ms - r.time_ms.rem_euclid(width))
-                    .bind(&r.namespace)
-                    .bind(&r.pod)
-                    .bind(r.model())
-                    .bind(1i64)
-                    .bind(r.input_tokens)
-                    .bind(r.output_tokens)
-                    .execute(&mut *$tx)
-                    .await?;
-            }
+                "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) "
+            ));
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.request_id)
+                    .push_bind(r.time_ms)
+                    .push_bind(&r.namespace)
+                    .push_bind(&r.pod)
+                    .push_bind(&r.container)
+                    .push_bind(&r.source_ip)
+                    .push_bind(&r.destination)
+                    .push_bind(&r.api)
+                    .push_bind(&r.endpoint)
+                    .push_bind(&r.requested_model)
+                    .push_bind(&r.used_model)
+                    .push_bind(r.input_tokens)
+                    .push_bind(r.output_tokens)
+                    .push_bind(r.cached_tokens)
+                    .push_bind(r.reasoning_tokens)
+                    .push_bind(&r.token_source)
+                    .push_bind(r.status)
+                    .push_bind(&r.outcome)
+                    .push_bind(&r.rules)
+                    .push_bind(r.latency_ms)
+                    .push_bind(r.ttft_ms)
+                    .push_bind(r.streamed);
+            });
+            q.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *$tx).await?;
+            new_ids.extend(ids);
         }
-        inserted
+        let sums = rollup_sums(rows.iter().filter(|r| new_ids.contains(&r.request_id)));
+        for ((table, bucket, namespace, pod, model), (requests, input, output)) in sums {
+            let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) VALUES ("
+            ));
+            let mut v = q.separated(", ");
+            v.push_bind(bucket)
+                .push_bind(namespace)
+                .push_bind(pod)
+                .push_bind(model)
+                .push_bind(requests)
+                .push_bind(input)
+                .push_bind(output);
+            q.push(format!(
+                ") ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
+                 requests = {table}.requests + excluded.requests, \
+                 input_tokens = {table}.input_tokens + excluded.input_tokens, \
+                 output_tokens = {table}.output_tokens + excluded.output_tokens"
+            ));
+            q.build().execute(&mut *$tx).await?;
+        }
+        new_ids.len()
     }};
-}
-
-macro_rules! sqlite_params {
-    () => {
-        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-    };
-    (rollup) => {
-        "?, ?, ?, ?, ?, ?, ?"
-    };
-}
-
-macro_rules! pg_params {
-    () => {
-        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22"
-    };
-    (rollup) => {
-        "$1, $2, $3, $4, $5, $6, $7"
-    };
 }
 
 impl Store {
@@ -270,7 +296,8 @@ impl Store {
                 let opts = SqliteConnectOptions::new()
                     .filename(path)
                     .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal);
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(4)
                     .connect_with(opts)
@@ -321,13 +348,13 @@ impl Store {
         match self {
             Store::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                let n = write_rows!(tx, rows, sqlite_params);
+                let n = write_rows!(tx, rows, sqlx::Sqlite);
                 tx.commit().await?;
                 Ok(n)
             }
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let n = write_rows!(tx, rows, pg_params);
+                let n = write_rows!(tx, rows, sqlx::Postgres);
                 tx.commit().await?;
                 Ok(n)
             }
