@@ -4,5 +4,6 @@
 # model rewrite and the usage it recorded. Extra arguments go to `ai-demo local`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --workspace --bins
+bash bpf/toolchain.sh
+cargo build --quiet --bins
 exec target/debug/ai-demo local "$@"

@@ -11,10 +11,13 @@ if [ -z "${KGW_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ] && ls /usr/lib/post
     trap 'bash tests/postgres.sh stop "$KGW_PG_DIR"' EXIT
 fi
 
+bash bpf/toolchain.sh
+# bpf/ebpf builds for the kernel only (bpf/loader's build script does it), not the host.
+host=(--workspace --exclude kube-gateway-bpf-ebpf)
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
-cargo build --workspace --all-targets --quiet
-cargo test --workspace
+cargo clippy "${host[@]}" --all-targets --quiet -- -D warnings
+cargo build "${host[@]}" --all-targets --quiet
+cargo test "${host[@]}"
 
 venv=${KGW_VENV:-.venv}
 if ! "$venv/bin/python" -c 'import openai, ollama, pytest' 2>/dev/null; then

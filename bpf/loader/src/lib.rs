@@ -1,0 +1,159 @@
+//! Loads kube-gateway's eBPF capture (built from `bpf/ebpf` and embedded here) and
+//! attaches it: the connect and sockops hooks to the workload's cgroup, the getsockopt
+//! hook to the gateway's own. Dropping the [`Capture`] detaches everything.
+
+mod cgroup;
+mod filter;
+
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+use aya::maps::Array;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
+use aya::Ebpf;
+use kube_gateway_bpf_common::Config;
+
+pub use cgroup::{cgroup_of, cgroup_v2_root};
+pub use filter::{CaptureFilter, Cidr};
+pub use kube_gateway_bpf_common::GATEWAY_MARK;
+
+/// Why the capture could not be set up. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("no cgroup v2 hierarchy is mounted (eBPF capture attaches to cgroup v2): mount one or run on a node that has it")]
+    NoCgroupV2,
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is the root cgroup: capture attaches to the workload's own cgroup, never the whole node")]
+    RootCgroup { path: PathBuf },
+    #[error("cannot load the eBPF programs ({source}): this needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BPF cgroup hooks (5.10+)")]
+    Load {
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("cannot load or attach {program} to {cgroup}: {source}; the kernel must allow this hook and you need CAP_BPF + CAP_NET_ADMIN")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("capture filter: {0}")]
+    Filter(String),
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+/// What to capture and where.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// The workload's cgroup (v2 directory): its connects are redirected.
+    pub workload_cgroup: PathBuf,
+    /// The gateway's own cgroup: its accepted sockets answer `SO_ORIGINAL_DST`.
+    pub gateway_cgroup: PathBuf,
+    /// The gateway's listener (IPv4; IPv6 connects go to its v4-mapped address).
+    pub gateway: SocketAddrV4,
+    pub filter: CaptureFilter,
+}
+
+/// The attached capture. Dropping it detaches every program.
+pub struct Capture {
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture").finish_non_exhaustive()
+    }
+}
+
+fn open_cgroup(path: &Path, root: &Path) -> Result<std::fs::File, CaptureError> {
+    let canonical = path.canonicalize().map_err(|source| CaptureError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })?;
+    if canonical == root {
+        return Err(CaptureError::RootCgroup {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::File::open(&canonical).map_err(|source| CaptureError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::Map(name, "program missing".into()))
+}
+
+impl Capture {
+    /// Loads the programs, writes the configuration, attaches.
+    pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        let root = cgroup_v2_root()?;
+        let workload = open_cgroup(&cfg.workload_cgroup, &root)?;
+        let gateway = open_cgroup(&cfg.gateway_cgroup, &root)?;
+        let config: Config = cfg.filter.config(cfg.gateway)?;
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/kube-gateway-bpf"
+        )))
+        .map_err(|e| CaptureError::Load {
+            source: Box::new(e),
+        })?;
+        {
+            let map = ebpf
+                .map_mut("CONFIG")
+                .ok_or_else(|| CaptureError::Map("CONFIG", "missing".into()))?;
+            let mut array: Array<_, Config> =
+                Array::try_from(map).map_err(|e| CaptureError::Map("CONFIG", e.to_string()))?;
+            array
+                .set(0, config, 0)
+                .map_err(|e| CaptureError::Map("CONFIG", e.to_string()))?;
+        }
+        let attach_err = |program: &'static str, cgroup: &Path| {
+            let cgroup = cgroup.to_owned();
+            move |e: aya::programs::ProgramError| CaptureError::Attach {
+                program,
+                cgroup: cgroup.clone(),
+                source: Box::new(e),
+            }
+        };
+        // aya attaches through BPF links where the kernel has them, and cgroup links
+        // already stack with other programs; their create call refuses the multi flag.
+        let mode = CgroupAttachMode::Single;
+        for name in ["connect4", "connect6"] {
+            let err = attach_err(name, &cfg.workload_cgroup);
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into().map_err(&err)?;
+            p.load().map_err(&err)?;
+            p.attach(&workload, mode).map_err(&err)?;
+        }
+        let err = attach_err("kgw_sockops", &cfg.workload_cgroup);
+        let p: &mut SockOps = program(&mut ebpf, "kgw_sockops")?
+            .try_into()
+            .map_err(&err)?;
+        p.load().map_err(&err)?;
+        p.attach(&workload, mode).map_err(&err)?;
+        let err = attach_err("kgw_getsockopt", &cfg.gateway_cgroup);
+        let p: &mut CgroupSockopt = program(&mut ebpf, "kgw_getsockopt")?
+            .try_into()
+            .map_err(&err)?;
+        p.load().map_err(&err)?;
+        p.attach(&gateway, mode).map_err(&err)?;
+        tracing::info!(
+            workload = %cfg.workload_cgroup.display(),
+            gateway_cgroup = %cfg.gateway_cgroup.display(),
+            listener = %cfg.gateway,
+            "eBPF capture attached"
+        );
+        Ok(Self { _ebpf: ebpf })
+    }
+}
