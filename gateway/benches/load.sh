@@ -11,7 +11,7 @@ TTFC_N=${TTFC_N:-3000}
 for tool in nginx wrk; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light wrk" >&2; exit 1; }
 done
-cargo build --quiet --release --workspace --bins
+cargo build --quiet --release --bins
 bin=target/release
 
 work=$(mktemp -d)

@@ -12,7 +12,7 @@ ROUNDS=${ROUNDS:-3}
 for tool in nginx wrk; do
     command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light wrk" >&2; exit 1; }
 done
-cargo build --quiet --release --workspace --bins
+cargo build --quiet --release --bins
 bin=target/release
 
 work=$(mktemp -d)

@@ -33,6 +33,11 @@ pub mod env {
     pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
     pub const POD_NAME: &str = "POD_NAME";
     pub const CONTAINER_NAME: &str = "CONTAINER_NAME";
+    pub const CAPTURE_CGROUP: &str = "CAPTURE_CGROUP";
+    pub const GATEWAY_CGROUP: &str = "GATEWAY_CGROUP";
+    pub const CAPTURE_CIDRS: &str = "CAPTURE_CIDRS";
+    pub const CAPTURE_PORTS: &str = "CAPTURE_PORTS";
+    pub const CAPTURE_LOCAL: &str = "CAPTURE_LOCAL";
 }
 
 #[derive(Debug, Parser)]
@@ -140,6 +145,24 @@ pub struct RunArgs {
     /// Time allowed until the upstream's response headers, in milliseconds.
     #[arg(long, env = env::RESPONSE_TIMEOUT_MS, default_value_t = 600_000)]
     pub response_timeout_ms: u64,
+    /// Capture the TCP connects of the processes in this cgroup (v2 directory) with
+    /// eBPF: they land here, and go on to where they were going. Needs root (or CAP_BPF
+    /// and CAP_NET_ADMIN) and an IPv4 --listen; excludes --upstream.
+    #[arg(long, env = env::CAPTURE_CGROUP, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// The gateway's own cgroup, where SO_ORIGINAL_DST is answered (default: the one it
+    /// runs in; never the node's root cgroup).
+    #[arg(long, env = env::GATEWAY_CGROUP, value_name = "PATH")]
+    pub gateway_cgroup: Option<PathBuf>,
+    /// Destinations to capture (CIDRs, comma-separated or repeated; default: all).
+    #[arg(long, env = env::CAPTURE_CIDRS, value_delimiter = ',', value_name = "CIDR")]
+    pub capture_cidr: Vec<kube_gateway_bpf::Cidr>,
+    /// Destination ports to capture (default: all but the gateway's own).
+    #[arg(long, env = env::CAPTURE_PORTS, value_delimiter = ',', value_name = "PORT")]
+    pub capture_port: Vec<u16>,
+    /// Also capture loopback and link-local destinations.
+    #[arg(long, env = env::CAPTURE_LOCAL)]
+    pub capture_local: bool,
 }
 
 /// The flags do not make a valid configuration.
@@ -153,6 +176,10 @@ pub enum ConfigError {
     BodyLimit,
     #[error(transparent)]
     Store(#[from] crate::store::BadStoreUrl),
+    #[error("--cgroup captures connections for transparent mode: drop --upstream")]
+    CaptureWithUpstream,
+    #[error("--cgroup needs an IPv4 --listen address (IPv6 connects reach it v4-mapped)")]
+    CaptureListen,
 }
 
 impl TryFrom<RunArgs> for Config {
@@ -166,6 +193,27 @@ impl TryFrom<RunArgs> for Config {
             Some(u) => UpstreamMode::Fixed(Destination::parse(u)?),
             None => UpstreamMode::OriginalDst,
         };
+        let capture = match a.cgroup {
+            Some(_) if matches!(upstream, UpstreamMode::Fixed(_)) => {
+                return Err(ConfigError::CaptureWithUpstream)
+            }
+            Some(_) if !a.listen.is_ipv4() => return Err(ConfigError::CaptureListen),
+            Some(workload_cgroup) => Some(crate::config::CaptureSettings {
+                workload_cgroup,
+                gateway_cgroup: a.gateway_cgroup,
+                filter: kube_gateway_bpf::CaptureFilter {
+                    cidrs: a.capture_cidr,
+                    ports: a.capture_port,
+                    // The gateway's own ports are never captured.
+                    skip_ports: [Some(a.listen.port()), a.admin.map(|x| x.port())]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                    include_local: a.capture_local,
+                },
+            }),
+            None => None,
+        };
         let rewrite = match a.model.as_deref().filter(|m| !m.is_empty()) {
             Some(m) => ModelRewrite::everything_to(m)?,
             None => ModelRewrite::default(),
@@ -173,6 +221,7 @@ impl TryFrom<RunArgs> for Config {
         let limits = Limits {
             body_bytes: a.body_limit,
             connect_timeout: std::time::Duration::from_millis(a.connect_timeout_ms),
+            upstream_mark: capture.as_ref().map(|_| kube_gateway_bpf::GATEWAY_MARK),
             response_timeout: std::time::Duration::from_millis(a.response_timeout_ms),
             idle_timeout: std::time::Duration::from_millis(a.idle_timeout_ms),
             ..Limits::default()
@@ -199,6 +248,7 @@ impl TryFrom<RunArgs> for Config {
                 pod: a.pod_name,
                 container: a.container_name,
             },
+            capture,
         })
     }
 }

@@ -74,6 +74,8 @@ pub struct Limits {
     /// The longest silence allowed between two chunks of an answer; past it the answer
     /// ends with an error (a stalled upstream never hangs the client).
     pub idle_timeout: Duration,
+    /// `SO_MARK` on upstream sockets, so the eBPF capture never redirects them.
+    pub upstream_mark: Option<u32>,
 }
 
 impl Default for Limits {
@@ -85,6 +87,7 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(600),
             sniff_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(300),
+            upstream_mark: None,
         }
     }
 }
@@ -109,6 +112,17 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// Who this gateway serves (labels of every usage row).
     pub identity: crate::store::Identity,
+    /// eBPF capture of a workload cgroup's connections (transparent mode).
+    pub capture: Option<CaptureSettings>,
+}
+
+/// What `--cgroup` captures.
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    pub workload_cgroup: std::path::PathBuf,
+    /// The gateway's own cgroup; `None`: the one it runs in.
+    pub gateway_cgroup: Option<std::path::PathBuf>,
+    pub filter: kube_gateway_bpf::CaptureFilter,
 }
 
 /// Where usage rows go.
@@ -134,6 +148,7 @@ impl Config {
             policy_reload: Duration::from_secs(1),
             store: None,
             identity: crate::store::Identity::default(),
+            capture: None,
         }
     }
 }

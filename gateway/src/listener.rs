@@ -39,6 +39,8 @@ pub enum StartError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyLoadError),
+    #[error("eBPF capture: {0}")]
+    Capture(#[from] kube_gateway_bpf::CaptureError),
 }
 
 /// How long in-flight connections get to finish on shutdown.

@@ -16,10 +16,14 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         // A dual-stack listener sees IPv4 clients as v4-mapped addresses.
         SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
     };
+    // The eBPF capture hands IPv6 clients to the IPv4 listener (v4-mapped): an IPv6
+    // destination is then only answered at the IPv6 level, and the other way round.
     let addr = if v4_first {
-        sock.original_dst_v4()?
+        sock.original_dst_v4()
+            .or_else(|e| sock.original_dst_v6().map_err(|_| e))?
     } else {
-        sock.original_dst_v6()?
+        sock.original_dst_v6()
+            .or_else(|e| sock.original_dst_v4().map_err(|_| e))?
     };
     addr.as_socket().ok_or_else(|| {
         io::Error::new(

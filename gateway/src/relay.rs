@@ -13,7 +13,7 @@ pub async fn relay(
     dest: &Destination,
     limits: &Limits,
 ) -> io::Result<(u64, u64)> {
-    let connect = TcpStream::connect(dest.as_str());
+    let connect = crate::upstream::dial(dest, limits.upstream_mark);
     let mut upstream = tokio::time::timeout(limits.connect_timeout, connect)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect to upstream timed out"))??;

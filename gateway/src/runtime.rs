@@ -55,6 +55,29 @@ fn background() -> Result<Background, StartError> {
     })
 }
 
+fn attach_capture(
+    c: &crate::config::CaptureSettings,
+    listen: std::net::SocketAddr,
+) -> Result<kube_gateway_bpf::Capture, StartError> {
+    let std::net::SocketAddr::V4(gateway) = listen else {
+        return Err(StartError::Capture(kube_gateway_bpf::CaptureError::Filter(
+            "the listener must be IPv4".into(),
+        )));
+    };
+    let gateway_cgroup = match &c.gateway_cgroup {
+        Some(p) => p.clone(),
+        None => kube_gateway_bpf::cgroup_of(None)?,
+    };
+    Ok(kube_gateway_bpf::Capture::attach(
+        &kube_gateway_bpf::CaptureConfig {
+            workload_cgroup: c.workload_cgroup.clone(),
+            gateway_cgroup,
+            gateway,
+            filter: c.filter.clone(),
+        },
+    )?)
+}
+
 /// The number of serving threads to use when none is asked for: one per available core.
 pub fn default_threads() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
@@ -78,6 +101,8 @@ where
             listeners.push(bind_listener(addr, true)?);
         }
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
+        // Listening first: captured connects must find the gateway there.
+        let _capture = config.capture.as_ref().map(|c| attach_capture(c, addr)).transpose()?;
         let bg = background()?;
         // Started on the background runtime: the tasks it spawns live there.
         let shared = bg

@@ -30,6 +30,7 @@ const MAX_IDLE_PER_DESTINATION: usize = 64;
 /// Connects and pools upstream connections for one serving thread.
 pub struct Upstream {
     connect_timeout: Duration,
+    mark: Option<u32>,
     response_timeout: Duration,
     idle: Mutex<HashMap<Destination, Vec<Sender>>>,
 }
@@ -45,6 +46,7 @@ impl Upstream {
     pub fn new(limits: &Limits) -> Arc<Self> {
         Arc::new(Self {
             connect_timeout: limits.connect_timeout,
+            mark: limits.upstream_mark,
             response_timeout: limits.response_timeout,
             idle: Mutex::new(HashMap::new()),
         })
@@ -88,19 +90,16 @@ impl Upstream {
             upstream: dest.to_string(),
             reason,
         };
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dest.as_str()))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(unreachable(e.to_string())),
-                Err(_) => {
-                    return Err(GatewayError::UpstreamTimeout {
-                        upstream: dest.to_string(),
-                        timeout: self.connect_timeout,
-                    })
-                }
-            };
+        let stream = match tokio::time::timeout(self.connect_timeout, dial(dest, self.mark)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => {
+                return Err(GatewayError::UpstreamTimeout {
+                    upstream: dest.to_string(),
+                    timeout: self.connect_timeout,
+                })
+            }
+        };
         // Delayed ACKs cost tens of milliseconds a request without it.
         stream
             .set_nodelay(true)
@@ -208,4 +207,28 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// Connects to `dest` (each resolved address in turn); with `mark`, the socket carries
+/// that `SO_MARK` before it connects, so the eBPF capture never redirects it.
+pub async fn dial(dest: &Destination, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(dest.as_str()).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host(dest.as_str()).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the upstream")
+    }))
 }

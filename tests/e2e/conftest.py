@@ -18,7 +18,7 @@ REWRITTEN = "rewritten-model"
 def binary(name: str) -> str:
     path = TARGET_DIR / PROFILE / name
     if not path.exists():
-        raise RuntimeError(f"{path} is missing: run `cargo build --workspace` first")
+        raise RuntimeError(f"{path} is missing: run `cargo build` first")
     return str(path)
 
 

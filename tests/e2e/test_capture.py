@@ -1,0 +1,135 @@
+"""eBPF capture through the real binaries (privileged): an "LLM host" network namespace
+runs the demo server; an "app host" namespace runs the gateway (in a cgroup of its own)
+and an unmodified official `ollama` client in the workload cgroup. The client talks to
+the LLM host's address, the gateway receives the connection, finds the original
+destination and forwards it with the model rewritten, over IPv4 and IPv6. A process
+outside the workload cgroup, and the gateway's own upstream connection, are not
+redirected."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import binary
+
+NS = uuid.uuid4().hex[:6]
+LLM, APP = f"kgwllm{NS}", f"kgwapp{NS}"
+
+
+def privileged():
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("CI must run the eBPF capture tests as root")
+    pytest.skip("the eBPF capture tests need root (BPF, cgroups, network namespaces)")
+
+
+def sh(*args):
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def cgroup_root():
+    for line in open("/proc/self/mountinfo"):
+        pre, post = line.split(" - ", 1)
+        if post.split()[0] == "cgroup2":
+            return pre.split()[4]
+    pytest.fail("no cgroup v2 hierarchy")
+
+
+def in_ns(ns, cgroup, args):
+    """argv running `args` in network namespace `ns` (nsenter keeps /sys, so cgroup paths
+    stay visible), in `cgroup` when given."""
+    enter = f'echo $$ > {cgroup}/cgroup.procs; ' if cgroup else ""
+    return ["bash", "-c", enter + 'exec nsenter --net=/run/netns/"$0" "$@"', ns, *args]
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    privileged()
+    logs = tmp_path_factory.mktemp("capture")
+    sh("ip", "netns", "add", LLM)
+    sh("ip", "netns", "add", APP)
+    base = os.path.join(cgroup_root(), f"kgw-e2e-{NS}")
+    cg = {k: os.path.join(base, k) for k in ("app", "gateway", "outside")}
+    for d in cg.values():
+        os.makedirs(d, exist_ok=True)
+    procs = []
+    try:
+        sh("ip", "link", "add", f"v{NS}a", "netns", APP, "type", "veth", "peer", f"v{NS}l", "netns", LLM)
+        for ns, dev, v4, v6 in ((APP, f"v{NS}a", "10.77.0.1/24", "fd77::1/64"),
+                                (LLM, f"v{NS}l", "10.77.0.2/24", "fd77::2/64")):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", ns, "addr", "add", v4, "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", v6, "dev", dev, "nodad")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        demo = subprocess.Popen(in_ns(LLM, None, [binary("ai-demo"), "serve", "--listen", "[::]:11434"]),
+                                stdout=open(logs / "demo.log", "wb"), stderr=subprocess.STDOUT)
+        procs.append(demo)
+        gw = subprocess.Popen(
+            in_ns(APP, cg["gateway"], [binary("kube-gateway"), "run", "--threads", "1",
+                                       "--listen", "127.0.0.1:15001", "--admin", "127.0.0.1:15020",
+                                       "--cgroup", cg["app"], "--model", "rewritten-by-ebpf",
+                                       "--store", "none"]),
+            stdout=open(logs / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+        procs.append(gw)
+        deadline = time.monotonic() + 20
+        while b"gateway ready" not in (logs / "gateway.log").read_bytes():
+            assert gw.poll() is None, (logs / "gateway.log").read_text()
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.1)
+        yield cg, logs
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=15)
+        for ns in (LLM, APP):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for d in list(cg.values()) + [base]:
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def ollama_chat(cgroup, host):
+    """The official ollama client, unmodified, in the app namespace (and `cgroup`)."""
+    code = ("import json, ollama\n"
+            f"r = ollama.Client(host={host!r}, timeout=10).chat(model='llama3.2:1b', "
+            "messages=[{'role': 'user', 'content': 'hello'}])\n"
+            "print(json.dumps({'model': r.model, 'text': r.message.content}))\n")
+    out = subprocess.run(in_ns(APP, cgroup, [sys.executable, "-c", code]),
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    return json.loads(out)
+
+
+def llm_saw():
+    """The models the demo LLM received, in order (asked inside its namespace)."""
+    code = ("import json, urllib.request\n"
+            "print(urllib.request.urlopen('http://127.0.0.1:11434/demo/requests').read().decode())")
+    out = subprocess.run(in_ns(LLM, None, [sys.executable, "-c", code]),
+                         check=True, capture_output=True, text=True).stdout
+    return [r["model"] for r in json.loads(out) if r["path"] == "/api/chat"]
+
+
+@pytest.mark.parametrize("host", ["http://10.77.0.2:11434", "http://[fd77::2]:11434"])
+def test_a_workload_in_the_cgroup_is_captured_and_reaches_its_destination(hosts, host):
+    cg, logs = hosts
+    before = len(llm_saw())
+    answer = ollama_chat(cg["app"], host)
+    assert answer["text"].startswith("Demo reply")
+    seen = llm_saw()[before:]
+    assert seen == ["rewritten-by-ebpf"], (seen, (logs / "gateway.log").read_text()[-3000:])
+
+
+def test_outside_the_cgroup_nothing_is_redirected(hosts):
+    cg, _ = hosts
+    before = len(llm_saw())
+    ollama_chat(cg["outside"], "http://10.77.0.2:11434")
+    assert llm_saw()[before:] == ["llama3.2:1b"], "went straight to the LLM, model untouched"
