@@ -38,6 +38,7 @@ pub mod env {
     pub const CAPTURE_CIDRS: &str = "CAPTURE_CIDRS";
     pub const CAPTURE_PORTS: &str = "CAPTURE_PORTS";
     pub const CAPTURE_LOCAL: &str = "CAPTURE_LOCAL";
+    pub const NETFLUSH: &str = "NETFLUSH";
 }
 
 #[derive(Debug, Parser)]
@@ -163,6 +164,11 @@ pub struct RunArgs {
     /// Also capture loopback and link-local destinations.
     #[arg(long, env = env::CAPTURE_LOCAL)]
     pub capture_local: bool,
+    /// With --cgroup: once attached, destroy the workload's established connections the
+    /// capture matches (netlink SOCK_DESTROY), so keep-alive clients reconnect through
+    /// the gateway.
+    #[arg(long, env = env::NETFLUSH)]
+    pub netflush: bool,
 }
 
 /// The flags do not make a valid configuration.
@@ -180,6 +186,8 @@ pub enum ConfigError {
     CaptureWithUpstream,
     #[error("--cgroup needs an IPv4 --listen address (IPv6 connects reach it v4-mapped)")]
     CaptureListen,
+    #[error("--netflush needs --cgroup (it flushes what the capture would have taken)")]
+    NetflushWithoutCapture,
 }
 
 impl TryFrom<RunArgs> for Config {
@@ -193,6 +201,9 @@ impl TryFrom<RunArgs> for Config {
             Some(u) => UpstreamMode::Fixed(Destination::parse(u)?),
             None => UpstreamMode::OriginalDst,
         };
+        if a.netflush && a.cgroup.is_none() {
+            return Err(ConfigError::NetflushWithoutCapture);
+        }
         let capture = match a.cgroup {
             Some(_) if matches!(upstream, UpstreamMode::Fixed(_)) => {
                 return Err(ConfigError::CaptureWithUpstream)
@@ -211,6 +222,7 @@ impl TryFrom<RunArgs> for Config {
                         .collect(),
                     include_local: a.capture_local,
                 },
+                netflush: a.netflush,
             }),
             None => None,
         };

@@ -123,6 +123,8 @@ pub struct CaptureSettings {
     /// The gateway's own cgroup; `None`: the one it runs in.
     pub gateway_cgroup: Option<std::path::PathBuf>,
     pub filter: kube_gateway_bpf::CaptureFilter,
+    /// After attaching, destroy the workload's connections that predate the capture.
+    pub netflush: bool,
 }
 
 /// Where usage rows go.

@@ -68,14 +68,41 @@ fn attach_capture(
         Some(p) => p.clone(),
         None => kube_gateway_bpf::cgroup_of(None)?,
     };
-    Ok(kube_gateway_bpf::Capture::attach(
-        &kube_gateway_bpf::CaptureConfig {
-            workload_cgroup: c.workload_cgroup.clone(),
-            gateway_cgroup,
-            gateway,
-            filter: c.filter.clone(),
-        },
-    )?)
+    let capture = kube_gateway_bpf::Capture::attach(&kube_gateway_bpf::CaptureConfig {
+        workload_cgroup: c.workload_cgroup.clone(),
+        gateway_cgroup,
+        gateway,
+        filter: c.filter.clone(),
+    })?;
+    if c.netflush {
+        netflush(c);
+    }
+    Ok(capture)
+}
+
+/// Flushes the workload's connections that predate the capture. Never fatal: without
+/// kernel support, or on an error, it says so and the gateway serves new connections.
+fn netflush(c: &crate::config::CaptureSettings) {
+    use crate::netflush;
+    match netflush::supported() {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("netflush: this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY); connections opened before the capture keep bypassing it until they close");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "netflush: cannot probe for SOCK_DESTROY; skipped");
+            return;
+        }
+    }
+    match netflush::flush(&c.workload_cgroup, &c.filter) {
+        Ok(f) => tracing::info!(
+            matched = f.matched,
+            destroyed = f.destroyed,
+            "netflush: connections that predate the capture destroyed; their clients reconnect through the gateway"
+        ),
+        Err(e) => tracing::warn!(error = %e, "netflush failed"),
+    }
 }
 
 /// The number of serving threads to use when none is asked for: one per available core.

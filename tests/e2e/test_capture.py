@@ -133,3 +133,68 @@ def test_outside_the_cgroup_nothing_is_redirected(hosts):
     before = len(llm_saw())
     ollama_chat(cg["outside"], "http://10.77.0.2:11434")
     assert llm_saw()[before:] == ["llama3.2:1b"], "went straight to the LLM, model untouched"
+
+
+KEEPALIVE_CLIENT = """
+import json, sys, ollama
+c = ollama.Client(host='http://10.77.0.2:11434', timeout=10)
+ask = lambda: c.chat(model='llama3.2:1b', messages=[{'role': 'user', 'content': 'hi'}])
+ask()
+print('connected', flush=True)
+sys.stdin.readline()
+ask()
+print('done', flush=True)
+"""
+
+
+@pytest.mark.parametrize("netflush", [False, True])
+def test_a_keepalive_client_from_before_the_capture_needs_netflush(hosts, netflush, tmp_path):
+    """Connected before the gateway attached: without netflush its next request still
+    goes straight to the LLM on the old connection; with netflush that connection is
+    destroyed, the client reconnects, and the new connection is captured."""
+    cg, _ = hosts
+    name = f"keepalive-{int(netflush)}"
+    app, gwcg = os.path.join(os.path.dirname(cg["app"]), name), os.path.join(os.path.dirname(cg["app"]), name + "-gw")
+    os.makedirs(app, exist_ok=True)
+    os.makedirs(gwcg, exist_ok=True)
+    client = subprocess.Popen(in_ns(APP, app, [sys.executable, "-c", KEEPALIVE_CLIENT]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    gw = None
+    try:
+        assert client.stdout.readline().strip() == "connected"
+        before = len(llm_saw())
+        log = tmp_path / "gateway.log"
+        port = 15002 + int(netflush)
+        gw = subprocess.Popen(
+            in_ns(APP, gwcg, [binary("kube-gateway"), "--log-format", "json", "run", "--threads", "1",
+                              "--listen", f"127.0.0.1:{port}", "--cgroup", app,
+                              "--model", "rewritten-by-ebpf", "--store", "none"]
+                  + (["--netflush"] if netflush else [])),
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while b"gateway ready" not in log.read_bytes():
+            assert gw.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "done"
+        assert client.wait(timeout=10) == 0
+        seen = llm_saw()[before:]
+        if netflush:
+            flushed = [json.loads(x) for x in log.read_text().splitlines() if "netflush" in x]
+            assert flushed and flushed[0]["destroyed"] == 1, log.read_text()
+            assert seen == ["rewritten-by-ebpf"], "reconnected through the gateway"
+        else:
+            assert seen == ["llama3.2:1b"], "the old connection bypassed the gateway"
+    finally:
+        for p in (client, gw):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(timeout=15)
+        for d in (app, gwcg):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except OSError:
+                    time.sleep(0.1)

@@ -64,7 +64,53 @@ fn words(ip: IpAddr) -> [u32; 4] {
     })
 }
 
+/// Loopback or link-local (IPv4, IPv4-mapped or IPv6).
+fn is_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.is_loopback() || v4.is_link_local(),
+            None => v6.is_loopback() || v6.is_unicast_link_local(),
+        },
+    }
+}
+
+impl Cidr {
+    fn contains(&self, ip: IpAddr) -> bool {
+        let (a, b) = (words(self.addr), words(ip));
+        let prefix = u32::from(self.prefix) + if self.addr.is_ipv4() { 96 } else { 0 };
+        let (a, b) = (
+            a.iter()
+                .flat_map(|w| w.to_ne_bytes())
+                .fold(0u128, |x, o| x << 8 | u128::from(o)),
+            b.iter()
+                .flat_map(|w| w.to_ne_bytes())
+                .fold(0u128, |x, o| x << 8 | u128::from(o)),
+        );
+        let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+        (a ^ b) & mask == 0
+    }
+}
+
 impl CaptureFilter {
+    /// Whether a connect to `dest` is captured: the same rule the programs apply.
+    pub fn matches(&self, dest: std::net::SocketAddr) -> bool {
+        let ip = match dest.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if !self.include_local && is_local(ip) {
+            return false;
+        }
+        if self.skip_ports.contains(&dest.port()) {
+            return false;
+        }
+        if !self.ports.is_empty() && !self.ports.contains(&dest.port()) {
+            return false;
+        }
+        self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(ip))
+    }
+
     /// The programs' configuration for this filter and a gateway listening on `gateway`.
     pub fn config(&self, gateway: SocketAddrV4) -> Result<Config, CaptureError> {
         if self.cidrs.len() > MAX_CIDRS {
@@ -124,6 +170,18 @@ mod tests {
         assert_eq!(cfg.gateway[3], u32::from_ne_bytes([127, 0, 0, 1]));
         assert_eq!((cfg.port_count, cfg.ports[0]), (1, 11434));
         assert_eq!(cfg.flags, SKIP_LOCAL);
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(f.matches(at("10.1.200.3:11434")));
+        assert!(
+            f.matches(at("[::ffff:10.1.0.9]:11434")),
+            "v4-mapped is IPv4"
+        );
+        assert!(!f.matches(at("10.2.0.1:11434")), "outside the CIDR");
+        assert!(!f.matches(at("10.1.0.1:80")), "another port");
+        let all = CaptureFilter::default();
+        assert!(all.matches(at("[fd00::1]:1")));
+        assert!(!all.matches(at("127.0.0.1:11434")), "loopback is skipped");
+        assert!(!all.matches(at("[fe80::1]:11434")), "link-local is skipped");
         let too_many = CaptureFilter {
             ports: vec![1; MAX_PORTS + 1],
             ..Default::default()
