@@ -198,3 +198,68 @@ def test_a_keepalive_client_from_before_the_capture_needs_netflush(hosts, netflu
                     break
                 except OSError:
                     time.sleep(0.1)
+
+
+LISTENER = """
+import socket, struct, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', 15001))
+s.listen(8)
+print('listening', flush=True)
+sys.stdin.readline()  # accept only once both clients are connected
+c, peer = s.accept()
+family, port, ip = struct.unpack('!HH4s8x', c.getsockopt(socket.SOL_IP, 80, 16))
+print(f'{socket.inet_ntoa(ip)}:{port} from {peer[1]}', flush=True)
+"""
+
+CLIENT = """
+import socket, sys
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+c.bind(('127.0.0.1', 40404))
+c.connect((sys.argv[1], int(sys.argv[2])))
+print('connected', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_two_namespaces_using_one_source_port_get_their_own_destinations(hosts):
+    """Two pods' clients connect at once from the same address and source port (each in
+    its own network namespace) to different servers: the records do not collide."""
+    cg, _ = hosts
+    spaces = [f"kgwa{NS}", f"kgwb{NS}"]
+    dests = {spaces[0]: ("10.88.0.1", 1111), spaces[1]: ("10.88.0.2", 2222)}
+    procs = []
+    try:
+        listeners = {}
+        for ns in spaces:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # In the gateway's cgroup: its getsockopt hook answers these listeners.
+            p = subprocess.Popen(in_ns(ns, cg["gateway"], [sys.executable, "-c", LISTENER]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(p)
+            assert p.stdout.readline().strip() == "listening"
+            listeners[ns] = p
+        clients = []
+        for ns in spaces:
+            ip, port = dests[ns]
+            c = subprocess.Popen(in_ns(ns, cg["app"], [sys.executable, "-c", CLIENT, ip, str(port)]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(c)
+            clients.append(c)
+        for c in clients:
+            assert c.stdout.readline().strip() == "connected"
+        # Both connections are established with identical addresses and ports now.
+        for ns in spaces:
+            listeners[ns].stdin.write("\n")
+            listeners[ns].stdin.flush()
+            ip, port = dests[ns]
+            assert listeners[ns].stdout.readline().strip() == f"{ip}:{port} from 40404"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+        for ns in spaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
