@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The transparent demo (root): an "LLM host" and an "app host" as network namespaces
+# joined by a veth pair, the demo LLM server on the LLM host, the app in a cgroup of its
+# own, kube-gateway attached to that cgroup with eBPF. The app is the official `ollama`
+# Python client, unmodified, calling the LLM host's address; the gateway rewrites its
+# model, redacts an email from its prompt, and stops it at its budget. Everything it
+# creates is removed at the end, Ctrl-C included. Without root it says what it needs and
+# runs the explicit-mode demo (ai-demo/demo.sh) instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+    cat >&2 <<'EOF'
+The transparent demo needs root: it creates network namespaces, a cgroup, and loads
+eBPF programs (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Run it with sudo.
+Running the explicit-mode demo instead (the client is pointed at the gateway):
+EOF
+    exec bash ai-demo/demo.sh "$@"
+fi
+for tool in ip nsenter python3; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install iproute2 util-linux python3-venv)" >&2; exit 1; }
+done
+
+say "building (the eBPF programs, the gateway, the demo LLM)"
+bash bpf/toolchain.sh
+cargo build --quiet --bins
+venv=${KGW_VENV:-.venv}
+if ! "$venv/bin/python" -c 'import ollama' 2>/dev/null; then
+    say "installing the official ollama Python client into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+python=$(cd "$venv" && pwd)/bin/python  # not resolved: the symlink would lose the venv
+bin=$(pwd)/target/debug
+
+id=kgwdemo$$
+llm=$id-llm app=$id-app
+cgroot=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+[ -n "$cgroot" ] || { echo "no cgroup v2 hierarchy mounted" >&2; exit 1; }
+cg=$cgroot/$id
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    set +e
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    ip netns del "$llm" 2>/dev/null
+    ip netns del "$app" 2>/dev/null
+    for d in "$cg/app" "$cg/gateway" "$cg"; do rmdir "$d" 2>/dev/null; done
+    rm -rf "$work"
+    echo "(removed the namespaces, cgroups and files the demo created)"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Runs "$@" in a network namespace ($1) and, when $2 is not "-", a cgroup. nsenter keeps
+# /sys, so the cgroup path stays visible (ip netns exec would remount it).
+in_ns() {
+    local ns=$1 cgroup=$2; shift 2
+    if [ "$cgroup" = - ]; then nsenter --net="/run/netns/$ns" "$@"
+    else bash -c 'echo $$ > "$0/cgroup.procs"; exec nsenter --net="/run/netns/$1" "${@:2}"' "$cgroup" "$ns" "$@"
+    fi
+}
+
+say "network: app host 10.77.0.1 <-> LLM host 10.77.0.2 (namespaces $app, $llm)"
+ip netns add "$llm"
+ip netns add "$app"
+ip link add "${id}a" netns "$app" type veth peer "${id}l" netns "$llm"
+ip -n "$app" addr add 10.77.0.1/24 dev "${id}a"
+ip -n "$llm" addr add 10.77.0.2/24 dev "${id}l"
+for ns in "$app" "$llm"; do
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set "$( [ "$ns" = "$app" ] && echo "${id}a" || echo "${id}l")" up
+done
+mkdir -p "$cg/app" "$cg/gateway"
+
+say "the LLM host serves the demo LLM on 10.77.0.2:11434 (Ollama and OpenAI APIs)"
+in_ns "$llm" - "$bin/ai-demo" serve --listen 0.0.0.0:11434 >"$work/llm.log" 2>&1 & pids+=($!)
+
+cat >"$work/policy.yaml" <<'EOF'
+apiVersion: kube-gateway.io/v1alpha1
+models:
+  rewrite:
+    - { from: "llama3.2:1b", to: "gemma2:2b" }
+promptRules:
+  - name: emails
+    match: { detector: email }
+    action: redact
+budgets:
+  - { name: app-daily, scope: pod, window: day, limits: { requests: 3 } }
+EOF
+say "kube-gateway on the app host, attached to the app's cgroup ($cg/app) with eBPF"
+echo "    policy: llama3.2:1b -> gemma2:2b, redact emails, 3 requests a day for this pod"
+in_ns "$app" "$cg/gateway" "$bin/kube-gateway" run --threads 1 --listen 127.0.0.1:15001 \
+    --cgroup "$cg/app" --netflush --policy "$work/policy.yaml" \
+    --store "sqlite://$work/usage.db" --spool "$work/usage.spool" \
+    --pod-namespace demo --pod-name app >"$work/gateway.log" 2>&1 & pids+=($!)
+for _ in $(seq 200); do grep -q "gateway ready" "$work/gateway.log" 2>/dev/null && break; sleep 0.1; done
+grep -q "gateway ready" "$work/gateway.log" || { cat "$work/gateway.log" >&2; exit 1; }
+grep -o 'eBPF capture attached.*' "$work/gateway.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/    /'
+
+say "the app: the official ollama client, unmodified, talking to http://10.77.0.2:11434"
+cat >"$work/app.py" <<'EOF'
+import ollama
+client = ollama.Client(host="http://10.77.0.2:11434", timeout=10)
+def ask(prompt):
+    return client.chat(model="llama3.2:1b", messages=[{"role": "user", "content": prompt}])
+r = ask("Hello there")
+print(f"    asked for llama3.2:1b, the LLM answered as {r.model}: {r.message.content[:60]}...")
+r = ask("Please email the report to jane.doe@example.com")
+print(f"    a prompt with an email went through ({r.eval_count} tokens back)")
+ask("One more question")
+try:
+    ask("And a fourth")
+    print("    the fourth request was allowed (unexpected)")
+except ollama.ResponseError as e:
+    print(f"    the fourth request: HTTP {e.status_code}: {e.error}")
+EOF
+in_ns "$app" "$cg/app" "$python" "$work/app.py"
+
+say "what the LLM host received (its own log of requests)"
+in_ns "$llm" - "$python" - <<'EOF'
+import json, urllib.request
+for r in json.load(urllib.request.urlopen("http://127.0.0.1:11434/demo/requests")):
+    if r["path"] == "/api/chat":
+        prompt = json.loads(r["body"])["messages"][-1]["content"]
+        print(f"    model={r['model']:<10} prompt={prompt!r}")
+EOF
+
+say "the usage the gateway stored, and the budget"
+kill -TERM "${pids[1]}"; wait "${pids[1]}" || true
+"$bin/kube-gateway" usage --store "sqlite://$work/usage.db" --policy "$work/policy.yaml" | sed 's/^/    /'
