@@ -35,45 +35,22 @@ fi
 python=$(cd "$venv" && pwd)/bin/python  # not resolved: the symlink would lose the venv
 bin=$(pwd)/target/debug
 
-id=kgwdemo$$
-llm=$id-llm app=$id-app
-cgroot=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
-[ -n "$cgroot" ] || { echo "no cgroup v2 hierarchy mounted" >&2; exit 1; }
-cg=$cgroot/$id
+# shellcheck source=ai-demo/hosts.sh
+. ai-demo/hosts.sh
 work=$(mktemp -d)
 pids=()
 cleanup() {
     set +e
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    ip netns del "$llm" 2>/dev/null
-    ip netns del "$app" 2>/dev/null
-    for d in "$cg/app" "$cg/gateway" "$cg"; do rmdir "$d" 2>/dev/null; done
+    hosts_down
     rm -rf "$work"
     echo "(removed the namespaces, cgroups and files the demo created)"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Runs "$@" in a network namespace ($1) and, when $2 is not "-", a cgroup. nsenter keeps
-# /sys, so the cgroup path stays visible (ip netns exec would remount it).
-in_ns() {
-    local ns=$1 cgroup=$2; shift 2
-    if [ "$cgroup" = - ]; then nsenter --net="/run/netns/$ns" "$@"
-    else bash -c 'echo $$ > "$0/cgroup.procs"; exec nsenter --net="/run/netns/$1" "${@:2}"' "$cgroup" "$ns" "$@"
-    fi
-}
-
-say "network: app host 10.77.0.1 <-> LLM host 10.77.0.2 (namespaces $app, $llm)"
-ip netns add "$llm"
-ip netns add "$app"
-ip link add "${id}a" netns "$app" type veth peer "${id}l" netns "$llm"
-ip -n "$app" addr add 10.77.0.1/24 dev "${id}a"
-ip -n "$llm" addr add 10.77.0.2/24 dev "${id}l"
-for ns in "$app" "$llm"; do
-    ip -n "$ns" link set lo up
-    ip -n "$ns" link set "$( [ "$ns" = "$app" ] && echo "${id}a" || echo "${id}l")" up
-done
-mkdir -p "$cg/app" "$cg/gateway"
+say "network: app host 10.77.0.1 <-> LLM host 10.77.0.2, a cgroup for the app"
+hosts_up "kgwdemo$$"
 
 say "the LLM host serves the demo LLM on 10.77.0.2:11434 (Ollama and OpenAI APIs)"
 in_ns "$llm" - "$bin/ai-demo" serve --listen 0.0.0.0:11434 >"$work/llm.log" 2>&1 & pids+=($!)
@@ -96,8 +73,7 @@ in_ns "$app" "$cg/gateway" "$bin/kube-gateway" run --threads 1 --listen 127.0.0.
     --cgroup "$cg/app" --netflush --policy "$work/policy.yaml" \
     --store "sqlite://$work/usage.db" --spool "$work/usage.spool" \
     --pod-namespace demo --pod-name app >"$work/gateway.log" 2>&1 & pids+=($!)
-for _ in $(seq 200); do grep -q "gateway ready" "$work/gateway.log" 2>/dev/null && break; sleep 0.1; done
-grep -q "gateway ready" "$work/gateway.log" || { cat "$work/gateway.log" >&2; exit 1; }
+wait_ready "$work/gateway.log"
 grep -o 'eBPF capture attached.*' "$work/gateway.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/    /'
 
 say "the app: the official ollama client, unmodified, talking to http://10.77.0.2:11434"
