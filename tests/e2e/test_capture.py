@@ -263,3 +263,34 @@ def test_two_namespaces_using_one_source_port_get_their_own_destinations(hosts):
             p.wait(timeout=10)
         for ns in spaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_the_gateways_own_upstream_connection_is_never_redirected(hosts, tmp_path):
+    """The gateway here runs inside the very cgroup it captures: only the SO_MARK on its
+    upstream sockets keeps its connection to the LLM from landing back on itself."""
+    cg, _ = hosts
+    both = os.path.join(os.path.dirname(cg["app"]), "self")
+    os.makedirs(both, exist_ok=True)
+    log = tmp_path / "gateway.log"
+    gw = subprocess.Popen(
+        in_ns(APP, both, [binary("kube-gateway"), "run", "--threads", "1",
+                          "--listen", "127.0.0.1:15009", "--cgroup", both, "--gateway-cgroup", both,
+                          "--model", "through-a-marked-socket", "--store", "none"]),
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while b"gateway ready" not in log.read_bytes():
+            assert gw.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        before = len(llm_saw())
+        ollama_chat(both, "http://10.77.0.2:11434")
+        assert llm_saw()[before:] == ["through-a-marked-socket"], log.read_text()[-2000:]
+    finally:
+        gw.terminate()
+        gw.wait(timeout=15)
+        for _ in range(50):
+            try:
+                os.rmdir(both)
+                break
+            except OSError:
+                time.sleep(0.1)
