@@ -1,7 +1,26 @@
 # Sourced by ai-demo/transparent.sh and gateway/benches/capture.sh (root): an "app host"
 # and an "LLM host" as network namespaces joined by a veth pair (10.77.0.1 <-> 10.77.0.2),
 # and cgroups for the app and the gateway. `hosts_up ID` creates them and sets $app,
-# $llm, $cg; `hosts_down` removes them; `in_ns NS CGROUP|- CMD...` runs a command there.
+# $llm, $cg; `in_ns NS CGROUP|- CMD...` runs a command there. On exit (Ctrl-C included)
+# the processes listed in $pids are stopped, and the hosts and $work removed.
+
+pids=()
+work=$(mktemp -d)
+hosts_cleanup() {
+    set +e
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    # Everything started in the namespaces or cgroups, whatever its parent: a background
+    # `in_ns` is a subshell, so the server it started is a grandchild of this script.
+    if [ -n "${llm:-}" ]; then
+        for ns in "$llm" "$app"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null; done
+        for d in "$cg"/*/; do [ -f "$d/cgroup.kill" ] && echo 1 >"$d/cgroup.kill"; done
+    fi
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    hosts_down
+    rm -rf "$work"
+}
+trap hosts_cleanup EXIT
+trap 'exit 130' INT TERM
 
 hosts_up() {
     local id=$1
@@ -23,9 +42,13 @@ hosts_up() {
 }
 
 hosts_down() {
+    [ -n "${llm:-}" ] || return 0
     ip netns del "$llm" 2>/dev/null
     ip netns del "$app" 2>/dev/null
-    for d in "$cg/app" "$cg/gateway" "$cg/outside" "$cg"; do rmdir "$d" 2>/dev/null; done
+    # A cgroup can be removed once its last process is gone, which takes a moment.
+    for d in "$cg/app" "$cg/gateway" "$cg/outside" "$cg"; do
+        for _ in $(seq 50); do rmdir "$d" 2>/dev/null && break; [ -d "$d" ] || break; sleep 0.1; done
+    done
     return 0
 }
 

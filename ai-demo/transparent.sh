@@ -37,17 +37,7 @@ bin=$(pwd)/target/debug
 
 # shellcheck source=ai-demo/hosts.sh
 . ai-demo/hosts.sh
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    set +e
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    hosts_down
-    rm -rf "$work"
-    echo "(removed the namespaces, cgroups and files the demo created)"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'hosts_cleanup; echo "(removed the namespaces, cgroups and files the demo created)"' EXIT
 
 say "network: app host 10.77.0.1 <-> LLM host 10.77.0.2, a cgroup for the app"
 hosts_up "kgwdemo$$"

@@ -15,16 +15,6 @@ cargo build --quiet --release --bins
 bin=$(pwd)/target/release
 # shellcheck source=ai-demo/hosts.sh
 . ai-demo/hosts.sh
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    set +e
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    hosts_down
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 hosts_up "kgwbench$$"
 
 in_ns "$llm" - "$bin/ai-demo" serve --listen 0.0.0.0:11434 >"$work/llm.log" 2>&1 & pids+=($!)

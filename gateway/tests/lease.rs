@@ -8,22 +8,12 @@
 
 use std::sync::Arc;
 
+mod common;
+use common::postgres_url;
+
 use kube_gateway::budget::{AdmitError, Ledger, SystemClock};
 use kube_gateway::store::{Store, StoreUrl};
 use kube_gateway_policy::budget::{Budget, Limits, Scope, Subject, Window};
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("KGW_TEST_POSTGRES_URL") {
-        Ok(u) => Some(u),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI must provide KGW_TEST_POSTGRES_URL")
-        }
-        Err(_) => {
-            eprintln!("skipping: KGW_TEST_POSTGRES_URL is not set");
-            None
-        }
-    }
-}
 
 async fn store() -> Option<Store> {
     let url = postgres_url()?;

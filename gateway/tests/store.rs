@@ -8,6 +8,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+mod common;
+use common::postgres_url;
 use std::time::{Duration, SystemTime};
 
 use kube_gateway::store::spool::Spool;
@@ -60,19 +63,6 @@ fn tmp(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn postgres_url() -> Option<String> {
-    match std::env::var("KGW_TEST_POSTGRES_URL") {
-        Ok(u) => Some(u),
-        Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI must provide KGW_TEST_POSTGRES_URL")
-        }
-        Err(_) => {
-            eprintln!("skipping the PostgreSQL part: KGW_TEST_POSTGRES_URL is not set");
-            None
-        }
-    }
 }
 
 async fn rollup_sums(store: &Store, table: &str) -> (i64, i64, i64) {

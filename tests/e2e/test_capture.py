@@ -48,6 +48,24 @@ def in_ns(ns, cgroup, args):
     return ["bash", "-c", enter + 'exec nsenter --net=/run/netns/"$0" "$@"', ns, *args]
 
 
+def wait_ready(proc, log):
+    """Waits for a gateway to log that it is ready, or fails showing its log."""
+    deadline = time.monotonic() + 20
+    while b"gateway ready" not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
+def rmdir(path):
+    """Removes a cgroup once its last process has left (that takes a moment)."""
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
     privileged()
@@ -77,11 +95,7 @@ def hosts(tmp_path_factory):
                                        "--store", "none"]),
             stdout=open(logs / "gateway.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(gw)
-        deadline = time.monotonic() + 20
-        while b"gateway ready" not in (logs / "gateway.log").read_bytes():
-            assert gw.poll() is None, (logs / "gateway.log").read_text()
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
+        wait_ready(gw, logs / "gateway.log")
         yield cg, logs
     finally:
         for p in procs:
@@ -90,12 +104,7 @@ def hosts(tmp_path_factory):
         for ns in (LLM, APP):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         for d in list(cg.values()) + [base]:
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            rmdir(d)
 
 
 def ollama_chat(cgroup, host):
@@ -171,10 +180,7 @@ def test_a_keepalive_client_from_before_the_capture_needs_netflush(hosts, netflu
                               "--model", "rewritten-by-ebpf", "--store", "none"]
                   + (["--netflush"] if netflush else [])),
             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while b"gateway ready" not in log.read_bytes():
-            assert gw.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_ready(gw, log)
         client.stdin.write("\n")
         client.stdin.flush()
         assert client.stdout.readline().strip() == "done"
@@ -192,12 +198,7 @@ def test_a_keepalive_client_from_before_the_capture_needs_netflush(hosts, netflu
                 p.terminate()
                 p.wait(timeout=15)
         for d in (app, gwcg):
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            rmdir(d)
 
 
 LISTENER = """
@@ -278,19 +279,11 @@ def test_the_gateways_own_upstream_connection_is_never_redirected(hosts, tmp_pat
                           "--model", "through-a-marked-socket", "--store", "none"]),
         stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while b"gateway ready" not in log.read_bytes():
-            assert gw.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_ready(gw, log)
         before = len(llm_saw())
         ollama_chat(both, "http://10.77.0.2:11434")
         assert llm_saw()[before:] == ["through-a-marked-socket"], log.read_text()[-2000:]
     finally:
         gw.terminate()
         gw.wait(timeout=15)
-        for _ in range(50):
-            try:
-                os.rmdir(both)
-                break
-            except OSError:
-                time.sleep(0.1)
+        rmdir(both)

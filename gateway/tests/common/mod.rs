@@ -162,3 +162,18 @@ pub async fn send(
 pub async fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Answer {
     send(addr, "POST", path, &[], body.to_string()).await
 }
+
+/// The PostgreSQL the tests may use (`KGW_TEST_POSTGRES_URL`; CI starts a private
+/// cluster). Without it the caller skips, saying so, except under CI=true: a failure.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("KGW_TEST_POSTGRES_URL") {
+        Ok(u) => Some(u),
+        Err(_) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI must provide KGW_TEST_POSTGRES_URL")
+        }
+        Err(_) => {
+            eprintln!("skipping the PostgreSQL part: KGW_TEST_POSTGRES_URL is not set");
+            None
+        }
+    }
+}
