@@ -16,6 +16,9 @@ bash bpf/toolchain.sh
 host=(--workspace --exclude kube-gateway-bpf-ebpf)
 cargo fmt --all --check
 cargo clippy "${host[@]}" --all-targets --quiet -- -D warnings
+# The eBPF programs, linted for the target they are built for (with the nightly).
+cargo +nightly clippy --quiet -p kube-gateway-bpf-ebpf --target bpfel-unknown-none \
+    -Z build-std=core --target-dir target/bpf-clippy -- -D warnings
 cargo build "${host[@]}" --all-targets --quiet
 cargo test "${host[@]}"
 

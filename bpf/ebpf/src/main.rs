@@ -161,7 +161,7 @@ unsafe fn redirect<const V6: bool>(ctx: &SockAddrContext) {
     };
     let cookie = bpf_get_socket_cookie(ctx.as_ptr());
     // Unrecorded, the gateway could not forward it: better not to redirect at all.
-    if BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if BY_COOKIE.insert(cookie, orig, 0).is_err() {
         return;
     }
     if V6 {
@@ -231,17 +231,17 @@ pub fn kgw_sockops(ctx: SockOpsContext) -> u32 {
         match ctx.op() {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
                 let cookie = bpf_get_socket_cookie(ctx.as_ptr());
-                let Some(orig) = BY_COOKIE.get(&cookie) else {
+                let Some(orig) = BY_COOKIE.get(cookie) else {
                     return 0;
                 };
                 let orig = *orig;
-                let _ = BY_COOKIE.remove(&cookie);
-                let _ = BY_CONN.insert(&client_key(&ctx), &orig, 0);
+                let _ = BY_COOKIE.remove(cookie);
+                let _ = BY_CONN.insert(client_key(&ctx), orig, 0);
                 // To hear of the close and drop an entry the gateway never read.
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
             BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-                let _ = BY_CONN.remove(&client_key(&ctx));
+                let _ = BY_CONN.remove(client_key(&ctx));
             }
             _ => {}
         }
@@ -275,7 +275,7 @@ unsafe fn answer(ctx: &SockoptContext) {
         gateway_port: field!(sk, src_port) as u16,
         _pad: 0,
     };
-    let Some(orig) = BY_CONN.get(&key) else {
+    let Some(orig) = BY_CONN.get(key) else {
         return;
     };
     let orig = *orig;
@@ -309,7 +309,7 @@ unsafe fn answer(ctx: &SockoptContext) {
     // Field by field: merged into one 8-byte store, the verifier refuses the access.
     write_volatile(core::ptr::addr_of_mut!((*so).optlen), len);
     write_volatile(core::ptr::addr_of_mut!((*so).retval), 0);
-    let _ = BY_CONN.remove(&key);
+    let _ = BY_CONN.remove(key);
 }
 
 #[cgroup_sockopt(getsockopt)]
