@@ -61,8 +61,8 @@ proxy_to() { # listen upstream-port
 nginx_conf "$work/up" 2 "server { listen 127.0.0.1:18081; location / { default_type application/json; return 200 '$canned'; } }"
 nginx_conf "$work/proxy" 2 "$(proxy_to 18082 18081) $(proxy_to 18083 18084)"
 "$bin/ai-demo" serve --listen 127.0.0.1:18084 2>/dev/null & pids+=($!)
-RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen 127.0.0.1:18000 --upstream 127.0.0.1:18081 --model gemma2:2b >/dev/null & pids+=($!)
-RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen 127.0.0.1:18001 --upstream 127.0.0.1:18084 --model gemma2:2b >/dev/null & pids+=($!)
+RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen 127.0.0.1:18000 --upstream 127.0.0.1:18081 --model gemma2:2b --store none >/dev/null & pids+=($!)
+RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen 127.0.0.1:18001 --upstream 127.0.0.1:18084 --model gemma2:2b --store none >/dev/null & pids+=($!)
 for port in 18081 18082 18083 18084 18000 18001; do
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
 done
