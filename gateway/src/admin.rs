@@ -1,5 +1,6 @@
 //! The admin endpoint: `/healthz` (the process answers), `/readyz` (the gateway is
-//! serving) and `/policy` (the policy in force: hash, load time, source).
+//! serving, its policy loaded, its store reachable), `/policy` (the policy in force:
+//! hash, load time, source) and `/metrics` (Prometheus text).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,22 +14,83 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::budget::Ledger;
+use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
+use crate::store::writer::WriterStats;
 
-fn answer(
-    req: &Request<Incoming>,
-    ready: &AtomicBool,
-    policy: &PolicyStore,
-) -> Response<Full<Bytes>> {
+/// What the admin endpoint reports on.
+#[derive(Clone)]
+pub struct AdminState {
+    pub ready: Arc<AtomicBool>,
+    pub policy: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    pub ledger: Arc<Ledger>,
+    /// The usage writer's counters and queue, when there is a store. Weak: the writer
+    /// ends (at shutdown) when the last sender is gone, and the admin endpoint must not
+    /// be one.
+    pub store: Option<(
+        Arc<WriterStats>,
+        tokio::sync::mpsc::WeakSender<Arc<crate::UsageRecord>>,
+    )>,
+}
+
+impl AdminState {
+    /// Why the gateway is not ready, if it is not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("not serving yet\n");
+        }
+        match &self.store {
+            Some((stats, _)) if !stats.connected.load(Ordering::Relaxed) => {
+                Some("usage store unreachable (usage is spooled)\n")
+            }
+            _ => None,
+        }
+    }
+
+    /// Gauges read at scrape time, then the exposition.
+    fn metrics(&self) -> String {
+        let policy = self.policy.current();
+        for (budget, scope, measure, used, limit) in self.ledger.gauges(&policy.budgets) {
+            self.metrics.budget(&budget, &scope, measure, used, limit);
+        }
+        if let Some((stats, tx)) = &self.store {
+            let spooled = stats.spooled.load(Ordering::Relaxed);
+            let replayed = stats.replayed.load(Ordering::Relaxed);
+            let depth = tx
+                .upgrade()
+                .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+            self.metrics.store_state(
+                depth,
+                usize::try_from(spooled.saturating_sub(replayed)).unwrap_or(usize::MAX),
+            );
+        }
+        self.metrics.encode()
+    }
+}
+
+fn answer(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let policy = &state.policy;
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, Bytes::from_static(b"ok\n")),
-        (&Method::GET, "/readyz") if ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, Bytes::from_static(b"ready\n"))
+        (&Method::GET, "/readyz") => match state.not_ready() {
+            None => (StatusCode::OK, Bytes::from_static(b"ready\n")),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(why.as_bytes()),
+            ),
+        },
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics())));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return resp;
         }
-        (&Method::GET, "/readyz") => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from_static(b"not ready\n"),
-        ),
         (&Method::GET, "/policy") => {
             let info = policy.info();
             let loaded = info
@@ -51,15 +113,15 @@ fn answer(
 }
 
 /// Serves the admin endpoint until the listener fails.
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, policy: Arc<PolicyStore>) {
+pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let (ready, policy) = (ready.clone(), policy.clone());
+        let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = answer(&req, &ready, &policy);
+                let resp = answer(&req, &state);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -528,6 +528,36 @@ impl Ledger {
             .map_or((0, 0, 0), |e| (e.input, e.output, e.requests))
     }
 
+    /// Each budget key's use of its current window, for the metrics: (budget, scope,
+    /// measure, used, limit) for every limited measure.
+    pub fn gauges(&self, budgets: &[Budget]) -> Vec<(String, String, &'static str, u64, u64)> {
+        let now = self.clock.now_ms();
+        let Ok(counts) = self.counts.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for b in budgets {
+            let prefix = format!("{}|{}|", b.name, b.window.name());
+            let start = b.window.start(now);
+            let limits = limits_of(&b.limits);
+            for (key, e) in counts.iter() {
+                let Some(scope) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let used = if e.start == start { e.used() } else { [0; 4] };
+                for (m, measure) in ["total_tokens", "input_tokens", "output_tokens", "requests"]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if let Some(limit) = limits[m] {
+                        out.push((b.name.clone(), scope.to_owned(), measure, used[m], limit));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Starts a gateway's own ledger from the stored usage of each budget's current
     /// window (`spent`: the rows since that window's start), so a restart does not
     /// reset its budgets.

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod http;
 pub mod listener;
 pub mod meter;
+pub mod metrics;
 pub mod netflush;
 pub mod orig_dst;
 pub mod policy;

@@ -58,6 +58,11 @@ pub struct Shared {
     recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     ready: Arc<AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
+    store_state: Option<(
+        Arc<crate::store::writer::WriterStats>,
+        tokio::sync::mpsc::WeakSender<Arc<UsageRecord>>,
+    )>,
 }
 
 impl Shared {
@@ -88,7 +93,7 @@ impl Shared {
         // Built now so the first estimate does not pay for it.
         tokens.warm(Encoding::Cl100kBase)?;
         let mut ledger = Ledger::new(Arc::new(SystemClock));
-        let (store_tx, writer) = match &config.store {
+        let (store_tx, writer, writer_stats) = match &config.store {
             Some(sc) => {
                 let store = match Store::connect(&sc.url).await {
                     Ok(s) => Some(s),
@@ -100,7 +105,7 @@ impl Shared {
                 };
                 ledger = budget_ledger(&sc.url, store.as_ref(), &policy.current()).await;
                 let (tx, rx) = tokio::sync::mpsc::channel(8192);
-                let (handle, _stats) = crate::store::writer::spawn(
+                let (handle, stats) = crate::store::writer::spawn(
                     sc.url.clone(),
                     store,
                     Spool::new(&sc.spool),
@@ -108,17 +113,20 @@ impl Shared {
                     WriterConfig::default(),
                     rx,
                 );
-                (Some(tx), Some(handle))
+                (Some(tx), Some(handle), Some(stats))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        let metrics =
+            crate::metrics::Metrics::new(&config.identity.namespace, &config.identity.pod);
         let ledger = Arc::new(ledger);
         let (recorder, usage) = usage::spawn_recorder(
             tokens.clone(),
             config.log_bodies,
             65_536,
-            store_tx,
+            store_tx.clone(),
             ledger.clone(),
+            metrics.clone(),
         );
         Ok(Self {
             config: Arc::new(config),
@@ -129,11 +137,17 @@ impl Shared {
             usage,
             ready: Arc::new(AtomicBool::new(false)),
             writer: Arc::new(std::sync::Mutex::new(writer)),
+            metrics,
+            store_state: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The budget ledger (its shared leases are given back once nothing is served).
@@ -274,8 +288,13 @@ impl Gateway {
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(
                 admin,
-                self.shared.ready.clone(),
-                self.shared.policy.clone(),
+                admin::AdminState {
+                    ready: self.shared.ready.clone(),
+                    policy: self.shared.policy.clone(),
+                    metrics: self.shared.metrics.clone(),
+                    ledger: self.shared.ledger.clone(),
+                    store: self.shared.store_state.clone(),
+                },
             ));
         }
         let drain = Drain::default();
@@ -288,7 +307,8 @@ impl Gateway {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let (config, proxy, watcher) = (config.clone(), self.proxy.clone(), drain.watch());
-                        tokio::spawn(connection(stream, peer, config, proxy, watcher));
+                        let metrics = self.shared.metrics.clone();
+                        tokio::spawn(connection(stream, peer, config, proxy, watcher, metrics));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off rather than spin.
@@ -313,6 +333,7 @@ async fn connection(
     config: Arc<Config>,
     proxy: Arc<Proxy>,
     drain: DrainWatch,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
@@ -324,7 +345,10 @@ async fn connection(
                 tracing::warn!(%peer, "connection was not redirected (it names the gateway itself); closing");
                 return;
             }
-            Ok(addr) => Destination::from(addr),
+            Ok(addr) => {
+                metrics.captured();
+                Destination::from(addr)
+            }
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "no original destination for this connection; closing");
                 return;

@@ -58,7 +58,7 @@ fn background() -> Result<Background, StartError> {
 fn attach_capture(
     c: &crate::config::CaptureSettings,
     listen: std::net::SocketAddr,
-) -> Result<kube_gateway_bpf::Capture, StartError> {
+) -> Result<(kube_gateway_bpf::Capture, u64), StartError> {
     let std::net::SocketAddr::V4(gateway) = listen else {
         return Err(StartError::Capture(kube_gateway_bpf::CaptureError::Filter(
             "the listener must be IPv4".into(),
@@ -74,34 +74,39 @@ fn attach_capture(
         gateway,
         filter: c.filter.clone(),
     })?;
-    if c.netflush {
-        netflush(c);
-    }
-    Ok(capture)
+    let flushed = if c.netflush { netflush(c) } else { 0 };
+    Ok((capture, flushed))
 }
 
-/// Flushes the workload's connections that predate the capture. Never fatal: without
-/// kernel support, or on an error, it says so and the gateway serves new connections.
-fn netflush(c: &crate::config::CaptureSettings) {
+/// Flushes the workload's connections that predate the capture; how many it destroyed.
+/// Never fatal: without kernel support, or on an error, it says so and the gateway
+/// serves new connections.
+fn netflush(c: &crate::config::CaptureSettings) -> u64 {
     use crate::netflush;
     match netflush::supported() {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!("netflush: this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY); connections opened before the capture keep bypassing it until they close");
-            return;
+            return 0;
         }
         Err(e) => {
             tracing::warn!(error = %e, "netflush: cannot probe for SOCK_DESTROY; skipped");
-            return;
+            return 0;
         }
     }
     match netflush::flush(&c.workload_cgroup, &c.filter) {
-        Ok(f) => tracing::info!(
-            matched = f.matched,
-            destroyed = f.destroyed,
-            "netflush: connections that predate the capture destroyed; their clients reconnect through the gateway"
-        ),
-        Err(e) => tracing::warn!(error = %e, "netflush failed"),
+        Ok(f) => {
+            tracing::info!(
+                matched = f.matched,
+                destroyed = f.destroyed,
+                "netflush: connections that predate the capture destroyed; their clients reconnect through the gateway"
+            );
+            f.destroyed as u64
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "netflush failed");
+            0
+        }
     }
 }
 
@@ -129,7 +134,7 @@ where
         }
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
         // Listening first: captured connects must find the gateway there.
-        let _capture = config.capture.as_ref().map(|c| attach_capture(c, addr)).transpose()?;
+        let capture = config.capture.as_ref().map(|c| attach_capture(c, addr)).transpose()?;
         let bg = background()?;
         // Started on the background runtime: the tasks it spawns live there.
         let shared = bg
@@ -138,6 +143,11 @@ where
             .await
             .map_err(|e| StartError::Runtime(std::io::Error::other(e)))??;
         let writer = shared.take_writer();
+        // Held until the end: dropping it detaches the programs.
+        let _capture = capture.map(|(capture, flushed)| {
+            shared.metrics().netflushed(flushed);
+            capture
+        });
         let ledger = shared.ledger();
         tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
 

@@ -36,6 +36,8 @@ impl Default for WriterConfig {
 /// Counters the writer keeps (for metrics and tests).
 #[derive(Debug, Default)]
 pub struct WriterStats {
+    /// The store answered the last write (or connect).
+    pub connected: std::sync::atomic::AtomicBool,
     pub written: AtomicU64,
     pub spooled: AtomicU64,
     pub replayed: AtomicU64,
@@ -50,10 +52,17 @@ struct Writer {
 }
 
 impl Writer {
+    fn set_store(&mut self, store: Option<Store>) {
+        self.stats
+            .connected
+            .store(store.is_some(), Ordering::Relaxed);
+        self.store = store;
+    }
+
     async fn store(&mut self) -> Option<&Store> {
         if self.store.is_none() {
             match Store::connect(&self.url).await {
-                Ok(s) => self.store = Some(s),
+                Ok(s) => self.set_store(Some(s)),
                 Err(e) => tracing::warn!(error = %e, "usage store unavailable; spooling"),
             }
         }
@@ -98,7 +107,7 @@ impl Writer {
                 Ok(n) => inserted += n,
                 Err(e) => {
                     tracing::warn!(error = %e, "replay failed; the spool is kept");
-                    self.store = None;
+                    self.set_store(None);
                     return false;
                 }
             }
@@ -137,7 +146,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::warn!(error = %e, rows = rows.len(), "usage batch not stored; spooling");
-                self.store = None;
+                self.set_store(None);
                 self.spool_rows(rows).await;
             }
         }
@@ -154,6 +163,7 @@ pub fn spawn(
     mut rx: mpsc::Receiver<Arc<UsageRecord>>,
 ) -> (JoinHandle<()>, Arc<WriterStats>) {
     let stats = Arc::new(WriterStats::default());
+    stats.connected.store(store.is_some(), Ordering::Relaxed);
     let mut w = Writer {
         url,
         store,

@@ -1,0 +1,435 @@
+//! Prometheus metrics, named after the OpenTelemetry GenAI semantic conventions where
+//! one exists (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
+//! `gen_ai_server_time_to_first_token_seconds`), and `kube_gateway_*` for the rest.
+//!
+//! Recorded by the usage recorder from finished records, off the request path, so the
+//! numbers are the ones the usage store gets. Label sets are bounded: namespace and pod
+//! (one per gateway), model names, outcome, rule and budget names from the policy. No
+//! label ever holds prompt text or a request id.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::usage::{Outcome, UsageRecord};
+
+/// Every GenAI series carries these (the convention's attribute names, dots as `_`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GenAi {
+    namespace: String,
+    pod: String,
+    gen_ai_operation_name: &'static str,
+    gen_ai_provider_name: &'static str,
+    gen_ai_request_model: String,
+    gen_ai_response_model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Tokens {
+    #[prometheus(flatten)]
+    genai: GenAi,
+    /// `input` or `output` only, as the convention says.
+    gen_ai_token_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Requests {
+    namespace: String,
+    pod: String,
+    outcome: &'static str,
+    gen_ai_request_model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rule {
+    namespace: String,
+    pod: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rewrite {
+    namespace: String,
+    pod: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pod {
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    namespace: String,
+    pod: String,
+    budget: String,
+    scope: String,
+    /// What the limit counts: total_tokens, input_tokens, output_tokens, requests.
+    measure: &'static str,
+}
+
+type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    who: Pod,
+    token_usage: Hist<Tokens>,
+    duration: Hist<GenAi>,
+    ttft: Hist<GenAi>,
+    cached: Family<GenAi, Counter>,
+    reasoning: Family<GenAi, Counter>,
+    requests: Family<Requests, Counter>,
+    rule_hits: Family<Rule, Counter>,
+    rewrites: Family<Rewrite, Counter>,
+    budget_used: Family<BudgetLabels, Gauge>,
+    budget_limit: Family<BudgetLabels, Gauge>,
+    queue_depth: Family<Pod, Gauge>,
+    spool_rows: Family<Pod, Gauge<i64, AtomicI64>>,
+    captured: Family<Pod, Counter>,
+    netflushed: Family<Pod, Counter<u64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The convention's advised buckets.
+fn token_buckets() -> Histogram {
+    Histogram::new([
+        1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+        4194304.0, 16777216.0, 67108864.0,
+    ])
+}
+
+fn duration_buckets() -> Histogram {
+    Histogram::new([
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    ])
+}
+
+fn ttft_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    ])
+}
+
+/// The OpenTelemetry operation name of an endpoint.
+fn operation(endpoint: &str) -> &'static str {
+    match endpoint {
+        "chat" | "chat_completions" | "responses" => "chat",
+        "completions" | "generate" => "text_completion",
+        "embeddings" | "embed" | "embeddings_legacy" => "embeddings",
+        _ => "other",
+    }
+}
+
+pub fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Allowed => "allowed",
+        Outcome::Unparsed => "unparsed",
+        Outcome::Rejected => "rejected",
+        Outcome::UpstreamError => "upstream_error",
+        Outcome::Denied => "denied",
+        Outcome::Redacted => "redacted",
+        Outcome::Blocked => "blocked",
+        Outcome::BudgetCut => "budget_cut",
+        Outcome::ClientCancelled => "client_cancelled",
+    }
+}
+
+impl Metrics {
+    pub fn new(namespace: &str, pod: &str) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let token_usage: Hist<Tokens> = Family::new_with_constructor(token_buckets);
+        let duration: Hist<GenAi> = Family::new_with_constructor(duration_buckets);
+        let ttft: Hist<GenAi> = Family::new_with_constructor(ttft_buckets);
+        let m = Self {
+            who: Pod {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+            },
+            token_usage,
+            duration,
+            ttft,
+            cached: Family::default(),
+            reasoning: Family::default(),
+            requests: Family::default(),
+            rule_hits: Family::default(),
+            rewrites: Family::default(),
+            budget_used: Family::default(),
+            budget_limit: Family::default(),
+            queue_depth: Family::default(),
+            spool_rows: Family::default(),
+            captured: Family::default(),
+            netflushed: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens used per request (input or output), as the provider counted them or the gateway estimated",
+            m.token_usage.clone(),
+        );
+        registry.register(
+            "gen_ai_client_operation_duration_seconds",
+            "Time from the request to the end of its answer",
+            m.duration.clone(),
+        );
+        registry.register(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from the request to the first chunk of its answer",
+            m.ttft.clone(),
+        );
+        registry.register(
+            "kube_gateway_cached_tokens",
+            "Input tokens the provider served from its cache",
+            m.cached.clone(),
+        );
+        registry.register(
+            "kube_gateway_reasoning_tokens",
+            "Output tokens the provider spent on reasoning",
+            m.reasoning.clone(),
+        );
+        registry.register(
+            "kube_gateway_requests",
+            "Requests on recognized LLM paths, by outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "kube_gateway_rule_hits",
+            "Policy rules (and budgets) that acted on a request",
+            m.rule_hits.clone(),
+        );
+        registry.register(
+            "kube_gateway_model_rewrites",
+            "Requests whose model the gateway changed, from -> to",
+            m.rewrites.clone(),
+        );
+        registry.register(
+            "kube_gateway_budget_used",
+            "What each budget has used of its current window (this gateway's view)",
+            m.budget_used.clone(),
+        );
+        registry.register(
+            "kube_gateway_budget_limit",
+            "Each budget's limit per window",
+            m.budget_limit.clone(),
+        );
+        registry.register(
+            "kube_gateway_store_queue_depth",
+            "Usage records waiting for the store writer",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "kube_gateway_spool_rows",
+            "Usage rows spooled locally while the store is away",
+            m.spool_rows.clone(),
+        );
+        registry.register(
+            "kube_gateway_connections_captured",
+            "Connections the gateway received with an original destination (transparent mode)",
+            m.captured.clone(),
+        );
+        registry.register(
+            "kube_gateway_netflush_destroyed",
+            "Workload connections destroyed by netflush so they reconnect through the gateway",
+            m.netflushed.clone(),
+        );
+        Arc::new(Self { registry, ..m })
+    }
+
+    /// Records a finished request (from the usage recorder).
+    pub fn record(&self, r: &UsageRecord) {
+        if r.endpoint == "other" {
+            return;
+        }
+        let requested = r.requested_model.clone().unwrap_or_default();
+        let used = r.used_model.clone().unwrap_or_default();
+        self.requests
+            .get_or_create(&Requests {
+                namespace: self.who.namespace.clone(),
+                pod: self.who.pod.clone(),
+                outcome: outcome_name(r.outcome),
+                gen_ai_request_model: requested.clone(),
+            })
+            .inc();
+        for rule in &r.rules {
+            self.rule_hits
+                .get_or_create(&Rule {
+                    namespace: self.who.namespace.clone(),
+                    pod: self.who.pod.clone(),
+                    rule: rule.clone(),
+                })
+                .inc();
+        }
+        if !used.is_empty() && used != requested {
+            self.rewrites
+                .get_or_create(&Rewrite {
+                    namespace: self.who.namespace.clone(),
+                    pod: self.who.pod.clone(),
+                    from: requested.clone(),
+                    to: used.clone(),
+                })
+                .inc();
+        }
+        if matches!(
+            r.outcome,
+            Outcome::Denied | Outcome::Rejected | Outcome::Unparsed
+        ) {
+            return;
+        }
+        let genai = GenAi {
+            namespace: self.who.namespace.clone(),
+            pod: self.who.pod.clone(),
+            gen_ai_operation_name: operation(r.endpoint),
+            gen_ai_provider_name: r.api,
+            // The model asked of the provider (after any rewrite), as the convention means.
+            gen_ai_request_model: used,
+            gen_ai_response_model: r.response_model.clone().unwrap_or_default(),
+        };
+        for (kind, n) in [("input", r.input_tokens), ("output", r.output_tokens)] {
+            self.token_usage
+                .get_or_create(&Tokens {
+                    genai: genai.clone(),
+                    gen_ai_token_type: kind,
+                })
+                .observe(n as f64);
+        }
+        self.duration
+            .get_or_create(&genai)
+            .observe(r.latency.as_secs_f64());
+        if let Some(t) = r.first_chunk {
+            self.ttft.get_or_create(&genai).observe(t.as_secs_f64());
+        }
+        if let Some(c) = r.cached_tokens.filter(|c| *c > 0) {
+            self.cached.get_or_create(&genai).inc_by(c);
+        }
+        if let Some(c) = r.reasoning_tokens.filter(|c| *c > 0) {
+            self.reasoning.get_or_create(&genai).inc_by(c);
+        }
+    }
+
+    /// A connection arrived with an original destination.
+    pub fn captured(&self) {
+        self.captured.get_or_create(&self.who).inc();
+    }
+
+    pub fn netflushed(&self, n: u64) {
+        self.netflushed.get_or_create(&self.who).inc_by(n);
+    }
+
+    /// Sets a budget's used and limit gauges.
+    pub fn budget(&self, budget: &str, scope: &str, measure: &'static str, used: u64, limit: u64) {
+        let labels = BudgetLabels {
+            namespace: self.who.namespace.clone(),
+            pod: self.who.pod.clone(),
+            budget: budget.to_owned(),
+            scope: scope.to_owned(),
+            measure,
+        };
+        self.budget_used
+            .get_or_create(&labels)
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        self.budget_limit
+            .get_or_create(&labels)
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    pub fn store_state(&self, queue_depth: usize, spool_rows: usize) {
+        self.queue_depth
+            .get_or_create(&self.who)
+            .set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
+        self.spool_rows
+            .get_or_create(&self.who)
+            .set(i64::try_from(spool_rows).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_follow_the_convention() {
+        assert_eq!(operation("chat_completions"), "chat");
+        assert_eq!(operation("generate"), "text_completion");
+        assert_eq!(operation("embed"), "embeddings");
+    }
+
+    fn record(outcome: Outcome, rules: &[&str]) -> UsageRecord {
+        UsageRecord {
+            request_id: "kgw-x-1".into(),
+            time: std::time::SystemTime::UNIX_EPOCH,
+            peer: "10.0.0.7:41000".parse().unwrap(),
+            destination: "10.0.0.9:11434".into(),
+            api: "ollama",
+            endpoint: "chat",
+            method: "POST".into(),
+            path: "/api/chat".into(),
+            requested_model: Some("llama3".into()),
+            used_model: Some("gemma2:2b".into()),
+            response_model: Some("gemma2:2b".into()),
+            status: 200,
+            outcome,
+            input_tokens: 12,
+            input_source: crate::TokenSource::Provider,
+            output_tokens: 30,
+            output_source: crate::TokenSource::Provider,
+            cached_tokens: Some(4),
+            reasoning_tokens: None,
+            finish_reason: Some("stop".into()),
+            streamed: true,
+            latency: std::time::Duration::from_millis(250),
+            first_chunk: Some(std::time::Duration::from_millis(30)),
+            bytes_in: 100,
+            bytes_out: 200,
+            error: None,
+            rules: rules.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_request_shows_in_every_series_it_belongs_to() {
+        let m = Metrics::new("ns", "pod");
+        m.record(&record(Outcome::Redacted, &["emails"]));
+        m.record(&record(Outcome::Denied, &["no-jailbreak"]));
+        m.captured();
+        let text = m.encode();
+        let genai = r#"namespace="ns",pod="pod",gen_ai_operation_name="chat",gen_ai_provider_name="ollama",gen_ai_request_model="gemma2:2b",gen_ai_response_model="gemma2:2b""#;
+        for line in [
+            format!("gen_ai_client_token_usage_sum{{{genai},gen_ai_token_type=\"input\"}} 12.0"),
+            format!("gen_ai_client_token_usage_sum{{{genai},gen_ai_token_type=\"output\"}} 30.0"),
+            format!("gen_ai_client_operation_duration_seconds_count{{{genai}}} 1"),
+            format!("gen_ai_server_time_to_first_token_seconds_sum{{{genai}}} 0.03"),
+            format!("kube_gateway_cached_tokens_total{{{genai}}} 4"),
+            r#"kube_gateway_requests_total{namespace="ns",pod="pod",outcome="redacted",gen_ai_request_model="llama3"} 1"#.into(),
+            r#"kube_gateway_requests_total{namespace="ns",pod="pod",outcome="denied",gen_ai_request_model="llama3"} 1"#.into(),
+            r#"kube_gateway_rule_hits_total{namespace="ns",pod="pod",rule="emails"} 1"#.into(),
+            r#"kube_gateway_model_rewrites_total{namespace="ns",pod="pod",from="llama3",to="gemma2:2b"} 2"#.into(),
+            r#"kube_gateway_connections_captured_total{namespace="ns",pod="pod"} 1"#.into(),
+        ] {
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(!text.contains("kgw-x-1"), "no request id in a label");
+    }
+}
