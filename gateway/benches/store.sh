@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The usage store's cost under load (see gateway/benches/README.md): the same gateway
+# The usage store's cost under load (see gateway/benches/README.md; COMPARE=metrics
+# compares metrics off and on instead): the same gateway
 # with --store none, sqlite:// and postgres://, non-streaming chat at 64 connections
 # (wrk) against a canned upstream, rounds interleaved; then each gateway is stopped
 # (SIGTERM) and its store is counted against the requests wrk completed.
@@ -44,6 +45,14 @@ http {
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf"
 
+extra=("" "")
+if [ "${COMPARE:-store}" = metrics ]; then
+    # Metrics off (no admin endpoint: nothing is recorded) vs on, scraped every second.
+    stores=("none" "none")
+    labels=("metrics off" "metrics on")
+    extra=("" "--admin 127.0.0.1:18199")
+    (while sleep 1; do curl -sf 127.0.0.1:18199/metrics >/dev/null || true; done) & pids+=($!)
+else
 stores=("none" "sqlite://$work/usage.db")
 labels=("store off" "sqlite")
 if [ -z "${KGW_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
@@ -56,12 +65,13 @@ if [ -n "${KGW_TEST_POSTGRES_URL:-}" ]; then
 else
     echo "(no PostgreSQL: set KGW_TEST_POSTGRES_URL or run as root with postgresql installed)"
 fi
+fi
 
 gw_pids=()
 for i in "${!stores[@]}"; do
     RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$((18100 + i))" \
         --upstream 127.0.0.1:18081 --model gemma2:2b --store "${stores[$i]}" \
-        --spool "$work/spool-$i" >/dev/null & gw_pids+=($!)
+        --spool "$work/spool-$i" ${extra[$i]} >/dev/null & gw_pids+=($!)
 done
 for port in 18081 $(for i in "${!stores[@]}"; do echo $((18100 + i)); done); do
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done

@@ -126,7 +126,8 @@ impl Shared {
             65_536,
             store_tx.clone(),
             ledger.clone(),
-            metrics.clone(),
+            // Without an admin endpoint nobody can read them: nothing is recorded.
+            config.admin.is_some().then(|| metrics.clone()),
         );
         Ok(Self {
             config: Arc::new(config),

@@ -226,7 +226,7 @@ pub fn spawn_recorder(
     capacity: usize,
     store: Option<mpsc::Sender<Arc<UsageRecord>>>,
     ledger: Arc<crate::budget::Ledger>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
@@ -248,7 +248,9 @@ pub fn spawn_recorder(
                             ledger.settle(&r, record.input_tokens, record.output_tokens);
                         }
                         access_log(&record, bodies);
-                        metrics.record(&record);
+                        if let Some(m) = &metrics {
+                            m.record(&record);
+                        }
                         let record = Arc::new(record);
                         if let Some(store) = &store {
                             // Waits when the writer is behind: backpressure stays here,
