@@ -130,3 +130,39 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         });
     }
 }
+
+/// Before the gateway can start: `/healthz` answers, `/readyz` says why it is not ready
+/// (`reason`, kept current by the caller), everything else is 503. Each answer closes
+/// its connection, so no probe stays on this responder once the gateway takes over.
+pub async fn serve_not_ready(listener: TcpListener, reason: Arc<std::sync::Mutex<String>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let reason = reason.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (status, body) = match req.uri().path() {
+                    "/healthz" => (StatusCode::OK, "ok\n".to_owned()),
+                    _ => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: {}\n",
+                            reason.lock().map(|r| r.clone()).unwrap_or_default()
+                        ),
+                    ),
+                };
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -110,6 +110,58 @@ fn netflush(c: &crate::config::CaptureSettings) -> u64 {
     }
 }
 
+/// A policy file that does not load yet (a ConfigMap not mounted yet, a broken first
+/// version): the gateway does not serve without it, and says so on `/readyz`, trying
+/// again every second.
+/// `false`: `shutdown` came first.
+async fn wait_for_policy(
+    config: &Config,
+    admin: Option<&std::net::TcpListener>,
+    mut shutdown: impl Future<Output = ()> + Unpin,
+) -> Result<bool, StartError> {
+    let Some(path) = &config.policy else {
+        return Ok(true);
+    };
+    let error = match crate::policy::load_file(path) {
+        Ok(_) => return Ok(true),
+        Err(e) => e,
+    };
+    tracing::error!(error = %error, "the policy does not load; not serving until it does (checked every second)");
+    let reason = std::sync::Arc::new(std::sync::Mutex::new(format!("policy: {error}")));
+    let responder = match admin {
+        Some(l) => {
+            let l = l.try_clone().map_err(StartError::Runtime)?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(StartError::Runtime)?;
+            Some(tokio::spawn(crate::admin::serve_not_ready(
+                l,
+                reason.clone(),
+            )))
+        }
+        None => None,
+    };
+    let loaded = loop {
+        tokio::select! {
+            () = &mut shutdown => break false,
+            () = tokio::time::sleep(config.policy_reload) => {}
+        }
+        match crate::policy::load_file(path) {
+            Ok(_) => break true,
+            Err(e) => {
+                if let Ok(mut r) = reason.lock() {
+                    *r = format!("policy: {e}");
+                }
+            }
+        }
+    };
+    if let Some(r) = responder {
+        r.abort();
+    }
+    if loaded {
+        tracing::info!(path = %path.display(), "the policy loads now; starting");
+    }
+    Ok(loaded)
+}
+
 /// The number of serving threads to use when none is asked for: one per available core.
 pub fn default_threads() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
@@ -133,6 +185,10 @@ where
             listeners.push(bind_listener(addr, true)?);
         }
         let admin = config.admin.map(|a| bind_listener(a, false)).transpose()?;
+        tokio::pin!(shutdown);
+        if !wait_for_policy(&config, admin.as_ref(), &mut shutdown).await? {
+            return Ok(()); // stopped before there was anything to serve
+        }
         // Listening first: captured connects must find the gateway there.
         let capture = config.capture.as_ref().map(|c| attach_capture(c, addr)).transpose()?;
         let bg = background()?;
@@ -171,7 +227,7 @@ where
             handles.push(handle);
         }
         if let Some(listener) = own {
-            Gateway::from_listeners(shared, listener, admin, 0)?.run(shutdown).await;
+            Gateway::from_listeners(shared, listener, admin, 0)?.run(&mut shutdown).await;
         }
         let _ = stop_tx.send(true);
         for h in handles {

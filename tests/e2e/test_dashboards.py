@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -184,3 +185,43 @@ def test_the_exposition_holds_no_prompt_text(observed):
     assert observed["marker"] not in text
     assert "example.com" not in text and "ignore previous" not in text
     assert "kgw-" not in text, "no request id in any label"
+
+
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_readyz_waits_for_a_loadable_policy(tmp_path):
+    """A policy that is not there yet (a ConfigMap not mounted yet): the gateway does not
+    serve, /healthz answers, /readyz says why it is not ready; once the file loads the
+    gateway becomes ready and serves."""
+    demo_port, gw_port, admin_port = free_port(), free_port(), free_port()
+    demo = start([binary("ai-demo"), "serve", "--listen", f"127.0.0.1:{demo_port}"],
+                 demo_port, "demo", tmp_path / "demo.log")
+    policy = tmp_path / "policy.yaml"
+    gw = start([binary("kube-gateway"), "run", "--listen", f"127.0.0.1:{gw_port}",
+                "--upstream", f"127.0.0.1:{demo_port}", "--admin", f"127.0.0.1:{admin_port}",
+                "--policy", str(policy), "--store", "none"],
+               admin_port, "gateway", tmp_path / "gateway.log")
+    try:
+        admin = f"http://127.0.0.1:{admin_port}"
+        assert status(f"{admin}/healthz")[0] == 200
+        code, body = status(f"{admin}/readyz")
+        assert code == 503 and "policy" in body, body
+        policy.write_text("apiVersion: kube-gateway.io/v1alpha1\n"
+                          "models:\n  rewrite:\n    - { from: '*', to: gemma2:2b }\n")
+        deadline = time.monotonic() + 10
+        while status(f"{admin}/readyz")[0] != 200:
+            assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.1)
+        r = ollama.Client(host=f"http://127.0.0.1:{gw_port}").chat(
+            model="llama3", messages=[{"role": "user", "content": "hi"}])
+        assert r.model == "gemma2:2b"
+    finally:
+        for p in (gw, demo):
+            p.terminate()
+            p.wait(timeout=15)
