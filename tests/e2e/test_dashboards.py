@@ -225,3 +225,32 @@ def test_readyz_waits_for_a_loadable_policy(tmp_path):
         for p in (gw, demo):
             p.terminate()
             p.wait(timeout=15)
+
+
+def test_every_dashboard_type_checks_against_grafana_schema():
+    """Each dashboard JSON as a TypeScript `Dashboard` from @grafana/schema (npm),
+    compiled with `tsc --strict`: unknown keys and wrong types are errors."""
+    if not shutil.which("npm"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must provide npm (Node.js) for the @grafana/schema check")
+        pytest.skip("needs npm for @grafana/schema and typescript")
+    work = ROOT / "target" / "grafana-schema"
+    work.mkdir(parents=True, exist_ok=True)
+    modules = work / "node_modules"
+    if not ((modules / "@grafana" / "schema").exists() and (modules / "typescript").exists()):
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
+                        "@grafana/schema@13", "typescript@5"], cwd=work, check=True,
+                       capture_output=True)
+    sources = []
+    for path in DASHBOARDS:
+        name = path.stem.replace("-", "_")
+        (work / f"{name}.ts").write_text(
+            "import type { Dashboard } from '@grafana/schema';\n"
+            f"export const {name}: Dashboard = {path.read_text()};\n")
+        sources.append(f"{name}.ts")
+    tsc = subprocess.run(["npx", "tsc", "--noEmit", "--strict", "--skipLibCheck",
+                          "--module", "nodenext", "--moduleResolution", "nodenext",
+                          "--target", "es2020", *sources],
+                         cwd=work, capture_output=True, text=True)
+    assert tsc.returncode == 0, tsc.stdout + tsc.stderr
+    assert len(sources) == 3
