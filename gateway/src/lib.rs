@@ -16,6 +16,7 @@ pub mod meter;
 pub mod metrics;
 pub mod netflush;
 pub mod orig_dst;
+pub mod otel;
 pub mod policy;
 pub mod relay;
 pub mod runtime;

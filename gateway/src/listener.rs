@@ -41,6 +41,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::PolicyLoadError),
     #[error("eBPF capture: {0}")]
     Capture(#[from] kube_gateway_bpf::CaptureError),
+    #[error(transparent)]
+    Otel(#[from] crate::otel::OtelError),
 }
 
 /// How long in-flight connections get to finish on shutdown.
@@ -55,10 +57,13 @@ pub struct Shared {
     tokens: TokenCounter,
     /// The usage writer, awaited on shutdown so every record is stored or spooled.
     writer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The recorder, awaited on shutdown so every record reaches the metrics and spans.
+    recorder_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     ready: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
+    otel: Option<Arc<crate::otel::Otel>>,
     store_state: Option<(
         Arc<crate::store::writer::WriterStats>,
         tokio::sync::mpsc::WeakSender<Arc<UsageRecord>>,
@@ -119,8 +124,10 @@ impl Shared {
         };
         let metrics =
             crate::metrics::Metrics::new(&config.identity.namespace, &config.identity.pod);
+        let otel = crate::otel::Otel::from_env(&config.identity.namespace, &config.identity.pod)?
+            .map(Arc::new);
         let ledger = Arc::new(ledger);
-        let (recorder, usage) = usage::spawn_recorder(
+        let (recorder, usage, recorder_task) = usage::spawn_recorder(
             tokens.clone(),
             config.log_bodies,
             65_536,
@@ -128,6 +135,7 @@ impl Shared {
             ledger.clone(),
             // Without an admin endpoint nobody can read them: nothing is recorded.
             config.admin.is_some().then(|| metrics.clone()),
+            otel.clone(),
         );
         Ok(Self {
             config: Arc::new(config),
@@ -138,7 +146,9 @@ impl Shared {
             usage,
             ready: Arc::new(AtomicBool::new(false)),
             writer: Arc::new(std::sync::Mutex::new(writer)),
+            recorder_task: Arc::new(std::sync::Mutex::new(Some(recorder_task))),
             metrics,
+            otel,
             store_state: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
         })
     }
@@ -151,6 +161,10 @@ impl Shared {
         &self.metrics
     }
 
+    pub fn otel(&self) -> Option<Arc<crate::otel::Otel>> {
+        self.otel.clone()
+    }
+
     /// The budget ledger (its shared leases are given back once nothing is served).
     pub fn ledger(&self) -> Arc<Ledger> {
         self.ledger.clone()
@@ -159,6 +173,11 @@ impl Shared {
     /// The usage writer's task: it ends once every recorder is gone and all is stored.
     pub fn take_writer(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.writer.lock().ok().and_then(|mut w| w.take())
+    }
+
+    /// The recorder's task: it ends once every serving thread is gone and all is recorded.
+    pub fn take_recorder(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.recorder_task.lock().ok().and_then(|mut w| w.take())
     }
 
     pub fn policy(&self) -> &Arc<PolicyStore> {

@@ -153,7 +153,7 @@ fn ttft_buckets() -> Histogram {
 }
 
 /// The OpenTelemetry operation name of an endpoint.
-fn operation(endpoint: &str) -> &'static str {
+pub fn operation(endpoint: &str) -> &'static str {
     match endpoint {
         "chat" | "chat_completions" | "responses" => "chat",
         "completions" | "generate" => "text_completion",

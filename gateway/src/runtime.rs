@@ -205,6 +205,8 @@ where
             capture
         });
         let ledger = shared.ledger();
+        let otel = shared.otel();
+        let recorder = shared.take_recorder();
         tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
 
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -238,11 +240,18 @@ where
         }
         // Leases are given back on the runtime their store connections belong to.
         let _ = bg.handle.spawn(async move { ledger.release().await }).await;
+        if let Some(r) = recorder {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), r).await;
+        }
         // Every recorder is gone now: the writer stores (or spools) what is left and ends.
         if let Some(w) = writer {
             if tokio::time::timeout(std::time::Duration::from_secs(30), w).await.is_err() {
                 tracing::error!("usage writer did not finish in 30 s; unwritten rows may be lost");
             }
+        }
+        if let Some(o) = otel {
+            // The exporter's own thread does the network I/O; off the runtimes.
+            let _ = tokio::task::spawn_blocking(move || o.shutdown()).await;
         }
         let _ = bg.stop.send(());
         if bg.thread.join().is_err() {

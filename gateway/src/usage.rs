@@ -227,14 +227,19 @@ pub fn spawn_recorder(
     store: Option<mpsc::Sender<Arc<UsageRecord>>>,
     ledger: Arc<crate::budget::Ledger>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-) -> (Recorder, broadcast::Sender<Arc<UsageRecord>>) {
+    otel: Option<Arc<crate::otel::Otel>>,
+) -> (
+    Recorder,
+    broadcast::Sender<Arc<UsageRecord>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
     let out2 = out.clone();
     // Unique across restarts and pods (the store keys on request ids; pids repeat in
     // containers).
     let id_prefix = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(DRAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -250,6 +255,9 @@ pub fn spawn_recorder(
                         access_log(&record, bodies);
                         if let Some(m) = &metrics {
                             m.record(&record);
+                        }
+                        if let Some(o) = &otel {
+                            o.span(&record);
                         }
                         let record = Arc::new(record);
                         if let Some(store) = &store {
@@ -274,6 +282,7 @@ pub fn spawn_recorder(
             dropped: Arc::new(AtomicU64::new(0)),
         },
         out,
+        task,
     )
 }
 
