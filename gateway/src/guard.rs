@@ -114,12 +114,6 @@ fn mark_finished(v: &mut Value, reason: &str) {
     }
 }
 
-/// The text an event carries, if any.
-pub fn event_text(json: &str) -> Option<String> {
-    let mut v: Value = serde_json::from_str(json).ok()?;
-    delta_text(&mut v).map(std::mem::take)
-}
-
 /// The event that ends an answer cut at a budget: shaped like `json` (the event just
 /// sent), with no text and `finish_reason: "length"` (Ollama `done_reason`); for the
 /// Responses API a `response.incomplete`.

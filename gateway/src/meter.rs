@@ -158,12 +158,12 @@ impl Meter {
         self.cut.take().map(|c| c.reservation)
     }
 
-    /// Counts an event's text against the budget; at the line, the event that ends the
-    /// answer (to send after this one).
-    fn budget_step(&mut self, data: &str) -> Option<serde_json::Value> {
+    /// Counts an event's text (as `observe` read it) against the budget; at the line,
+    /// the event that ends the answer (to send after this one).
+    fn budget_step(&mut self, data: &str, text: Option<&str>) -> Option<serde_json::Value> {
         let cut = self.cut.as_mut()?;
-        if let Some(text) = crate::guard::event_text(data) {
-            cut.used += cut.tokens.count(cut.encoding, &text).unwrap_or(0);
+        if let Some(text) = text.filter(|t| !t.is_empty()) {
+            cut.used += cut.tokens.count(cut.encoding, text).unwrap_or(0);
         }
         if cut.ledger.draw(&mut cut.reservation, cut.used) {
             return None;
@@ -195,12 +195,14 @@ impl Meter {
         }
     }
 
-    fn observe(&mut self, json: &[u8]) {
+    /// Reads an event's model, usage, text, finish reason and error into what the meter
+    /// collected; returns the event's text when a budget is watching (to count it).
+    fn observe(&mut self, json: &[u8]) -> Option<String> {
         let obs = match self.endpoint.dialect() {
             Dialect::OpenAi => openai::observe(self.endpoint, json),
             Dialect::Ollama => ollama::observe(self.endpoint, json),
         };
-        let Some(obs) = obs else { return };
+        let obs = obs?;
         let Observation {
             model,
             usage,
@@ -208,6 +210,7 @@ impl Meter {
             finish_reason,
             error,
         } = obs;
+        let counted = self.cut.as_ref().map(|_| text.clone());
         let c = &mut self.collected;
         if model.is_some() {
             c.model = model;
@@ -224,6 +227,7 @@ impl Meter {
         if error.is_some() {
             c.error = error;
         }
+        counted
     }
 
     /// Takes an upstream chunk; returns what to send the client now (maybe nothing yet).
@@ -266,7 +270,7 @@ impl Meter {
                     };
                     self.collected.frames += 1;
                     let json = json.to_vec();
-                    self.observe(&json);
+                    let text = self.observe(&json);
                     let Some(out) = out.as_mut() else { continue };
                     if self.ended {
                         break;
@@ -287,7 +291,7 @@ impl Meter {
                         }
                     }
                     if !self.ended {
-                        if let Some(last) = self.budget_step(&data) {
+                        if let Some(last) = self.budget_step(&data, text.as_deref()) {
                             out.extend_from_slice(last.to_string().as_bytes());
                             out.extend_from_slice(b"\n");
                         }
@@ -307,10 +311,11 @@ impl Meter {
                     .collect();
                 let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
                 let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
-                let mut observed = Vec::with_capacity(events.len());
                 for (event, raw) in events {
+                    let mut text = None;
                     if let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) {
-                        observed.push(data.to_owned());
+                        self.collected.frames += 1;
+                        text = self.observe(data.as_bytes());
                     }
                     let Some(out) = out.as_mut() else { continue };
                     if self.ended {
@@ -370,7 +375,7 @@ impl Meter {
                         }
                     }
                     if !self.ended {
-                        if let Some(last) = self.budget_step(&data) {
+                        if let Some(last) = self.budget_step(&data, text.as_deref()) {
                             match last.get("type").and_then(serde_json::Value::as_str) {
                                 Some(kind) => out.extend_from_slice(
                                     format!("event: {kind}\ndata: {last}\n\n").as_bytes(),
@@ -381,10 +386,6 @@ impl Meter {
                             }
                         }
                     }
-                }
-                for data in observed {
-                    self.collected.frames += 1;
-                    self.observe(data.as_bytes());
                 }
                 self.note_guard();
                 match out {
