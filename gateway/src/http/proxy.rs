@@ -314,13 +314,15 @@ impl Proxy {
                     ex.request = Some(parsed);
                     return self.reject(ex, denial, started, Outcome::Denied);
                 }
+                // The model the request goes to, also on the record of one a budget refuses
+                // (its usage row and metrics then name the model that was asked for).
+                ex.used_model = parsed.model.clone();
                 if !policy.budgets.is_empty() {
                     if let Err(denial) = self.admit(&policy, &parsed, &mut ex).await {
                         ex.request = Some(parsed);
                         return self.reject(ex, denial, started, Outcome::Denied);
                     }
                 }
-                ex.used_model = parsed.model.clone();
                 hide_usage = parsed.ensure_stream_usage();
                 let body = parsed.body(original);
                 ex.request = Some(parsed);
