@@ -135,13 +135,6 @@ pub struct Ask {
     limits: [Option<u64>; 4],
 }
 
-impl Ask {
-    /// The budget it is for.
-    pub fn budget(&self) -> &str {
-        &self.budget
-    }
-}
-
 /// What an admitted request holds in the ledger until it is settled.
 #[derive(Debug, Clone, Default)]
 pub struct Reservation {
@@ -243,10 +236,6 @@ impl Ledger {
             shared: Some(SharedStore { store, runtime }),
             ..Self::new(clock)
         }
-    }
-
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
     }
 
     /// What a measure may reach at admission: the limit, or the slices in hand.

@@ -121,10 +121,4 @@ impl Store {
         .await?;
         Ok(())
     }
-
-    /// Whether budgets are shared through this store (PostgreSQL) rather than kept per
-    /// gateway.
-    pub fn is_shared(&self) -> bool {
-        matches!(self, Store::Postgres(_))
-    }
 }
