@@ -19,9 +19,10 @@ bin=target/release
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
+gw_pids=()
 pg_dir=
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}" "${gw_pids[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$work/up/nginx.pid" ] && kill "$(cat "$work/up/nginx.pid")" 2>/dev/null || true
     [ -n "$pg_dir" ] && bash tests/postgres.sh stop "$pg_dir"
     rm -rf "$work"
@@ -62,12 +63,12 @@ fi
 if [ -n "${KGW_TEST_POSTGRES_URL:-}" ]; then
     stores+=("$KGW_TEST_POSTGRES_URL")
     labels+=("postgresql")
+    extra+=("")
 else
     echo "(no PostgreSQL: set KGW_TEST_POSTGRES_URL or run as root with postgresql installed)"
 fi
 fi
 
-gw_pids=()
 for i in "${!stores[@]}"; do
     RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$((18100 + i))" \
         --upstream 127.0.0.1:18081 --model gemma2:2b --store "${stores[$i]}" \

@@ -73,6 +73,48 @@ async fn rollup_sums(store: &Store, table: &str) -> (i64, i64, i64) {
     }
 }
 
+/// One stored event, read back column by column.
+async fn read_row(store: &Store, id: &str) -> UsageRow {
+    macro_rules! read {
+        ($pool:expr) => {{
+            let r = sqlx::query("SELECT * FROM usage_events WHERE request_id = $1")
+                .bind(id)
+                .fetch_one($pool)
+                .await
+                .unwrap();
+            UsageRow {
+                request_id: r.get("request_id"),
+                time_ms: r.get("time_ms"),
+                namespace: r.get("namespace"),
+                pod: r.get("pod"),
+                container: r.get("container"),
+                source_ip: r.get("source_ip"),
+                destination: r.get("destination"),
+                api: r.get("api"),
+                endpoint: r.get("endpoint"),
+                requested_model: r.get("requested_model"),
+                used_model: r.get("used_model"),
+                input_tokens: r.get("input_tokens"),
+                output_tokens: r.get("output_tokens"),
+                cached_tokens: r.get("cached_tokens"),
+                reasoning_tokens: r.get("reasoning_tokens"),
+                token_source: r.get("token_source"),
+                status: r.get("status"),
+                outcome: r.get("outcome"),
+                rules: r.get("rules"),
+                latency_ms: r.get("latency_ms"),
+                ttft_ms: r.get("ttft_ms"),
+                streamed: r.get("streamed"),
+            }
+        }};
+    }
+    use sqlx::Row;
+    match store {
+        Store::Sqlite(p) => read!(p),
+        Store::Postgres(p) => read!(p),
+    }
+}
+
 async fn exercise(url: StoreUrl) {
     // Twice in a row: the second run finds the migrations applied.
     let store = Store::connect(&url)
@@ -99,17 +141,40 @@ async fn exercise(url: StoreUrl) {
         0,
         "a replayed batch adds nothing"
     );
+    // Stored rows, new rows and one id twice in one batch: the new ones count, once.
+    let fresh: Vec<UsageRow> = (20..23)
+        .map(|i| UsageRow::new(&record(i, "gemma2:2b", 10 + i, 5), &who()))
+        .collect();
+    let mut mixed = rows[15..].to_vec();
+    mixed.extend(fresh.iter().cloned());
+    mixed.push(fresh[1].clone());
+    assert_eq!(store.write(&mixed).await.unwrap(), 3);
+    // Every column round-trips with its type, absent values included.
+    let mut odd = UsageRow::new(&record(23, "qwen2.5", 33, 5), &who());
+    odd.requested_model = None;
+    odd.cached_tokens = Some(3);
+    odd.reasoning_tokens = Some(2);
+    odd.ttft_ms = None;
+    odd.streamed = false;
+    odd.rules = "emails,\"quoted\" ünïcode".into();
+    odd.latency_ms = 12.625;
+    assert_eq!(store.write(std::slice::from_ref(&odd)).await.unwrap(), 1);
+    let back = read_row(&store, &odd.request_id).await;
+    assert_eq!(back, odd, "the stored row is the row written");
+    let back = read_row(&store, &rows[3].request_id).await;
+    assert_eq!(back, rows[3]);
+
     let totals = store.totals(0, i64::MAX).await.unwrap();
     assert_eq!(totals.len(), 2);
     let requests: i64 = totals.iter().map(|t| t.requests).sum();
     let input: i64 = totals.iter().map(|t| t.input_tokens).sum();
-    assert_eq!(requests, 20);
-    assert_eq!(input, (0..20).map(|i| 10 + i).sum::<i64>());
+    assert_eq!(requests, 24);
+    assert_eq!(input, (0..24).map(|i| 10 + i).sum::<i64>());
     assert_eq!(totals[0].namespace, "team-a");
     for table in ["usage_hourly", "usage_daily"] {
         assert_eq!(
             rollup_sums(&store, table).await,
-            (20, input, 100),
+            (24, input, 120),
             "{table} agrees with the events"
         );
     }

@@ -178,20 +178,85 @@ pub struct UsageTotal {
     pub output_tokens: i64,
 }
 
-/// Rows per INSERT statement, largest first: 22 parameters a row stays far below both
-/// databases' parameter limits. A batch is cut into these sizes only, so a handful of
-/// statement texts is prepared once and cached (each odd size would be a new prepare).
-const INSERT_SIZES: [usize; 5] = [200, 64, 16, 4, 1];
+/// A batch's rows as one JSON array of positional arrays, bound as a single parameter:
+/// the database unpacks it (SQLite `json_each`, PostgreSQL `jsonb_array_elements`). One
+/// parameter a batch instead of 22 a row: the driver copies one string, not thousands of
+/// values, and one statement text serves every batch size.
+struct RowsJson<'a>(&'a [UsageRow]);
 
-/// `rows` cut into chunks of the [`INSERT_SIZES`].
-fn insert_chunks(mut rows: &[UsageRow]) -> impl Iterator<Item = &[UsageRow]> {
-    std::iter::from_fn(move || {
-        let size = INSERT_SIZES.into_iter().find(|s| *s <= rows.len())?;
-        let (chunk, rest) = rows.split_at(size);
-        rows = rest;
-        Some(chunk)
-    })
+impl serde::Serialize for RowsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(RowJson))
+    }
 }
+
+struct RowJson<'a>(&'a UsageRow);
+
+impl serde::Serialize for RowJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let r = self.0;
+        // The column order of the INSERTs below.
+        let mut t = s.serialize_tuple(22)?;
+        t.serialize_element(&r.request_id)?;
+        t.serialize_element(&r.time_ms)?;
+        t.serialize_element(&r.namespace)?;
+        t.serialize_element(&r.pod)?;
+        t.serialize_element(&r.container)?;
+        t.serialize_element(&r.source_ip)?;
+        t.serialize_element(&r.destination)?;
+        t.serialize_element(&r.api)?;
+        t.serialize_element(&r.endpoint)?;
+        t.serialize_element(&r.requested_model)?;
+        t.serialize_element(&r.used_model)?;
+        t.serialize_element(&r.input_tokens)?;
+        t.serialize_element(&r.output_tokens)?;
+        t.serialize_element(&r.cached_tokens)?;
+        t.serialize_element(&r.reasoning_tokens)?;
+        t.serialize_element(&r.token_source)?;
+        t.serialize_element(&r.status)?;
+        t.serialize_element(&r.outcome)?;
+        t.serialize_element(&r.rules)?;
+        t.serialize_element(&r.latency_ms)?;
+        t.serialize_element(&r.ttft_ms)?;
+        t.serialize_element(&r.streamed)?;
+        t.end()
+    }
+}
+
+/// SQLite: each row is converted to binary JSON once (`MATERIALIZED`: inlined, every
+/// `->>` would convert the row's text again), then `->>` gives each value its SQL type
+/// (true is 1); `WHERE true` keeps the upsert clause from being read as a join
+/// constraint.
+const SQLITE_INSERT_EVENTS: &str = concat!(
+    "WITH batch(r) AS MATERIALIZED (SELECT jsonb(value) FROM json_each(?1)) ",
+    "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
+    "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
+    "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) ",
+    "SELECT r->>0, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8, r->>9, r->>10, r->>11, ",
+    "r->>12, r->>13, r->>14, r->>15, r->>16, r->>17, r->>18, r->>19, r->>20, r->>21 ",
+    "FROM batch WHERE true ON CONFLICT (request_id) DO NOTHING"
+);
+
+/// Which of a batch's ids (a JSON array of strings) are already stored: a key lookup
+/// per id (SQLite's CROSS JOIN fixes that order; left to itself it may scan the table).
+const SQLITE_STORED_IDS: &str = "SELECT e.request_id FROM json_each(?1) AS j \
+    CROSS JOIN usage_events AS e ON e.request_id = j.value";
+const POSTGRES_STORED_IDS: &str =
+    "SELECT e.request_id FROM jsonb_array_elements_text($1::jsonb) AS j(id) \
+    JOIN usage_events AS e ON e.request_id = j.id";
+
+/// PostgreSQL: `->>` gives text, cast to each column's type.
+const POSTGRES_INSERT_EVENTS: &str = concat!(
+    "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
+    "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
+    "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) ",
+    "SELECT r->>0, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8, r->>9, r->>10, ",
+    "(r->>11)::bigint, (r->>12)::bigint, (r->>13)::bigint, (r->>14)::bigint, r->>15, (r->>16)::integer, ",
+    "r->>17, r->>18, (r->>19)::double precision, (r->>20)::double precision, (r->>21)::boolean ",
+    "FROM jsonb_array_elements($1::jsonb) AS r ",
+    "ON CONFLICT (request_id) DO NOTHING"
+);
 
 /// The rollup rows a batch adds to: per (table, bucket, namespace, pod, model), the
 /// requests and tokens of the batch's new rows. A batch then costs one upsert per group,
@@ -222,48 +287,31 @@ fn rollup_sums<'a>(
     sums
 }
 
-/// Writes one batch inside an open transaction: events first, many rows a statement,
-/// skipping ones already stored; then the rollups of the rows that were new. The same
-/// code for both databases (`$db`).
+/// Writes one batch inside an open transaction: first asks which of its rows are
+/// already stored (a replay; normally none, so nothing comes back row by row), then
+/// inserts them all in one statement that skips those, then adds the new ones to the
+/// rollups, one upsert per group. The same code for both databases (`$db`).
 macro_rules! write_rows {
-    ($tx:expr, $rows:expr, $db:ty) => {{
+    ($tx:expr, $rows:expr, $db:ty, $insert:expr, $stored:expr) => {{
         let rows: &[UsageRow] = $rows;
-        let mut new_ids = std::collections::HashSet::new();
-        for chunk in insert_chunks(rows) {
-            let mut q = sqlx::QueryBuilder::<$db>::new(concat!(
-                "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
-                "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
-                "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) "
-            ));
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.request_id)
-                    .push_bind(r.time_ms)
-                    .push_bind(&r.namespace)
-                    .push_bind(&r.pod)
-                    .push_bind(&r.container)
-                    .push_bind(&r.source_ip)
-                    .push_bind(&r.destination)
-                    .push_bind(&r.api)
-                    .push_bind(&r.endpoint)
-                    .push_bind(&r.requested_model)
-                    .push_bind(&r.used_model)
-                    .push_bind(r.input_tokens)
-                    .push_bind(r.output_tokens)
-                    .push_bind(r.cached_tokens)
-                    .push_bind(r.reasoning_tokens)
-                    .push_bind(&r.token_source)
-                    .push_bind(r.status)
-                    .push_bind(&r.outcome)
-                    .push_bind(&r.rules)
-                    .push_bind(r.latency_ms)
-                    .push_bind(r.ttft_ms)
-                    .push_bind(r.streamed);
-            });
-            q.push(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
-            let ids: Vec<String> = q.build_query_scalar().fetch_all(&mut *$tx).await?;
-            new_ids.extend(ids);
-        }
-        let sums = rollup_sums(rows.iter().filter(|r| new_ids.contains(&r.request_id)));
+        let json = serde_json::to_string(&RowsJson(rows))
+            .map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let ids = serde_json::to_string(&rows.iter().map(|r| &r.request_id).collect::<Vec<_>>())
+            .map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let stored: std::collections::HashSet<String> = sqlx::query_scalar($stored)
+            .bind(ids)
+            .fetch_all(&mut *$tx)
+            .await?
+            .into_iter()
+            .collect();
+        sqlx::query($insert).bind(json).execute(&mut *$tx).await?;
+        // A request id twice in one batch is stored (and counted) once.
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        let new: Vec<&UsageRow> = rows
+            .iter()
+            .filter(|r| !stored.contains(&r.request_id) && seen.insert(r.request_id.as_str()))
+            .collect();
+        let sums = rollup_sums(new.iter().copied());
         for ((table, bucket, namespace, pod, model), (requests, input, output)) in sums {
             let mut q = sqlx::QueryBuilder::<$db>::new(format!(
                 "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) VALUES ("
@@ -284,7 +332,7 @@ macro_rules! write_rows {
             ));
             q.build().execute(&mut *$tx).await?;
         }
-        new_ids.len()
+        new.len()
     }};
 }
 
@@ -348,13 +396,25 @@ impl Store {
         match self {
             Store::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                let n = write_rows!(tx, rows, sqlx::Sqlite);
+                let n = write_rows!(
+                    tx,
+                    rows,
+                    sqlx::Sqlite,
+                    SQLITE_INSERT_EVENTS,
+                    SQLITE_STORED_IDS
+                );
                 tx.commit().await?;
                 Ok(n)
             }
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let n = write_rows!(tx, rows, sqlx::Postgres);
+                let n = write_rows!(
+                    tx,
+                    rows,
+                    sqlx::Postgres,
+                    POSTGRES_INSERT_EVENTS,
+                    POSTGRES_STORED_IDS
+                );
                 tx.commit().await?;
                 Ok(n)
             }
