@@ -14,25 +14,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::budget::Ledger;
-use crate::metrics::Metrics;
-use crate::policy::PolicyStore;
-use crate::store::writer::WriterStats;
+use crate::metrics::{LiveState, Metrics};
 
 /// What the admin endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
     pub ready: Arc<AtomicBool>,
-    pub policy: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
-    pub ledger: Arc<Ledger>,
-    /// The usage writer's counters and queue, when there is a store. Weak: the writer
-    /// ends (at shutdown) when the last sender is gone, and the admin endpoint must not
-    /// be one.
-    pub store: Option<(
-        Arc<WriterStats>,
-        tokio::sync::mpsc::WeakSender<Arc<crate::UsageRecord>>,
-    )>,
+    /// The policy in force, and what the gauges read.
+    pub live: LiveState,
 }
 
 impl AdminState {
@@ -41,7 +31,7 @@ impl AdminState {
         if !self.ready.load(Ordering::Acquire) {
             return Some("not serving yet\n");
         }
-        match &self.store {
+        match &self.live.store {
             Some((stats, _)) if !stats.connected.load(Ordering::Relaxed) => {
                 Some("usage store unreachable (usage is spooled)\n")
             }
@@ -51,27 +41,13 @@ impl AdminState {
 
     /// Gauges read at scrape time, then the exposition.
     fn metrics(&self) -> String {
-        let policy = self.policy.current();
-        for (budget, scope, measure, used, limit) in self.ledger.gauges(&policy.budgets) {
-            self.metrics.budget(&budget, &scope, measure, used, limit);
-        }
-        if let Some((stats, tx)) = &self.store {
-            let spooled = stats.spooled.load(Ordering::Relaxed);
-            let replayed = stats.replayed.load(Ordering::Relaxed);
-            let depth = tx
-                .upgrade()
-                .map_or(0, |tx| tx.max_capacity() - tx.capacity());
-            self.metrics.store_state(
-                depth,
-                usize::try_from(spooled.saturating_sub(replayed)).unwrap_or(usize::MAX),
-            );
-        }
+        self.metrics.refresh(&self.live);
         self.metrics.encode()
     }
 }
 
 fn answer(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
-    let policy = &state.policy;
+    let policy = &state.live.policy;
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, Bytes::from_static(b"ok\n")),
         (&Method::GET, "/readyz") => match state.not_ready() {

@@ -64,10 +64,7 @@ pub struct Shared {
     ready: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
     otel: Option<Arc<crate::otel::Otel>>,
-    store_state: Option<(
-        Arc<crate::store::writer::WriterStats>,
-        tokio::sync::mpsc::WeakSender<Arc<UsageRecord>>,
-    )>,
+    live: crate::metrics::LiveState,
 }
 
 impl Shared {
@@ -122,19 +119,32 @@ impl Shared {
             }
             None => (None, None, None),
         };
-        let metrics =
-            crate::metrics::Metrics::new(&config.identity.namespace, &config.identity.pod);
-        let otel = crate::otel::Otel::from_env(&config.identity.namespace, &config.identity.pod)?
-            .map(Arc::new);
         let ledger = Arc::new(ledger);
+        let live = crate::metrics::LiveState {
+            policy: policy.clone(),
+            ledger: ledger.clone(),
+            store: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
+        };
+        let otel = crate::otel::Otel::from_env(
+            &config.identity.namespace,
+            &config.identity.pod,
+            live.clone(),
+        )?
+        .map(Arc::new);
+        let metrics = crate::metrics::Metrics::new(
+            &config.identity.namespace,
+            &config.identity.pod,
+            otel.clone(),
+        );
         let (recorder, usage, recorder_task) = usage::spawn_recorder(
             tokens.clone(),
             config.log_bodies,
             65_536,
             store_tx.clone(),
             ledger.clone(),
-            // Without an admin endpoint nobody can read them: nothing is recorded.
-            config.admin.is_some().then(|| metrics.clone()),
+            // Without an admin endpoint or an OTLP export nobody can read them: nothing
+            // is recorded.
+            (config.admin.is_some() || otel.is_some()).then(|| metrics.clone()),
             otel.clone(),
         );
         Ok(Self {
@@ -149,7 +159,7 @@ impl Shared {
             recorder_task: Arc::new(std::sync::Mutex::new(Some(recorder_task))),
             metrics,
             otel,
-            store_state: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
+            live,
         })
     }
 
@@ -310,10 +320,8 @@ impl Gateway {
                 admin,
                 admin::AdminState {
                     ready: self.shared.ready.clone(),
-                    policy: self.shared.policy.clone(),
                     metrics: self.shared.metrics.clone(),
-                    ledger: self.shared.ledger.clone(),
-                    store: self.shared.store_state.clone(),
+                    live: self.shared.live.clone(),
                 },
             ));
         }

@@ -1,11 +1,14 @@
 //! Prometheus metrics, named after the OpenTelemetry GenAI semantic conventions where
 //! one exists (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
-//! `gen_ai_server_time_to_first_token_seconds`), and `kube_gateway_*` for the rest.
+//! `gen_ai_server_time_to_first_token_seconds`), and `kube_gateway_*` for the rest; when
+//! OTLP export is on, every measurement also goes to the same instruments over OTLP
+//! (`crate::otel`).
 //!
 //! Recorded by the usage recorder from finished records, off the request path, so the
 //! numbers are the ones the usage store gets. Label sets are bounded: namespace and pod
 //! (one per gateway), model names, outcome, rule and budget names from the policy. No
-//! label ever holds prompt text or a request id.
+//! label ever holds prompt text or a request id. Gauges (budgets, the store's queue)
+//! are read when collected, from a [`LiveState`].
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
@@ -17,7 +20,48 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::budget::Ledger;
+use crate::otel::Otel;
+use crate::policy::PolicyStore;
+use crate::store::writer::WriterStats;
 use crate::usage::{Outcome, UsageRecord};
+
+/// What the gauges read when they are collected (a scrape, an OTLP export): the budget
+/// ledger under the policy in force, and the usage writer's state when there is a store.
+#[derive(Clone)]
+pub struct LiveState {
+    pub policy: Arc<PolicyStore>,
+    pub ledger: Arc<Ledger>,
+    /// Weak: the writer ends (at shutdown) when the last sender is gone, and a reader of
+    /// gauges must not be one.
+    pub store: Option<(
+        Arc<WriterStats>,
+        tokio::sync::mpsc::WeakSender<Arc<UsageRecord>>,
+    )>,
+}
+
+/// One budget's gauges: name, scope, what it counts, used and limit in its window.
+pub type BudgetReading = (String, String, &'static str, u64, u64);
+
+impl LiveState {
+    pub fn budgets(&self) -> Vec<BudgetReading> {
+        self.ledger.gauges(&self.policy.current().budgets)
+    }
+
+    /// Records waiting for the writer, and rows spooled and not yet replayed.
+    pub fn store(&self) -> Option<(usize, usize)> {
+        let (stats, tx) = self.store.as_ref()?;
+        let spooled = stats.spooled.load(std::sync::atomic::Ordering::Relaxed);
+        let replayed = stats.replayed.load(std::sync::atomic::Ordering::Relaxed);
+        let depth = tx
+            .upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        Some((
+            depth,
+            usize::try_from(spooled.saturating_sub(replayed)).unwrap_or(usize::MAX),
+        ))
+    }
+}
 
 /// Every GenAI series carries these (the convention's attribute names, dots as `_`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,6 +168,8 @@ pub struct Metrics {
     captured: Family<Pod, Counter>,
     netflushed: Family<Pod, Counter<u64, AtomicU64>>,
     cache: std::sync::Mutex<Vec<Series>>,
+    /// The OTLP exporter, when on: every measurement goes there too.
+    otel: Option<Arc<Otel>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,24 +178,28 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-/// The convention's advised buckets.
+/// The convention's advised buckets (shared with the OTLP instruments).
+pub const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+pub const TTFT_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
 fn token_buckets() -> Histogram {
-    Histogram::new([
-        1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-        4194304.0, 16777216.0, 67108864.0,
-    ])
+    Histogram::new(TOKEN_BUCKETS)
 }
 
 fn duration_buckets() -> Histogram {
-    Histogram::new([
-        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-    ])
+    Histogram::new(DURATION_BUCKETS)
 }
 
 fn ttft_buckets() -> Histogram {
-    Histogram::new([
-        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    ])
+    Histogram::new(TTFT_BUCKETS)
 }
 
 /// The OpenTelemetry operation name of an endpoint.
@@ -177,7 +227,7 @@ pub fn outcome_name(o: Outcome) -> &'static str {
 }
 
 impl Metrics {
-    pub fn new(namespace: &str, pod: &str) -> Arc<Self> {
+    pub fn new(namespace: &str, pod: &str, otel: Option<Arc<Otel>>) -> Arc<Self> {
         let mut registry = Registry::default();
         let token_usage: Hist<Tokens> = Family::new_with_constructor(token_buckets);
         let duration: Hist<GenAi> = Family::new_with_constructor(duration_buckets);
@@ -202,6 +252,7 @@ impl Metrics {
             captured: Family::default(),
             netflushed: Family::default(),
             cache: std::sync::Mutex::new(Vec::new()),
+            otel,
             registry: Registry::default(),
         };
         registry.register(
@@ -365,6 +416,9 @@ impl Metrics {
         if r.endpoint == "other" {
             return;
         }
+        if let Some(o) = &self.otel {
+            o.measure(r);
+        }
         let s = self.series(r);
         s.requests.inc();
         for rule in &r.rules {
@@ -397,14 +451,30 @@ impl Metrics {
     /// A connection arrived with an original destination.
     pub fn captured(&self) {
         self.captured.get_or_create(&self.who).inc();
+        if let Some(o) = &self.otel {
+            o.captured();
+        }
     }
 
     pub fn netflushed(&self, n: u64) {
         self.netflushed.get_or_create(&self.who).inc_by(n);
+        if let Some(o) = &self.otel {
+            o.netflushed(n);
+        }
+    }
+
+    /// Sets the gauges from what `live` reads now (before a scrape).
+    pub fn refresh(&self, live: &LiveState) {
+        for (budget, scope, measure, used, limit) in live.budgets() {
+            self.budget(&budget, &scope, measure, used, limit);
+        }
+        if let Some((depth, spooled)) = live.store() {
+            self.store_state(depth, spooled);
+        }
     }
 
     /// Sets a budget's used and limit gauges.
-    pub fn budget(&self, budget: &str, scope: &str, measure: &'static str, used: u64, limit: u64) {
+    fn budget(&self, budget: &str, scope: &str, measure: &'static str, used: u64, limit: u64) {
         let labels = BudgetLabels {
             namespace: self.who.namespace.clone(),
             pod: self.who.pod.clone(),
@@ -420,7 +490,7 @@ impl Metrics {
             .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
-    pub fn store_state(&self, queue_depth: usize, spool_rows: usize) {
+    fn store_state(&self, queue_depth: usize, spool_rows: usize) {
         self.queue_depth
             .get_or_create(&self.who)
             .set(i64::try_from(queue_depth).unwrap_or(i64::MAX));
@@ -484,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_request_shows_in_every_series_it_belongs_to() {
-        let m = Metrics::new("ns", "pod");
+        let m = Metrics::new("ns", "pod", None);
         m.record(&record(Outcome::Redacted, &["emails"]));
         m.record(&record(Outcome::Denied, &["no-jailbreak"]));
         m.captured();

@@ -1,32 +1,169 @@
 //! OpenTelemetry export: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard OTLP
-//! variables apply: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, headers, timeout), one span per
-//! LLM request goes out over OTLP/HTTP, with the GenAI semantic conventions' attributes
-//! and a `gen_ai.guardrail.rule` event per policy rule that acted. Built from the same
-//! finished records as the usage store and the metrics, by the recorder, off the request
-//! path; the exporter batches on its own thread. No prompt or completion text.
+//! variables apply: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._METRICS_ENDPOINT`,
+//! headers, timeout, `OTEL_METRIC_EXPORT_INTERVAL`), over OTLP/HTTP:
+//! - one span per LLM request, with the GenAI semantic conventions' attributes and a
+//!   `gen_ai.guardrail.rule` event per policy rule that acted;
+//! - the metrics the admin endpoint exposes, as OpenTelemetry instruments under the
+//!   names they come from (`gen_ai.client.token.usage`, `kube_gateway.requests`, ...),
+//!   the same attributes as the Prometheus labels but namespace and pod, which are
+//!   resource attributes (`k8s.namespace.name`, `k8s.pod.name`).
+//!
+//! Built from the same finished records as the usage store, by the recorder, off the
+//! request path; the exporters batch on their own threads. No prompt or completion text.
 
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
-use crate::metrics::outcome_name;
+use crate::metrics::{
+    operation, outcome_name, LiveState, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS,
+};
 use crate::usage::{Outcome, UsageRecord};
 
 /// The environment variable that turns the export on.
 pub const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
-/// The OTLP span export could not start.
+/// The OTLP export could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("OTLP exporter: {0}")]
 pub struct OtelError(String);
 
-/// The span exporter of this gateway.
+/// The span and metric exporters of this gateway.
 pub struct Otel {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    meters: SdkMeterProvider,
+    instruments: Instruments,
     namespace: String,
     pod: String,
+}
+
+/// The metric instruments; each mirrors the Prometheus series of the same name.
+struct Instruments {
+    token_usage: Histogram<u64>,
+    duration: Histogram<f64>,
+    ttft: Histogram<f64>,
+    cached: Counter<u64>,
+    reasoning: Counter<u64>,
+    requests: Counter<u64>,
+    rule_hits: Counter<u64>,
+    rewrites: Counter<u64>,
+    captured: Counter<u64>,
+    netflushed: Counter<u64>,
+    /// Observed at each export from the live state; kept so their callbacks stay.
+    _gauges: [ObservableGauge<u64>; 4],
+}
+
+impl Instruments {
+    fn new(meter: &Meter, live: LiveState) -> Self {
+        let budgets = |name: &'static str, description: &'static str, pick: fn(u64, u64) -> u64| {
+            let live = live.clone();
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |g| {
+                    for (budget, scope, measure, used, limit) in live.budgets() {
+                        g.observe(
+                            pick(used, limit),
+                            &[
+                                KeyValue::new("budget", budget),
+                                KeyValue::new("scope", scope),
+                                KeyValue::new("measure", measure),
+                            ],
+                        );
+                    }
+                })
+                .build()
+        };
+        let store =
+            |name: &'static str, description: &'static str, pick: fn((usize, usize)) -> usize| {
+                let live = live.clone();
+                meter
+                    .u64_observable_gauge(name)
+                    .with_description(description)
+                    .with_callback(move |g| {
+                        if let Some(state) = live.store() {
+                            g.observe(u64::try_from(pick(state)).unwrap_or(u64::MAX), &[]);
+                        }
+                    })
+                    .build()
+            };
+        Self {
+            token_usage: meter
+                .u64_histogram("gen_ai.client.token.usage")
+                .with_unit("{token}")
+                .with_description("Tokens used per request (input or output), as the provider counted them or the gateway estimated")
+                .with_boundaries(TOKEN_BUCKETS.to_vec())
+                .build(),
+            duration: meter
+                .f64_histogram("gen_ai.client.operation.duration")
+                .with_unit("s")
+                .with_description("Time from the request to the end of its answer")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            ttft: meter
+                .f64_histogram("gen_ai.server.time_to_first_token")
+                .with_unit("s")
+                .with_description("Time from the request to the first chunk of its answer")
+                .with_boundaries(TTFT_BUCKETS.to_vec())
+                .build(),
+            cached: meter
+                .u64_counter("kube_gateway.cached_tokens")
+                .with_unit("{token}")
+                .with_description("Input tokens the provider served from its cache")
+                .build(),
+            reasoning: meter
+                .u64_counter("kube_gateway.reasoning_tokens")
+                .with_unit("{token}")
+                .with_description("Output tokens the provider spent on reasoning")
+                .build(),
+            requests: meter
+                .u64_counter("kube_gateway.requests")
+                .with_description("Requests on recognized LLM paths, by outcome")
+                .build(),
+            rule_hits: meter
+                .u64_counter("kube_gateway.rule_hits")
+                .with_description("Policy rules (and budgets) that acted on a request")
+                .build(),
+            rewrites: meter
+                .u64_counter("kube_gateway.model_rewrites")
+                .with_description("Requests whose model the gateway changed, from -> to")
+                .build(),
+            captured: meter
+                .u64_counter("kube_gateway.connections_captured")
+                .with_description("Connections the gateway received with an original destination (transparent mode)")
+                .build(),
+            netflushed: meter
+                .u64_counter("kube_gateway.netflush_destroyed")
+                .with_description("Workload connections destroyed by netflush so they reconnect through the gateway")
+                .build(),
+            _gauges: [
+                budgets(
+                    "kube_gateway.budget_used",
+                    "What each budget has used of its current window (this gateway's view)",
+                    |used, _| used,
+                ),
+                budgets(
+                    "kube_gateway.budget_limit",
+                    "Each budget's limit per window",
+                    |_, limit| limit,
+                ),
+                store(
+                    "kube_gateway.store_queue_depth",
+                    "Usage records waiting for the store writer",
+                    |(depth, _)| depth,
+                ),
+                store(
+                    "kube_gateway.spool_rows",
+                    "Usage rows spooled locally while the store is away",
+                    |(_, spooled)| spooled,
+                ),
+            ],
+        }
+    }
 }
 
 impl std::fmt::Debug for Otel {
@@ -36,12 +173,21 @@ impl std::fmt::Debug for Otel {
 }
 
 impl Otel {
-    /// The exporter, when the environment asks for one.
-    pub fn from_env(namespace: &str, pod: &str) -> Result<Option<Self>, OtelError> {
+    /// The exporters, when the environment asks for them. `live` is what the gauges
+    /// read at each export.
+    pub fn from_env(
+        namespace: &str,
+        pod: &str,
+        live: LiveState,
+    ) -> Result<Option<Self>, OtelError> {
         let Some(endpoint) = std::env::var_os(ENDPOINT).filter(|v| !v.is_empty()) else {
             return Ok(None);
         };
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        let spans = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| OtelError(e.to_string()))?;
+        let metrics = opentelemetry_otlp::MetricExporter::builder()
             .with_http()
             .build()
             .map_err(|e| OtelError(e.to_string()))?;
@@ -53,17 +199,93 @@ impl Otel {
         if !pod.is_empty() {
             resource = resource.with_attribute(KeyValue::new("k8s.pod.name", pod.to_owned()));
         }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource.build())
+            .with_batch_exporter(spans)
+            .with_resource(resource.clone())
             .build();
-        tracing::info!(endpoint = %endpoint.to_string_lossy(), "OpenTelemetry: one span per LLM request over OTLP/HTTP");
+        let meters = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(metrics).build())
+            .with_resource(resource)
+            .build();
+        let instruments = Instruments::new(&meters.meter("kube-gateway"), live);
+        tracing::info!(endpoint = %endpoint.to_string_lossy(), "OpenTelemetry: one span per LLM request and the metrics over OTLP/HTTP");
         Ok(Some(Self {
             tracer: provider.tracer("kube-gateway"),
             provider,
+            meters,
+            instruments,
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
         }))
+    }
+
+    /// The measurements of one finished request (on a recognized path): the same as the
+    /// Prometheus series get.
+    pub fn measure(&self, r: &UsageRecord) {
+        let m = &self.instruments;
+        let requested = r.requested_model.clone().unwrap_or_default();
+        let used = r.used_model.clone().unwrap_or_default();
+        m.requests.add(
+            1,
+            &[
+                KeyValue::new("outcome", outcome_name(r.outcome)),
+                KeyValue::new("gen_ai.request.model", requested.clone()),
+            ],
+        );
+        for rule in &r.rules {
+            m.rule_hits.add(1, &[KeyValue::new("rule", rule.clone())]);
+        }
+        if !used.is_empty() && used != requested {
+            m.rewrites.add(
+                1,
+                &[
+                    KeyValue::new("from", requested),
+                    KeyValue::new("to", used.clone()),
+                ],
+            );
+        }
+        if matches!(
+            r.outcome,
+            Outcome::Denied | Outcome::Rejected | Outcome::Unparsed
+        ) {
+            return;
+        }
+        let genai = [
+            KeyValue::new("gen_ai.operation.name", operation(r.endpoint)),
+            KeyValue::new("gen_ai.provider.name", r.api),
+            // The model asked of the provider (after any rewrite), as the convention means.
+            KeyValue::new("gen_ai.request.model", used),
+            KeyValue::new(
+                "gen_ai.response.model",
+                r.response_model.clone().unwrap_or_default(),
+            ),
+        ];
+        let with_type = |kind: &'static str| {
+            let mut a = genai.to_vec();
+            a.push(KeyValue::new("gen_ai.token.type", kind));
+            a
+        };
+        m.token_usage.record(r.input_tokens, &with_type("input"));
+        m.token_usage.record(r.output_tokens, &with_type("output"));
+        m.duration.record(r.latency.as_secs_f64(), &genai);
+        if let Some(t) = r.first_chunk {
+            m.ttft.record(t.as_secs_f64(), &genai);
+        }
+        if let Some(c) = r.cached_tokens.filter(|c| *c > 0) {
+            m.cached.add(c, &genai);
+        }
+        if let Some(c) = r.reasoning_tokens.filter(|c| *c > 0) {
+            m.reasoning.add(c, &genai);
+        }
+    }
+
+    pub fn captured(&self) {
+        self.instruments.captured.add(1, &[]);
+    }
+
+    pub fn netflushed(&self, n: u64) {
+        self.instruments.netflushed.add(n, &[]);
     }
 
     /// The span of one finished request.
@@ -71,7 +293,7 @@ impl Otel {
         if r.endpoint == "other" {
             return;
         }
-        let operation = crate::metrics::operation(r.endpoint);
+        let operation = operation(r.endpoint);
         let model = r.used_model.clone().unwrap_or_default();
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
@@ -136,10 +358,13 @@ impl Otel {
         span.end_with_timestamp(end);
     }
 
-    /// Sends what is batched (at shutdown).
+    /// Sends what is batched and the metrics' last values (at shutdown).
     pub fn shutdown(&self) {
         if let Err(e) = self.provider.shutdown() {
             tracing::warn!(error = %e, "OpenTelemetry: spans not flushed at shutdown");
+        }
+        if let Err(e) = self.meters.shutdown() {
+            tracing::warn!(error = %e, "OpenTelemetry: metrics not exported at shutdown");
         }
     }
 }
