@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The usage store's cost under load (see gateway/benches/README.md; COMPARE=metrics
-# compares metrics off and on instead): the same gateway
+# compares metrics and tracing off and on instead): the same gateway
 # with --store none, sqlite:// and postgres://, non-streaming chat at 64 connections
 # (wrk) against a canned upstream, rounds interleaved; then each gateway is stopped
 # (SIGTERM) and its store is counted against the requests wrk completed.
@@ -42,16 +42,21 @@ http {
     client_body_temp_path $work/up/body;
     keepalive_requests 1000000;
     server { listen 127.0.0.1:18081; location / { default_type application/json; return 200 '$canned'; } }
+    # An OTLP/HTTP sink for COMPARE=metrics (an empty body is an empty export response).
+    server { listen 127.0.0.1:18089; location / { return 200; } }
 }
 CONF
 nginx -p "$work/up" -c "$work/up/nginx.conf"
 
 extra=("" "")
+envs=("" "")
 if [ "${COMPARE:-store}" = metrics ]; then
-    # Metrics off (no admin endpoint: nothing is recorded) vs on, scraped every second.
+    # Metrics and tracing off (no admin endpoint, no OTLP: nothing is recorded) vs on:
+    # Prometheus scraped every second, and OTLP spans and metrics (every second) to a sink.
     stores=("none" "none")
     labels=("metrics off" "metrics on")
     extra=("" "--admin 127.0.0.1:18199")
+    envs=("" "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:18089 OTEL_METRIC_EXPORT_INTERVAL=1000")
     (while sleep 1; do curl -sf 127.0.0.1:18199/metrics >/dev/null || true; done) & pids+=($!)
 else
 stores=("none" "sqlite://$work/usage.db")
@@ -64,13 +69,14 @@ if [ -n "${KGW_TEST_POSTGRES_URL:-}" ]; then
     stores+=("$KGW_TEST_POSTGRES_URL")
     labels+=("postgresql")
     extra+=("")
+    envs+=("")
 else
     echo "(no PostgreSQL: set KGW_TEST_POSTGRES_URL or run as root with postgresql installed)"
 fi
 fi
 
 for i in "${!stores[@]}"; do
-    RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$((18100 + i))" \
+    env ${envs[$i]} RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$((18100 + i))" \
         --upstream 127.0.0.1:18081 --model gemma2:2b --store "${stores[$i]}" \
         --spool "$work/spool-$i" ${extra[$i]} >/dev/null & gw_pids+=($!)
 done
