@@ -83,8 +83,11 @@ pub struct MeteredBody {
     sink: Sink,
     done: bool,
     idle_timeout: Duration,
-    /// Fires when the upstream has been silent for `idle_timeout`.
-    idle: Pin<Box<tokio::time::Sleep>>,
+    /// When the upstream last sent something (or the body began).
+    last_heard: tokio::time::Instant,
+    /// Fires when the upstream has been silent for `idle_timeout`. Armed only when the
+    /// body has to wait: an answer that is already there never touches the timer wheel.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl MeteredBody {
@@ -100,7 +103,8 @@ impl MeteredBody {
         Self {
             sink,
             idle_timeout,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            last_heard: tokio::time::Instant::now(),
+            idle: None,
             inner,
             meter,
             reframes,
@@ -192,7 +196,19 @@ impl Body for MeteredBody {
             let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(item) => item,
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    let deadline = this.last_heard + this.idle_timeout;
+                    let idle = match &mut this.idle {
+                        Some(idle) => {
+                            if idle.deadline() != deadline {
+                                idle.as_mut().reset(deadline);
+                            }
+                            idle
+                        }
+                        None => this
+                            .idle
+                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    };
+                    if idle.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(this.fail(format!(
                             "upstream sent nothing for {:?}; answer ended",
                             this.idle_timeout
@@ -201,8 +217,7 @@ impl Body for MeteredBody {
                     return Poll::Pending;
                 }
             };
-            let deadline = tokio::time::Instant::now() + this.idle_timeout;
-            this.idle.as_mut().reset(deadline);
+            this.last_heard = tokio::time::Instant::now();
             match polled {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
