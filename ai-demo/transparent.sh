@@ -96,4 +96,17 @@ EOF
 
 say "the usage the gateway stored, and the budget"
 kill -TERM "${pids[1]}"; wait "${pids[1]}" || true
-"$bin/kube-gateway" usage --store "sqlite://$work/usage.db" --policy "$work/policy.yaml" | sed 's/^/    /'
+usage=$("$bin/kube-gateway" usage --store "sqlite://$work/usage.db" --policy "$work/policy.yaml")
+sed 's/^/    /' <<<"$usage"
+# Anything that went wrong on the gateway's side shows here rather than vanishing with
+# the demo's files.
+warnings=$(sed 's/\x1b\[[0-9;]*m//g' "$work/gateway.log" | grep -E '^\S+ +(WARN|ERROR) ' || true)
+if [ -n "$warnings" ]; then
+    say "what the gateway warned about"
+    sed 's/^/    /' <<<"$warnings"
+fi
+# The demo is also CI's check of the whole path: the four requests must be in the store.
+if ! grep -qE '^TOTAL +4 ' <<<"$usage"; then
+    echo "the store does not hold the demo's 4 requests" >&2
+    exit 1
+fi

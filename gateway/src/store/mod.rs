@@ -287,24 +287,28 @@ fn rollup_sums<'a>(
     sums
 }
 
-/// Writes one batch inside an open transaction: first asks which of its rows are
-/// already stored (a replay; normally none, so nothing comes back row by row), then
-/// inserts them all in one statement that skips those, then adds the new ones to the
-/// rollups, one upsert per group. The same code for both databases (`$db`).
+/// Writes one batch: first asks which of its rows are already stored (a replay; normally
+/// none, so nothing comes back row by row), then, in one transaction, inserts them all
+/// in one statement that skips those and adds the new ones to the rollups, one upsert
+/// per group. The same code for both databases (`$db`).
 macro_rules! write_rows {
-    ($tx:expr, $rows:expr, $db:ty, $insert:expr, $stored:expr) => {{
+    ($pool:expr, $rows:expr, $db:ty, $insert:expr, $stored:expr) => {{
         let rows: &[UsageRow] = $rows;
         let json = serde_json::to_string(&RowsJson(rows))
             .map_err(|e| sqlx::Error::Encode(e.into()))?;
         let ids = serde_json::to_string(&rows.iter().map(|r| &r.request_id).collect::<Vec<_>>())
             .map_err(|e| sqlx::Error::Encode(e.into()))?;
+        // Asked before the transaction: only this writer stores these ids, so the answer
+        // holds until the insert, and the transaction then starts with its write (a
+        // SQLite transaction that read first can fail to upgrade to a write).
         let stored: std::collections::HashSet<String> = sqlx::query_scalar($stored)
             .bind(ids)
-            .fetch_all(&mut *$tx)
+            .fetch_all($pool)
             .await?
             .into_iter()
             .collect();
-        sqlx::query($insert).bind(json).execute(&mut *$tx).await?;
+        let mut tx = $pool.begin().await?;
+        sqlx::query($insert).bind(json).execute(&mut *tx).await?;
         // A request id twice in one batch is stored (and counted) once.
         let mut seen = std::collections::HashSet::with_capacity(rows.len());
         let new: Vec<&UsageRow> = rows
@@ -330,8 +334,9 @@ macro_rules! write_rows {
                  input_tokens = {table}.input_tokens + excluded.input_tokens, \
                  output_tokens = {table}.output_tokens + excluded.output_tokens"
             ));
-            q.build().execute(&mut *$tx).await?;
+            q.build().execute(&mut *tx).await?;
         }
+        tx.commit().await?;
         new.len()
     }};
 }
@@ -394,30 +399,20 @@ impl Store {
     /// Writes a batch in one transaction. Returns how many rows were new.
     pub async fn write(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
         match self {
-            Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let n = write_rows!(
-                    tx,
-                    rows,
-                    sqlx::Sqlite,
-                    SQLITE_INSERT_EVENTS,
-                    SQLITE_STORED_IDS
-                );
-                tx.commit().await?;
-                Ok(n)
-            }
-            Store::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let n = write_rows!(
-                    tx,
-                    rows,
-                    sqlx::Postgres,
-                    POSTGRES_INSERT_EVENTS,
-                    POSTGRES_STORED_IDS
-                );
-                tx.commit().await?;
-                Ok(n)
-            }
+            Store::Sqlite(pool) => Ok(write_rows!(
+                pool,
+                rows,
+                sqlx::Sqlite,
+                SQLITE_INSERT_EVENTS,
+                SQLITE_STORED_IDS
+            )),
+            Store::Postgres(pool) => Ok(write_rows!(
+                pool,
+                rows,
+                sqlx::Postgres,
+                POSTGRES_INSERT_EVENTS,
+                POSTGRES_STORED_IDS
+            )),
         }
     }
 
