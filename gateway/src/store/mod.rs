@@ -178,10 +178,10 @@ pub struct UsageTotal {
     pub output_tokens: i64,
 }
 
-/// A batch's rows as one JSON array of positional arrays, bound as a single parameter:
-/// the database unpacks it (SQLite `json_each`, PostgreSQL `jsonb_array_elements`). One
-/// parameter a batch instead of 22 a row: the driver copies one string, not thousands of
-/// values, and one statement text serves every batch size.
+/// A batch's rows for SQLite: one JSON array of positional arrays, bound as a single
+/// parameter that `json_each` unpacks. One parameter a batch instead of 22 a row: the
+/// driver copies one string, not thousands of values, and one statement text serves
+/// every batch size. (PostgreSQL takes one typed array a column instead.)
 struct RowsJson<'a>(&'a [UsageRow]);
 
 impl serde::Serialize for RowsJson<'_> {
@@ -242,21 +242,48 @@ const SQLITE_INSERT_EVENTS: &str = concat!(
 /// per id (SQLite's CROSS JOIN fixes that order; left to itself it may scan the table).
 const SQLITE_STORED_IDS: &str = "SELECT e.request_id FROM json_each(?1) AS j \
     CROSS JOIN usage_events AS e ON e.request_id = j.value";
-const POSTGRES_STORED_IDS: &str =
-    "SELECT e.request_id FROM jsonb_array_elements_text($1::jsonb) AS j(id) \
-    JOIN usage_events AS e ON e.request_id = j.id";
 
-/// PostgreSQL: `->>` gives text, cast to each column's type.
-const POSTGRES_INSERT_EVENTS: &str = concat!(
-    "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
-    "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
-    "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) ",
-    "SELECT r->>0, (r->>1)::bigint, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8, r->>9, r->>10, ",
-    "(r->>11)::bigint, (r->>12)::bigint, (r->>13)::bigint, (r->>14)::bigint, r->>15, (r->>16)::integer, ",
-    "r->>17, r->>18, (r->>19)::double precision, (r->>20)::double precision, (r->>21)::boolean ",
-    "FROM jsonb_array_elements($1::jsonb) AS r ",
-    "ON CONFLICT (request_id) DO NOTHING"
-);
+/// PostgreSQL: the whole batch in one statement, one typed array a column (`UNNEST`; in
+/// the binary protocol: measured at half the server CPU a row of unpacking one JSON
+/// parameter); the insert returns the rows that were new (not already stored), and
+/// the same statement adds them to the rollups, one upsert per group in key order (so
+/// concurrent gateways lock rollup rows in the same order). Returns how many were new.
+const POSTGRES_WRITE: &str = "\
+WITH ins AS (
+    INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip,
+        destination, api, endpoint, requested_model, used_model, input_tokens, output_tokens,
+        cached_tokens, reasoning_tokens, token_source, status, outcome, rules, latency_ms,
+        ttft_ms, streamed)
+    SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+        $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+        $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::text[],
+        $17::integer[], $18::text[], $19::text[], $20::double precision[],
+        $21::double precision[], $22::boolean[])
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING time_ms, namespace, pod, coalesce(used_model, '') AS model, input_tokens,
+        output_tokens
+), hourly AS (
+    INSERT INTO usage_hourly (bucket_ms, namespace, pod, model, requests, input_tokens,
+        output_tokens)
+    SELECT time_ms - time_ms % 3600000, namespace, pod, model, count(*), sum(input_tokens),
+        sum(output_tokens)
+    FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET
+        requests = usage_hourly.requests + excluded.requests,
+        input_tokens = usage_hourly.input_tokens + excluded.input_tokens,
+        output_tokens = usage_hourly.output_tokens + excluded.output_tokens
+), daily AS (
+    INSERT INTO usage_daily (bucket_ms, namespace, pod, model, requests, input_tokens,
+        output_tokens)
+    SELECT time_ms - time_ms % 86400000, namespace, pod, model, count(*), sum(input_tokens),
+        sum(output_tokens)
+    FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET
+        requests = usage_daily.requests + excluded.requests,
+        input_tokens = usage_daily.input_tokens + excluded.input_tokens,
+        output_tokens = usage_daily.output_tokens + excluded.output_tokens
+)
+SELECT count(*) FROM ins";
 
 /// The rollup rows a batch adds to: per (table, bucket, namespace, pod, model), the
 /// requests and tokens of the batch's new rows. A batch then costs one upsert per group,
@@ -287,58 +314,57 @@ fn rollup_sums<'a>(
     sums
 }
 
-/// Writes one batch: first asks which of its rows are already stored (a replay; normally
-/// none, so nothing comes back row by row), then, in one transaction, inserts them all
-/// in one statement that skips those and adds the new ones to the rollups, one upsert
-/// per group. The same code for both databases (`$db`).
-macro_rules! write_rows {
-    ($pool:expr, $rows:expr, $db:ty, $insert:expr, $stored:expr) => {{
-        let rows: &[UsageRow] = $rows;
-        let json = serde_json::to_string(&RowsJson(rows))
-            .map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let ids = serde_json::to_string(&rows.iter().map(|r| &r.request_id).collect::<Vec<_>>())
-            .map_err(|e| sqlx::Error::Encode(e.into()))?;
-        // Asked before the transaction: only this writer stores these ids, so the answer
-        // holds until the insert, and the transaction then starts with its write (a
-        // SQLite transaction that read first can fail to upgrade to a write).
-        let stored: std::collections::HashSet<String> = sqlx::query_scalar($stored)
-            .bind(ids)
-            .fetch_all($pool)
-            .await?
-            .into_iter()
-            .collect();
-        let mut tx = $pool.begin().await?;
-        sqlx::query($insert).bind(json).execute(&mut *tx).await?;
-        // A request id twice in one batch is stored (and counted) once.
-        let mut seen = std::collections::HashSet::with_capacity(rows.len());
-        let new: Vec<&UsageRow> = rows
-            .iter()
-            .filter(|r| !stored.contains(&r.request_id) && seen.insert(r.request_id.as_str()))
-            .collect();
-        let sums = rollup_sums(new.iter().copied());
-        for ((table, bucket, namespace, pod, model), (requests, input, output)) in sums {
-            let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) VALUES ("
-            ));
-            let mut v = q.separated(", ");
-            v.push_bind(bucket)
-                .push_bind(namespace)
-                .push_bind(pod)
-                .push_bind(model)
-                .push_bind(requests)
-                .push_bind(input)
-                .push_bind(output);
-            q.push(format!(
-                ") ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
-                 requests = {table}.requests + excluded.requests, \
-                 input_tokens = {table}.input_tokens + excluded.input_tokens, \
-                 output_tokens = {table}.output_tokens + excluded.output_tokens"
-            ));
-            q.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        new.len()
-    }};
+/// Writes one batch into SQLite: first asks which of its rows are already stored (a
+/// replay; normally none, so nothing comes back row by row), then, in one transaction,
+/// inserts them all in one statement that skips those and adds the new ones to the
+/// rollups, one upsert per group.
+async fn write_sqlite(pool: &SqlitePool, rows: &[UsageRow]) -> Result<usize, StoreError> {
+    let json = serde_json::to_string(&RowsJson(rows)).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let ids = serde_json::to_string(&rows.iter().map(|r| &r.request_id).collect::<Vec<_>>())
+        .map_err(|e| sqlx::Error::Encode(e.into()))?;
+    // Asked before the transaction: only this writer stores these ids, so the answer
+    // holds until the insert, and the transaction then starts with its write (a SQLite
+    // transaction that read first can fail to upgrade to a write).
+    let stored: std::collections::HashSet<String> = sqlx::query_scalar(SQLITE_STORED_IDS)
+        .bind(ids)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query(SQLITE_INSERT_EVENTS)
+        .bind(json)
+        .execute(&mut *tx)
+        .await?;
+    // A request id twice in one batch is stored (and counted) once.
+    let mut seen = std::collections::HashSet::with_capacity(rows.len());
+    let new: Vec<&UsageRow> = rows
+        .iter()
+        .filter(|r| !stored.contains(&r.request_id) && seen.insert(r.request_id.as_str()))
+        .collect();
+    for ((table, bucket, namespace, pod, model), (requests, input, output)) in
+        rollup_sums(new.iter().copied())
+    {
+        sqlx::query(&format!(
+            "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
+             requests = {table}.requests + excluded.requests, \
+             input_tokens = {table}.input_tokens + excluded.input_tokens, \
+             output_tokens = {table}.output_tokens + excluded.output_tokens"
+        ))
+        .bind(bucket)
+        .bind(namespace)
+        .bind(pod)
+        .bind(model)
+        .bind(requests)
+        .bind(input)
+        .bind(output)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(new.len())
 }
 
 impl Store {
@@ -399,20 +425,38 @@ impl Store {
     /// Writes a batch in one transaction. Returns how many rows were new.
     pub async fn write(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
         match self {
-            Store::Sqlite(pool) => Ok(write_rows!(
-                pool,
-                rows,
-                sqlx::Sqlite,
-                SQLITE_INSERT_EVENTS,
-                SQLITE_STORED_IDS
-            )),
-            Store::Postgres(pool) => Ok(write_rows!(
-                pool,
-                rows,
-                sqlx::Postgres,
-                POSTGRES_INSERT_EVENTS,
-                POSTGRES_STORED_IDS
-            )),
+            Store::Sqlite(pool) => write_sqlite(pool, rows).await,
+            Store::Postgres(pool) => {
+                fn col<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
+                    rows.iter().map(f).collect()
+                }
+                let new: i64 = sqlx::query_scalar(POSTGRES_WRITE)
+                    .bind(col(rows, |r| r.request_id.as_str()))
+                    .bind(col(rows, |r| r.time_ms))
+                    .bind(col(rows, |r| r.namespace.as_str()))
+                    .bind(col(rows, |r| r.pod.as_str()))
+                    .bind(col(rows, |r| r.container.as_str()))
+                    .bind(col(rows, |r| r.source_ip.as_str()))
+                    .bind(col(rows, |r| r.destination.as_str()))
+                    .bind(col(rows, |r| r.api.as_str()))
+                    .bind(col(rows, |r| r.endpoint.as_str()))
+                    .bind(col(rows, |r| r.requested_model.as_deref()))
+                    .bind(col(rows, |r| r.used_model.as_deref()))
+                    .bind(col(rows, |r| r.input_tokens))
+                    .bind(col(rows, |r| r.output_tokens))
+                    .bind(col(rows, |r| r.cached_tokens))
+                    .bind(col(rows, |r| r.reasoning_tokens))
+                    .bind(col(rows, |r| r.token_source.as_str()))
+                    .bind(col(rows, |r| r.status))
+                    .bind(col(rows, |r| r.outcome.as_str()))
+                    .bind(col(rows, |r| r.rules.as_str()))
+                    .bind(col(rows, |r| r.latency_ms))
+                    .bind(col(rows, |r| r.ttft_ms))
+                    .bind(col(rows, |r| r.streamed))
+                    .fetch_one(pool)
+                    .await?;
+                Ok(usize::try_from(new).unwrap_or(0))
+            }
         }
     }
 
