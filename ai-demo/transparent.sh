@@ -95,7 +95,11 @@ for r in json.load(urllib.request.urlopen("http://127.0.0.1:11434/demo/requests"
 EOF
 
 say "the usage the gateway stored, and the budget"
-kill -TERM "${pids[1]}"; wait "${pids[1]}" || true
+# SIGTERM to the gateway itself (the background job is the shell that entered the
+# namespace), then wait until it has flushed its last rows and exited.
+for p in $(cat "$cg/gateway/cgroup.procs"); do kill -TERM "$p" 2>/dev/null || true; done
+for _ in $(seq 300); do [ -z "$(cat "$cg/gateway/cgroup.procs")" ] && break; sleep 0.1; done
+wait "${pids[1]}" || true
 usage=$("$bin/kube-gateway" usage --store "sqlite://$work/usage.db" --policy "$work/policy.yaml")
 sed 's/^/    /' <<<"$usage"
 # Anything that went wrong on the gateway's side shows here rather than vanishing with
@@ -107,6 +111,7 @@ if [ -n "$warnings" ]; then
 fi
 # The demo is also CI's check of the whole path: the four requests must be in the store.
 if ! grep -qE '^TOTAL +4 ' <<<"$usage"; then
-    echo "the store does not hold the demo's 4 requests" >&2
+    echo "the store does not hold the demo's 4 requests; the gateway's log ends:" >&2
+    sed 's/\x1b\[[0-9;]*m//g' "$work/gateway.log" | tail -15 >&2
     exit 1
 fi
