@@ -19,7 +19,7 @@ fn row(run: u64, i: u64) -> UsageRow {
         // each counting in its own range (the thread in the top bits), in decimal. (How
         // ids sort matters to the key index: one ascending range costs PostgreSQL about
         // half the server CPU a row of this shape.)
-        request_id: format!("{run:016x}-{}", (i % 2) << 48 | i / 2),
+        request_id: format!("{run:016x}-{}", ((i % 2) << 48) | (i / 2)),
         time_ms: 1_795_000_000_000 + i as i64,
         namespace: "team-a".into(),
         pod: "chat-7d9f-abcde".into(),
