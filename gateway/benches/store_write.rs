@@ -44,38 +44,33 @@ fn row(run: u64, i: u64) -> UsageRow {
     }
 }
 
-/// This process's CPU time (all threads).
-fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+/// User + system CPU in a `/proc/PID/stat` text (fields after the command name).
+fn stat_cpu(stat: &str) -> Duration {
     let f: Vec<&str> = stat
         .rsplit(')')
         .next()
-        .unwrap()
+        .unwrap_or("")
         .split_whitespace()
         .collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
+
+/// This process's CPU time (all threads).
+fn cpu() -> Duration {
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").unwrap())
 }
 
 /// CPU time of every `postgres` process on this machine (a local server's share).
 fn postgres_cpu() -> Duration {
-    let mut ticks = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if !stat.contains(" (postgres) ") {
-            continue;
-        }
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    Duration::from_millis(ticks * 10)
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| stat.contains(" (postgres) "))
+        .map(|stat| stat_cpu(&stat))
+        .sum()
 }
 
 fn bench_store(c: &mut Criterion, name: &str, url: StoreUrl) {

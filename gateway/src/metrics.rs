@@ -212,6 +212,11 @@ pub fn operation(endpoint: &str) -> &'static str {
     }
 }
 
+/// Whether a request of this outcome reached the LLM: only those count tokens and time.
+pub fn reached_llm(o: Outcome) -> bool {
+    !matches!(o, Outcome::Denied | Outcome::Rejected | Outcome::Unparsed)
+}
+
 pub fn outcome_name(o: Outcome) -> &'static str {
     match o {
         Outcome::Allowed => "allowed",
@@ -372,10 +377,7 @@ impl Metrics {
                 to: used.clone(),
             })
         });
-        let answered = !matches!(
-            r.outcome,
-            Outcome::Denied | Outcome::Rejected | Outcome::Unparsed
-        );
+        let answered = reached_llm(r.outcome);
         let genai = GenAi {
             namespace: self.who.namespace.clone(),
             pod: self.who.pod.clone(),

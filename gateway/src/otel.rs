@@ -19,7 +19,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 
 use crate::metrics::{
-    operation, outcome_name, LiveState, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS,
+    operation, outcome_name, reached_llm, LiveState, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS,
 };
 use crate::usage::{Outcome, UsageRecord};
 
@@ -245,10 +245,7 @@ impl Otel {
                 ],
             );
         }
-        if matches!(
-            r.outcome,
-            Outcome::Denied | Outcome::Rejected | Outcome::Unparsed
-        ) {
+        if !reached_llm(r.outcome) {
             return;
         }
         let genai = [

@@ -64,6 +64,22 @@ def attrs(span):
     return {a.key: value(a.value) for a in span.attributes}
 
 
+def start_gateway(tmp_path, otlp_port, args, **env):
+    """The demo LLM, and a gateway in front of it exporting to `otlp_port`, with the policy
+    in tmp_path/policy.yaml and `args` added. Returns both processes and the gateway's port."""
+    demo_port, gw_port = free_port(), free_port()
+    demo = start([binary("ai-demo"), "serve", "--listen", f"127.0.0.1:{demo_port}"],
+                 demo_port, "demo", tmp_path / "demo.log")
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
+               OTEL_BSP_SCHEDULE_DELAY="200", **env)
+    gw = subprocess.Popen([binary("kube-gateway"), "run", "--listen", f"127.0.0.1:{gw_port}",
+                           "--upstream", f"127.0.0.1:{demo_port}",
+                           "--policy", str(tmp_path / "policy.yaml"),
+                           "--pod-namespace", "team-a", "--pod-name", "app-1", *args],
+                          env=env, stdout=open(tmp_path / "gw.log", "wb"), stderr=subprocess.STDOUT)
+    return demo, gw, gw_port
+
+
 def test_one_span_per_request_with_the_genai_attributes(tmp_path):
     otlp_port = free_port()
     Receiver.spans, Receiver.raw, Receiver.metrics = [], [], []
@@ -73,16 +89,7 @@ def test_one_span_per_request_with_the_genai_attributes(tmp_path):
         "apiVersion: kube-gateway.io/v1alpha1\n"
         "models:\n  rewrite:\n    - { from: llama3.2:1b, to: gemma2:2b }\n"
         "promptRules:\n  - { name: emails, match: { detector: email }, action: redact }\n")
-    demo_port, gw_port = free_port(), free_port()
-    demo = start([binary("ai-demo"), "serve", "--listen", f"127.0.0.1:{demo_port}"],
-                 demo_port, "demo", tmp_path / "demo.log")
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
-               OTEL_BSP_SCHEDULE_DELAY="200")
-    gw = subprocess.Popen([binary("kube-gateway"), "run", "--listen", f"127.0.0.1:{gw_port}",
-                           "--upstream", f"127.0.0.1:{demo_port}", "--store", "none",
-                           "--policy", str(tmp_path / "policy.yaml"),
-                           "--pod-namespace", "team-a", "--pod-name", "app-1"],
-                          env=env, stdout=open(tmp_path / "gw.log", "wb"), stderr=subprocess.STDOUT)
+    demo, gw, gw_port = start_gateway(tmp_path, otlp_port, ["--store", "none"])
     marker = f"secret-{uuid.uuid4().hex}"
     try:
         wait_listening(gw_port, gw, "gateway")
@@ -167,19 +174,12 @@ def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
         "models:\n  rewrite:\n    - { from: llama3.2:1b, to: gemma2:2b }\n"
         "promptRules:\n  - { name: emails, match: { detector: email }, action: redact }\n"
         "budgets:\n  - { name: team-daily, scope: namespace, window: day, limits: { totalTokens: 1000000 } }\n")
-    demo_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    demo = start([binary("ai-demo"), "serve", "--listen", f"127.0.0.1:{demo_port}"],
-                 demo_port, "demo", tmp_path / "demo.log")
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_port}",
-               OTEL_METRIC_EXPORT_INTERVAL="300", OTEL_BSP_SCHEDULE_DELAY="200")
-    gw = subprocess.Popen([binary("kube-gateway"), "run", "--listen", f"127.0.0.1:{gw_port}",
-                           "--upstream", f"127.0.0.1:{demo_port}",
-                           "--store", f"sqlite://{tmp_path / 'usage.db'}",
-                           "--spool", str(tmp_path / "spool"),
-                           "--admin", f"127.0.0.1:{admin_port}",
-                           "--policy", str(tmp_path / "policy.yaml"),
-                           "--pod-namespace", "team-a", "--pod-name", "app-1"],
-                          env=env, stdout=open(tmp_path / "gw.log", "wb"), stderr=subprocess.STDOUT)
+    admin_port = free_port()
+    demo, gw, gw_port = start_gateway(
+        tmp_path, otlp_port,
+        ["--store", f"sqlite://{tmp_path / 'usage.db'}", "--spool", str(tmp_path / "spool"),
+         "--admin", f"127.0.0.1:{admin_port}"],
+        OTEL_METRIC_EXPORT_INTERVAL="300")
     marker = f"secret-{uuid.uuid4().hex}"
     try:
         wait_listening(gw_port, gw, "gateway")
