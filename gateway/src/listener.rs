@@ -145,7 +145,6 @@ impl Shared {
             // Without an admin endpoint or an OTLP export nobody can read them: nothing
             // is recorded.
             (config.admin.is_some() || otel.is_some()).then(|| metrics.clone()),
-            otel.clone(),
         );
         Ok(Self {
             config: Arc::new(config),

@@ -124,8 +124,7 @@ struct BudgetLabels {
 type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Handles to the series of one kind of request (they share their values with the
-/// registry).
-#[derive(Clone)]
+/// registry), and its OpenTelemetry attributes when OTLP is on.
 struct Series {
     endpoint: &'static str,
     api: &'static str,
@@ -137,6 +136,7 @@ struct Series {
     rewrite: Option<Counter>,
     /// Only requests that reached the LLM count tokens and time.
     answered: Option<Answered>,
+    otel: Option<crate::otel::SeriesAttributes>,
 }
 
 #[derive(Clone)]
@@ -167,7 +167,7 @@ pub struct Metrics {
     spool_rows: Family<Pod, Gauge<i64, AtomicI64>>,
     captured: Family<Pod, Counter>,
     netflushed: Family<Pod, Counter<u64, AtomicU64>>,
-    cache: std::sync::Mutex<Vec<Series>>,
+    cache: std::sync::Mutex<Vec<Arc<Series>>>,
     /// The OTLP exporter, when on: every measurement goes there too.
     otel: Option<Arc<Otel>>,
 }
@@ -336,7 +336,7 @@ impl Metrics {
     /// The series a request of this kind lands in, resolved once and kept: resolving
     /// means cloning and hashing every label (measured: ~7 µs a request on this
     /// machine's recorder, against well under one with the handles kept).
-    fn series(&self, r: &UsageRecord) -> Series {
+    fn series(&self, r: &UsageRecord) -> Arc<Series> {
         let same = |s: &Series| {
             s.endpoint == r.endpoint
                 && s.api == r.api
@@ -346,12 +346,12 @@ impl Metrics {
                 && s.response.as_deref() == r.response_model.as_deref()
         };
         let Ok(mut cache) = self.cache.lock() else {
-            return self.resolve(r);
+            return Arc::new(self.resolve(r));
         };
         if let Some(s) = cache.iter().find(|s| same(s)) {
             return s.clone();
         }
-        let s = self.resolve(r);
+        let s = Arc::new(self.resolve(r));
         // Label sets are bounded, but not by us: start over rather than grow.
         if cache.len() >= 256 {
             cache.clear();
@@ -410,18 +410,20 @@ impl Metrics {
                 cached: self.cached.get_or_create_owned(&genai),
                 reasoning: self.reasoning.get_or_create_owned(&genai),
             }),
+            otel: self.otel.as_ref().map(|o| o.attributes(r)),
         }
     }
 
-    /// Records a finished request (from the usage recorder).
+    /// Records a finished request (from the usage recorder), and with OTLP on its span.
     pub fn record(&self, r: &UsageRecord) {
         if r.endpoint == "other" {
             return;
         }
-        if let Some(o) = &self.otel {
-            o.measure(r);
-        }
         let s = self.series(r);
+        if let (Some(o), Some(a)) = (&self.otel, &s.otel) {
+            o.measure(a, r);
+            o.span(a, r);
+        }
         s.requests.inc();
         for rule in &r.rules {
             self.rule_hits

@@ -13,6 +13,8 @@
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
+use std::sync::Arc;
+
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
@@ -37,8 +39,19 @@ pub struct Otel {
     tracer: SdkTracer,
     meters: SdkMeterProvider,
     instruments: Instruments,
-    namespace: String,
-    pod: String,
+}
+
+/// The OpenTelemetry attributes of one kind of request (endpoint, outcome, models), built
+/// once per kind by [`Otel::attributes`].
+pub struct SeriesAttributes {
+    requests: Vec<KeyValue>,
+    rewrite: Option<Vec<KeyValue>>,
+    genai: Vec<KeyValue>,
+    input: Vec<KeyValue>,
+    output: Vec<KeyValue>,
+    span_name: String,
+    /// The span attributes every request of this kind has.
+    span: Vec<KeyValue>,
 }
 
 /// The metric instruments; each mirrors the Prometheus series of the same name.
@@ -215,65 +228,91 @@ impl Otel {
             provider,
             meters,
             instruments,
-            namespace: namespace.to_owned(),
-            pod: pod.to_owned(),
         }))
     }
 
-    /// The measurements of one finished request (on a recognized path): the same as the
-    /// Prometheus series get.
-    pub fn measure(&self, r: &UsageRecord) {
-        let m = &self.instruments;
-        let requested = r.requested_model.clone().unwrap_or_default();
-        let used = r.used_model.clone().unwrap_or_default();
-        m.requests.add(
-            1,
-            &[
+    /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
+    /// them with its Prometheus handles, so a request costs no label building or string
+    /// copies here (measured: building them was the largest share of the OTLP cost).
+    pub fn attributes(&self, r: &UsageRecord) -> SeriesAttributes {
+        let text = |s: Option<&String>| -> Value {
+            Value::String(Arc::<str>::from(s.map(String::as_str).unwrap_or_default()).into())
+        };
+        let requested = text(r.requested_model.as_ref());
+        let used = text(r.used_model.as_ref());
+        let operation = operation(r.endpoint);
+        let genai = vec![
+            KeyValue::new("gen_ai.operation.name", operation),
+            KeyValue::new("gen_ai.provider.name", r.api),
+            // The model asked of the provider (after any rewrite), as the convention means.
+            KeyValue::new("gen_ai.request.model", used.clone()),
+            KeyValue::new("gen_ai.response.model", text(r.response_model.as_ref())),
+        ];
+        let with_type = |kind: &'static str| {
+            let mut a = genai.clone();
+            a.push(KeyValue::new("gen_ai.token.type", kind));
+            a
+        };
+        let used_name = r.used_model.as_deref().unwrap_or_default();
+        let requested_name = r.requested_model.as_deref().unwrap_or_default();
+        let rewritten = !used_name.is_empty() && used_name != requested_name;
+        let mut span = vec![
+            KeyValue::new("gen_ai.operation.name", operation),
+            KeyValue::new("gen_ai.provider.name", r.api),
+            KeyValue::new("gen_ai.request.model", used.clone()),
+        ];
+        if r.response_model.is_some() {
+            span.push(KeyValue::new(
+                "gen_ai.response.model",
+                text(r.response_model.as_ref()),
+            ));
+        }
+        if r.requested_model.is_some() && r.requested_model != r.used_model {
+            span.push(KeyValue::new(
+                "kube_gateway.requested_model",
+                requested.clone(),
+            ));
+        }
+        SeriesAttributes {
+            requests: vec![
                 KeyValue::new("outcome", outcome_name(r.outcome)),
                 KeyValue::new("gen_ai.request.model", requested.clone()),
             ],
-        );
+            rewrite: rewritten
+                .then(|| vec![KeyValue::new("from", requested), KeyValue::new("to", used)]),
+            input: with_type("input"),
+            output: with_type("output"),
+            genai,
+            span_name: format!("{operation} {used_name}"),
+            span,
+        }
+    }
+
+    /// The measurements of one finished request (on a recognized path), in the series
+    /// `a` of its kind: the same as the Prometheus series get.
+    pub fn measure(&self, a: &SeriesAttributes, r: &UsageRecord) {
+        let m = &self.instruments;
+        m.requests.add(1, &a.requests);
         for rule in &r.rules {
             m.rule_hits.add(1, &[KeyValue::new("rule", rule.clone())]);
         }
-        if !used.is_empty() && used != requested {
-            m.rewrites.add(
-                1,
-                &[
-                    KeyValue::new("from", requested),
-                    KeyValue::new("to", used.clone()),
-                ],
-            );
+        if let Some(rewrite) = &a.rewrite {
+            m.rewrites.add(1, rewrite);
         }
         if !reached_llm(r.outcome) {
             return;
         }
-        let genai = [
-            KeyValue::new("gen_ai.operation.name", operation(r.endpoint)),
-            KeyValue::new("gen_ai.provider.name", r.api),
-            // The model asked of the provider (after any rewrite), as the convention means.
-            KeyValue::new("gen_ai.request.model", used),
-            KeyValue::new(
-                "gen_ai.response.model",
-                r.response_model.clone().unwrap_or_default(),
-            ),
-        ];
-        let with_type = |kind: &'static str| {
-            let mut a = genai.to_vec();
-            a.push(KeyValue::new("gen_ai.token.type", kind));
-            a
-        };
-        m.token_usage.record(r.input_tokens, &with_type("input"));
-        m.token_usage.record(r.output_tokens, &with_type("output"));
-        m.duration.record(r.latency.as_secs_f64(), &genai);
+        m.token_usage.record(r.input_tokens, &a.input);
+        m.token_usage.record(r.output_tokens, &a.output);
+        m.duration.record(r.latency.as_secs_f64(), &a.genai);
         if let Some(t) = r.first_chunk {
-            m.ttft.record(t.as_secs_f64(), &genai);
+            m.ttft.record(t.as_secs_f64(), &a.genai);
         }
         if let Some(c) = r.cached_tokens.filter(|c| *c > 0) {
-            m.cached.add(c, &genai);
+            m.cached.add(c, &a.genai);
         }
         if let Some(c) = r.reasoning_tokens.filter(|c| *c > 0) {
-            m.reasoning.add(c, &genai);
+            m.reasoning.add(c, &a.genai);
         }
     }
 
@@ -285,39 +324,29 @@ impl Otel {
         self.instruments.netflushed.add(n, &[]);
     }
 
-    /// The span of one finished request.
-    pub fn span(&self, r: &UsageRecord) {
+    /// The span of one finished request, `a` the attributes of its kind. Namespace and
+    /// pod are the resource's attributes, not repeated on every span.
+    pub fn span(&self, a: &SeriesAttributes, r: &UsageRecord) {
         if r.endpoint == "other" {
             return;
         }
-        let operation = operation(r.endpoint);
-        let model = r.used_model.clone().unwrap_or_default();
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
-        let mut attributes = vec![
-            KeyValue::new("gen_ai.operation.name", operation),
-            KeyValue::new("gen_ai.provider.name", r.api),
-            KeyValue::new("gen_ai.request.model", model.clone()),
+        let mut attributes = Vec::with_capacity(a.span.len() + 8);
+        // Reference-counted strings: cloning the kind's attributes copies no text.
+        attributes.extend(a.span.iter().cloned());
+        attributes.extend([
             KeyValue::new("gen_ai.usage.input_tokens", r.input_tokens as i64),
             KeyValue::new("gen_ai.usage.output_tokens", r.output_tokens as i64),
             KeyValue::new("kube_gateway.outcome", outcome_name(r.outcome)),
             KeyValue::new("kube_gateway.request_id", r.request_id.clone()),
             KeyValue::new("http.response.status_code", i64::from(r.status)),
             KeyValue::new("server.address", r.destination.clone()),
-        ];
-        if let Some(m) = &r.response_model {
-            attributes.push(KeyValue::new("gen_ai.response.model", m.clone()));
-        }
+        ]);
         if let Some(f) = &r.finish_reason {
             attributes.push(KeyValue::new(
                 "gen_ai.response.finish_reasons",
                 Value::Array(vec![opentelemetry::StringValue::from(f.clone())].into()),
-            ));
-        }
-        if let Some(requested) = r.requested_model.as_ref().filter(|m| **m != model) {
-            attributes.push(KeyValue::new(
-                "kube_gateway.requested_model",
-                requested.clone(),
             ));
         }
         if let Some(t) = r.first_chunk {
@@ -326,15 +355,9 @@ impl Otel {
                 t.as_secs_f64(),
             ));
         }
-        if !self.namespace.is_empty() {
-            attributes.push(KeyValue::new("k8s.namespace.name", self.namespace.clone()));
-        }
-        if !self.pod.is_empty() {
-            attributes.push(KeyValue::new("k8s.pod.name", self.pod.clone()));
-        }
         let mut span = self
             .tracer
-            .span_builder(format!("{operation} {model}"))
+            .span_builder(a.span_name.clone())
             .with_kind(SpanKind::Client)
             .with_start_time(start)
             .with_attributes(attributes)

@@ -227,7 +227,6 @@ pub fn spawn_recorder(
     store: Option<mpsc::Sender<Arc<UsageRecord>>>,
     ledger: Arc<crate::budget::Ledger>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-    otel: Option<Arc<crate::otel::Otel>>,
 ) -> (
     Recorder,
     broadcast::Sender<Arc<UsageRecord>>,
@@ -253,11 +252,9 @@ pub fn spawn_recorder(
                             ledger.settle(&r, record.input_tokens, record.output_tokens);
                         }
                         access_log(&record, bodies);
+                        // Metrics, and the OTLP span when that export is on.
                         if let Some(m) = &metrics {
                             m.record(&record);
-                        }
-                        if let Some(o) = &otel {
-                            o.span(&record);
                         }
                         let record = Arc::new(record);
                         if let Some(store) = &store {
