@@ -90,7 +90,7 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"llama3.2:1b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the platform team, briefly."}],"max_tokens":32}'
 LUA
 
-declare -A sent rps_sum cpu_sum pg_sum
+declare -A sent rps_sum cpu_sum pg_sum ratios
 # CPU ticks (user + system) of a process, or of every postgres server process.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 pg_ticks() {
@@ -115,6 +115,10 @@ for round in $(seq "$ROUNDS"); do
         sent[$i]=$(( ${sent[$i]:-0} + n ))
         rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
         rps_sum[$i]=$(awk -v a="${rps_sum[$i]:-0}" -v b="$rps" 'BEGIN {print a + b}')
+        # Paired with the same round's first configuration: this machine's speed drifts
+        # between rounds more than the differences measured here.
+        [ "$i" = 0 ] && base=$rps
+        ratios[$i]="${ratios[$i]:-} $(awk -v a="$rps" -v b="$base" 'BEGIN {print 100 * a / b}')"
         printf '%-6s %-12s %12s %10s %10s  %s\n' "$round" "${labels[$i]}" \
             "$rps" \
             "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" \
@@ -129,6 +133,15 @@ for i in "${!stores[@]}"; do
     awk -v l="${labels[$i]}" -v s="${rps_sum[$i]}" -v o="${rps_sum[0]}" -v r="$ROUNDS" \
         -v c="${cpu_sum[$i]}" -v p="${pg_sum[$i]}" -v n="${sent[$i]}" -v hz="$hz" \
         'BEGIN {printf "%-12s %10.0f requests/s  %6.1f %%  gateway %5.1f us, postgres %5.1f us CPU/request\n", l, s / r, 100 * s / o, 1e6 * c / hz / n, 1e6 * p / hz / n}'
+done
+echo
+echo "per round, against the same round's ${labels[0]} (median, and every round)"
+for i in "${!stores[@]}"; do
+    [ "$i" = 0 ] && continue
+    sorted=$(tr ' ' '\n' <<<"${ratios[$i]}" | sed '/^$/d' | sort -g)
+    printf '%-12s median %6.1f %%  rounds: %s\n' "${labels[$i]}" \
+        "$(awk '{v[NR] = $1} END {print NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}' <<<"$sorted")" \
+        "$(tr ' ' '\n' <<<"${ratios[$i]}" | awk 'NF {printf "%.1f ", $1}')"
 done
 
 echo

@@ -8,6 +8,7 @@
 //!   the same attributes as the Prometheus labels but namespace and pod, which are
 //!   resource attributes (`k8s.namespace.name`, `k8s.pod.name`).
 //!
+//! `OTEL_TRACES_EXPORTER=none` or `OTEL_METRICS_EXPORTER=none` turns one of the two off.
 //! Built from the same finished records as the usage store, by the recorder, off the
 //! request path; the exporters batch on their own threads. No prompt or completion text.
 
@@ -35,10 +36,26 @@ pub struct OtelError(String);
 
 /// The span and metric exporters of this gateway.
 pub struct Otel {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
-    meters: SdkMeterProvider,
-    instruments: Instruments,
+    /// Spans, unless `OTEL_TRACES_EXPORTER=none`.
+    traces: Option<(SdkTracer, SdkTracerProvider)>,
+    /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
+    metrics: Option<(Instruments, SdkMeterProvider)>,
+}
+
+/// Whether the standard `OTEL_{TRACES,METRICS}_EXPORTER` variable `var` asks for the
+/// OTLP export (`otlp`, the default) or none (`none`); any other exporter is an error.
+fn exporter_wanted(var: &str) -> Result<bool, OtelError> {
+    exporter_choice(var, std::env::var(var).ok().as_deref())
+}
+
+fn exporter_choice(var: &str, value: Option<&str>) -> Result<bool, OtelError> {
+    match value.map(str::trim) {
+        None | Some("") | Some("otlp") => Ok(true),
+        Some("none") => Ok(false),
+        Some(other) => Err(OtelError(format!(
+            "{var}={other}: only otlp and none are supported"
+        ))),
+    }
 }
 
 /// The OpenTelemetry attributes of one kind of request (endpoint, outcome, models), built
@@ -196,14 +213,11 @@ impl Otel {
         let Some(endpoint) = std::env::var_os(ENDPOINT).filter(|v| !v.is_empty()) else {
             return Ok(None);
         };
-        let spans = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()
-            .map_err(|e| OtelError(e.to_string()))?;
-        let metrics = opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .build()
-            .map_err(|e| OtelError(e.to_string()))?;
+        let traces_on = exporter_wanted("OTEL_TRACES_EXPORTER")?;
+        let metrics_on = exporter_wanted("OTEL_METRICS_EXPORTER")?;
+        if !traces_on && !metrics_on {
+            return Ok(None);
+        }
         let mut resource = Resource::builder().with_service_name("kube-gateway");
         if !namespace.is_empty() {
             resource =
@@ -213,22 +227,40 @@ impl Otel {
             resource = resource.with_attribute(KeyValue::new("k8s.pod.name", pod.to_owned()));
         }
         let resource = resource.build();
-        let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(spans)
-            .with_resource(resource.clone())
-            .build();
-        let meters = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(metrics).build())
-            .with_resource(resource)
-            .build();
-        let instruments = Instruments::new(&meters.meter("kube-gateway"), live);
-        tracing::info!(endpoint = %endpoint.to_string_lossy(), "OpenTelemetry: one span per LLM request and the metrics over OTLP/HTTP");
-        Ok(Some(Self {
-            tracer: provider.tracer("kube-gateway"),
-            provider,
-            meters,
-            instruments,
-        }))
+        let traces = if traces_on {
+            let spans = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+                .map_err(|e| OtelError(e.to_string()))?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(spans)
+                .with_resource(resource.clone())
+                .build();
+            Some((provider.tracer("kube-gateway"), provider))
+        } else {
+            None
+        };
+        let metrics = if metrics_on {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .build()
+                .map_err(|e| OtelError(e.to_string()))?;
+            let meters = SdkMeterProvider::builder()
+                .with_reader(PeriodicReader::builder(exporter).build())
+                .with_resource(resource)
+                .build();
+            let instruments = Instruments::new(&meters.meter("kube-gateway"), live);
+            Some((instruments, meters))
+        } else {
+            None
+        };
+        tracing::info!(
+            endpoint = %endpoint.to_string_lossy(),
+            spans = traces_on,
+            metrics = metrics_on,
+            "OpenTelemetry: export over OTLP/HTTP (one span per LLM request; the metrics)"
+        );
+        Ok(Some(Self { traces, metrics }))
     }
 
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
@@ -291,7 +323,9 @@ impl Otel {
     /// The measurements of one finished request (on a recognized path), in the series
     /// `a` of its kind: the same as the Prometheus series get.
     pub fn measure(&self, a: &SeriesAttributes, r: &UsageRecord) {
-        let m = &self.instruments;
+        let Some((m, _)) = &self.metrics else {
+            return;
+        };
         m.requests.add(1, &a.requests);
         for rule in &r.rules {
             m.rule_hits.add(1, &[KeyValue::new("rule", rule.clone())]);
@@ -317,16 +351,23 @@ impl Otel {
     }
 
     pub fn captured(&self) {
-        self.instruments.captured.add(1, &[]);
+        if let Some((m, _)) = &self.metrics {
+            m.captured.add(1, &[]);
+        }
     }
 
     pub fn netflushed(&self, n: u64) {
-        self.instruments.netflushed.add(n, &[]);
+        if let Some((m, _)) = &self.metrics {
+            m.netflushed.add(n, &[]);
+        }
     }
 
     /// The span of one finished request, `a` the attributes of its kind. Namespace and
     /// pod are the resource's attributes, not repeated on every span.
     pub fn span(&self, a: &SeriesAttributes, r: &UsageRecord) {
+        let Some((tracer, _)) = &self.traces else {
+            return;
+        };
         if r.endpoint == "other" {
             return;
         }
@@ -355,13 +396,12 @@ impl Otel {
                 t.as_secs_f64(),
             ));
         }
-        let mut span = self
-            .tracer
+        let mut span = tracer
             .span_builder(a.span_name.clone())
             .with_kind(SpanKind::Client)
             .with_start_time(start)
             .with_attributes(attributes)
-            .start(&self.tracer);
+            .start(tracer);
         for rule in &r.rules {
             span.add_event_with_timestamp(
                 "gen_ai.guardrail.rule",
@@ -380,11 +420,31 @@ impl Otel {
 
     /// Sends what is batched and the metrics' last values (at shutdown).
     pub fn shutdown(&self) {
-        if let Err(e) = self.provider.shutdown() {
-            tracing::warn!(error = %e, "OpenTelemetry: spans not flushed at shutdown");
+        if let Some((_, provider)) = &self.traces {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "OpenTelemetry: spans not flushed at shutdown");
+            }
         }
-        if let Err(e) = self.meters.shutdown() {
-            tracing::warn!(error = %e, "OpenTelemetry: metrics not exported at shutdown");
+        if let Some((_, meters)) = &self.metrics {
+            if let Err(e) = meters.shutdown() {
+                tracing::warn!(error = %e, "OpenTelemetry: metrics not exported at shutdown");
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exporter_choice;
+
+    #[test]
+    fn an_exporter_is_otlp_unless_none_and_nothing_else_is_accepted() {
+        let v = "OTEL_TRACES_EXPORTER";
+        assert!(exporter_choice(v, None).unwrap());
+        assert!(exporter_choice(v, Some("")).unwrap());
+        assert!(exporter_choice(v, Some("otlp")).unwrap());
+        assert!(!exporter_choice(v, Some("none")).unwrap());
+        let e = exporter_choice(v, Some("jaeger")).unwrap_err().to_string();
+        assert!(e.contains("OTEL_TRACES_EXPORTER=jaeger"), "{e}");
     }
 }

@@ -269,3 +269,35 @@ def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
 
     payload = b"".join(Receiver.raw)
     assert marker.encode() not in payload and b"example.com" not in payload, "no prompt text"
+
+
+def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
+    """OTEL_TRACES_EXPORTER=none: metrics only; OTEL_METRICS_EXPORTER=none: spans only."""
+    (tmp_path / "policy.yaml").write_text("apiVersion: kube-gateway.io/v1alpha1\n")
+    for off, want in (("OTEL_TRACES_EXPORTER", "/v1/metrics"), ("OTEL_METRICS_EXPORTER", "/v1/traces")):
+        paths = []
+
+        class Counting(Receiver):
+            def do_POST(self):
+                paths.append(self.path)
+                super().do_POST()
+
+        otlp_port = free_port()
+        server = ThreadingHTTPServer(("127.0.0.1", otlp_port), Counting)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        run = tmp_path / off
+        run.mkdir()
+        (run / "policy.yaml").write_text((tmp_path / "policy.yaml").read_text())
+        demo, gw, gw_port = start_gateway(run, otlp_port, ["--store", "none"],
+                                          OTEL_METRIC_EXPORT_INTERVAL="200", **{off: "none"})
+        try:
+            wait_listening(gw_port, gw, "gateway")
+            oa = openai.OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="x", max_retries=0)
+            oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        finally:
+            gw.send_signal(signal.SIGTERM)
+            assert gw.wait(timeout=30) == 0
+            demo.terminate()
+            demo.wait(timeout=15)
+            server.shutdown()
+        assert paths and set(paths) == {want}, (off, paths)
