@@ -68,7 +68,7 @@ fn tmp(name: &str) -> std::path::PathBuf {
 async fn rollup_sums(store: &Store, table: &str) -> (i64, i64, i64) {
     let sql = format!("SELECT CAST(SUM(requests) AS BIGINT), CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT) FROM {table}");
     match store {
-        Store::Sqlite(p) => sqlx::query_as(&sql).fetch_one(p).await.unwrap(),
+        Store::Sqlite(p, _) => sqlx::query_as(&sql).fetch_one(p).await.unwrap(),
         Store::Postgres(p) => sqlx::query_as(&sql).fetch_one(p).await.unwrap(),
     }
 }
@@ -110,7 +110,7 @@ async fn read_row(store: &Store, id: &str) -> UsageRow {
     }
     use sqlx::Row;
     match store {
-        Store::Sqlite(p) => read!(p),
+        Store::Sqlite(p, _) => read!(p),
         Store::Postgres(p) => read!(p),
     }
 }

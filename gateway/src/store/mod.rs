@@ -59,6 +59,10 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("budget leases need a shared (PostgreSQL) store")]
     NotShared,
+    #[error("usage store (SQLite) write failed: {0}")]
+    SqliteWrite(#[from] rusqlite::Error),
+    #[error("usage store (SQLite) writer thread failed: {0}")]
+    SqliteThread(String),
 }
 
 /// Who this gateway serves: the labels every row carries (from the pod's environment).
@@ -163,8 +167,71 @@ const DAY_MS: i64 = 86_400_000;
 /// An open store.
 #[derive(Debug, Clone)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    /// Reads and migrations through sqlx; batches through the writer's own connection.
+    Sqlite(SqlitePool, SqliteWriter),
     Postgres(PgPool),
+}
+
+/// The SQLite batch writer's own connection (rusqlite, opened on the first batch): one
+/// cached prepared INSERT bound row by row in one transaction, whose change count says
+/// whether each row was new. (Through sqlx, which runs statements on a worker thread
+/// behind a channel, a batch had to be one statement: its 22 values a row came in as
+/// one JSON parameter, and unpacking that cost more than storing the rows.)
+#[derive(Clone)]
+pub struct SqliteWriter {
+    path: PathBuf,
+    conn: std::sync::Arc<std::sync::Mutex<Option<rusqlite::Connection>>>,
+}
+
+impl std::fmt::Debug for SqliteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteWriter")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteWriter {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            conn: Default::default(),
+        }
+    }
+
+    /// Writes a batch on a blocking thread (SQLite's calls block). Returns how many rows
+    /// were new.
+    async fn write(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
+        let this = self.clone();
+        let rows = rows.to_vec();
+        tokio::task::spawn_blocking(move || this.write_blocking(&rows))
+            .await
+            .map_err(|e| StoreError::SqliteThread(e.to_string()))?
+    }
+
+    fn write_blocking(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::SqliteThread("a batch write panicked".into()))?;
+        if guard.is_none() {
+            let conn = rusqlite::Connection::open(&self.path)?;
+            // The file is in WAL mode (set when it was opened with its migrations);
+            // NORMAL syncs at checkpoints, as the sqlx pool's connections do.
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            *guard = Some(conn);
+        }
+        let Some(conn) = guard.as_mut() else {
+            return Err(StoreError::SqliteThread("no connection".into()));
+        };
+        let result = write_sqlite(conn, rows);
+        if result.is_err() {
+            // Opened afresh next time: the file may have been replaced or repaired.
+            *guard = None;
+        }
+        result
+    }
 }
 
 /// Totals per namespace, pod and model over a time range.
@@ -178,70 +245,25 @@ pub struct UsageTotal {
     pub output_tokens: i64,
 }
 
-/// A batch's rows for SQLite: one JSON array of positional arrays, bound as a single
-/// parameter that `json_each` unpacks. One parameter a batch instead of 22 a row: the
-/// driver copies one string, not thousands of values, and one statement text serves
-/// every batch size. (PostgreSQL takes one typed array a column instead.)
-struct RowsJson<'a>(&'a [UsageRow]);
+/// SQLite: one row; a row already stored (a replay) changes nothing.
+const SQLITE_INSERT_EVENT: &str = "INSERT INTO usage_events (request_id, time_ms, namespace, \
+    pod, container, source_ip, destination, api, endpoint, requested_model, used_model, \
+    input_tokens, output_tokens, cached_tokens, reasoning_tokens, token_source, status, \
+    outcome, rules, latency_ms, ttft_ms, streamed) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+    ?19, ?20, ?21, ?22) ON CONFLICT (request_id) DO NOTHING";
 
-impl serde::Serialize for RowsJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(RowJson))
-    }
+/// SQLite: adds a group's sums to a rollup row.
+fn sqlite_rollup(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
+         requests = {table}.requests + excluded.requests, \
+         input_tokens = {table}.input_tokens + excluded.input_tokens, \
+         output_tokens = {table}.output_tokens + excluded.output_tokens"
+    )
 }
-
-struct RowJson<'a>(&'a UsageRow);
-
-impl serde::Serialize for RowJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        let r = self.0;
-        // The column order of the INSERTs below.
-        let mut t = s.serialize_tuple(22)?;
-        t.serialize_element(&r.request_id)?;
-        t.serialize_element(&r.time_ms)?;
-        t.serialize_element(&r.namespace)?;
-        t.serialize_element(&r.pod)?;
-        t.serialize_element(&r.container)?;
-        t.serialize_element(&r.source_ip)?;
-        t.serialize_element(&r.destination)?;
-        t.serialize_element(&r.api)?;
-        t.serialize_element(&r.endpoint)?;
-        t.serialize_element(&r.requested_model)?;
-        t.serialize_element(&r.used_model)?;
-        t.serialize_element(&r.input_tokens)?;
-        t.serialize_element(&r.output_tokens)?;
-        t.serialize_element(&r.cached_tokens)?;
-        t.serialize_element(&r.reasoning_tokens)?;
-        t.serialize_element(&r.token_source)?;
-        t.serialize_element(&r.status)?;
-        t.serialize_element(&r.outcome)?;
-        t.serialize_element(&r.rules)?;
-        t.serialize_element(&r.latency_ms)?;
-        t.serialize_element(&r.ttft_ms)?;
-        t.serialize_element(&r.streamed)?;
-        t.end()
-    }
-}
-
-/// SQLite: each row is converted to binary JSON once (`MATERIALIZED`: inlined, every
-/// `->>` would convert the row's text again), then `->>` gives each value its SQL type
-/// (true is 1); `WHERE true` keeps the upsert clause from being read as a join
-/// constraint.
-const SQLITE_INSERT_EVENTS: &str = concat!(
-    "WITH batch(r) AS MATERIALIZED (SELECT jsonb(value) FROM json_each(?1)) ",
-    "INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip, destination, ",
-    "api, endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, ",
-    "reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed) ",
-    "SELECT r->>0, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8, r->>9, r->>10, r->>11, ",
-    "r->>12, r->>13, r->>14, r->>15, r->>16, r->>17, r->>18, r->>19, r->>20, r->>21 ",
-    "FROM batch WHERE true ON CONFLICT (request_id) DO NOTHING"
-);
-
-/// Which of a batch's ids (a JSON array of strings) are already stored: a key lookup
-/// per id (SQLite's CROSS JOIN fixes that order; left to itself it may scan the table).
-const SQLITE_STORED_IDS: &str = "SELECT e.request_id FROM json_each(?1) AS j \
-    CROSS JOIN usage_events AS e ON e.request_id = j.value";
 
 /// PostgreSQL: the whole batch in one statement, one typed array a column (`UNNEST`; in
 /// the binary protocol: measured at half the server CPU a row of unpacking one JSON
@@ -314,56 +336,54 @@ fn rollup_sums<'a>(
     sums
 }
 
-/// Writes one batch into SQLite: first asks which of its rows are already stored (a
-/// replay; normally none, so nothing comes back row by row), then, in one transaction,
-/// inserts them all in one statement that skips those and adds the new ones to the
-/// rollups, one upsert per group.
-async fn write_sqlite(pool: &SqlitePool, rows: &[UsageRow]) -> Result<usize, StoreError> {
-    let json = serde_json::to_string(&RowsJson(rows)).map_err(|e| sqlx::Error::Encode(e.into()))?;
-    let ids = serde_json::to_string(&rows.iter().map(|r| &r.request_id).collect::<Vec<_>>())
-        .map_err(|e| sqlx::Error::Encode(e.into()))?;
-    // Asked before the transaction: only this writer stores these ids, so the answer
-    // holds until the insert, and the transaction then starts with its write (a SQLite
-    // transaction that read first can fail to upgrade to a write).
-    let stored: std::collections::HashSet<String> = sqlx::query_scalar(SQLITE_STORED_IDS)
-        .bind(ids)
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .collect();
-    let mut tx = pool.begin().await?;
-    sqlx::query(SQLITE_INSERT_EVENTS)
-        .bind(json)
-        .execute(&mut *tx)
-        .await?;
-    // A request id twice in one batch is stored (and counted) once.
-    let mut seen = std::collections::HashSet::with_capacity(rows.len());
-    let new: Vec<&UsageRow> = rows
-        .iter()
-        .filter(|r| !stored.contains(&r.request_id) && seen.insert(r.request_id.as_str()))
-        .collect();
-    for ((table, bucket, namespace, pod, model), (requests, input, output)) in
-        rollup_sums(new.iter().copied())
+/// Writes one batch into SQLite in one transaction: each row inserted unless its id is
+/// already stored (a replay; or twice in the batch: stored and counted once), then the
+/// new rows added to the rollups, one upsert per group.
+fn write_sqlite(conn: &mut rusqlite::Connection, rows: &[UsageRow]) -> Result<usize, StoreError> {
+    // IMMEDIATE: the write lock up front, so the transaction never has to upgrade.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut new = Vec::with_capacity(rows.len());
     {
-        sqlx::query(&format!(
-            "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-             ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
-             requests = {table}.requests + excluded.requests, \
-             input_tokens = {table}.input_tokens + excluded.input_tokens, \
-             output_tokens = {table}.output_tokens + excluded.output_tokens"
-        ))
-        .bind(bucket)
-        .bind(namespace)
-        .bind(pod)
-        .bind(model)
-        .bind(requests)
-        .bind(input)
-        .bind(output)
-        .execute(&mut *tx)
-        .await?;
+        let mut insert = tx.prepare_cached(SQLITE_INSERT_EVENT)?;
+        for r in rows {
+            let changed = insert.execute(rusqlite::params![
+                r.request_id,
+                r.time_ms,
+                r.namespace,
+                r.pod,
+                r.container,
+                r.source_ip,
+                r.destination,
+                r.api,
+                r.endpoint,
+                r.requested_model,
+                r.used_model,
+                r.input_tokens,
+                r.output_tokens,
+                r.cached_tokens,
+                r.reasoning_tokens,
+                r.token_source,
+                r.status,
+                r.outcome,
+                r.rules,
+                r.latency_ms,
+                r.ttft_ms,
+                r.streamed,
+            ])?;
+            if changed == 1 {
+                new.push(r);
+            }
+        }
+        for ((table, bucket, namespace, pod, model), (requests, input, output)) in
+            rollup_sums(new.iter().copied())
+        {
+            tx.prepare_cached(&sqlite_rollup(table))?
+                .execute(rusqlite::params![
+                    bucket, namespace, pod, model, requests, input, output
+                ])?;
+        }
     }
-    tx.commit().await?;
+    tx.commit()?;
     Ok(new.len())
 }
 
@@ -386,7 +406,7 @@ impl Store {
                     .run(&pool)
                     .await
                     .map_err(StoreError::Migrate)?;
-                Ok(Store::Sqlite(pool))
+                Ok(Store::Sqlite(pool, SqliteWriter::new(path.clone())))
             }
             StoreUrl::Postgres(url) => {
                 let opts = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
@@ -425,7 +445,7 @@ impl Store {
     /// Writes a batch in one transaction. Returns how many rows were new.
     pub async fn write(&self, rows: &[UsageRow]) -> Result<usize, StoreError> {
         match self {
-            Store::Sqlite(pool) => write_sqlite(pool, rows).await,
+            Store::Sqlite(_, writer) => writer.write(rows).await,
             Store::Postgres(pool) => {
                 fn col<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
                     rows.iter().map(f).collect()
@@ -489,7 +509,7 @@ impl Store {
         map: impl Fn(&dyn RowAccess) -> T,
     ) -> Result<Vec<T>, StoreError> {
         match self {
-            Store::Sqlite(pool) => {
+            Store::Sqlite(pool, _) => {
                 let mut sql = sql.to_owned();
                 for i in (1..=params.len()).rev() {
                     sql = sql.replace(&format!("${i}"), "?");
