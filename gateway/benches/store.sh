@@ -58,6 +58,15 @@ if [ "${COMPARE:-store}" = metrics ]; then
     extra=("" "--admin 127.0.0.1:18199")
     envs=("" "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:18089 OTEL_METRIC_EXPORT_INTERVAL=1000")
     (while sleep 1; do curl -sf 127.0.0.1:18199/metrics >/dev/null || true; done) & pids+=($!)
+elif [ "${COMPARE:-store}" = exports ]; then
+    # Each export on its own against none: Prometheus (scraped every second), OTLP
+    # metrics only, OTLP spans only, all three.
+    otlp="OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:18089 OTEL_METRIC_EXPORT_INTERVAL=1000"
+    stores=("none" "none" "none" "none" "none")
+    labels=("none" "prometheus" "otlp metrics" "otlp spans" "all")
+    extra=("" "--admin 127.0.0.1:18199" "" "" "--admin 127.0.0.1:18198")
+    envs=("" "" "$otlp OTEL_TRACES_EXPORTER=none" "$otlp OTEL_METRICS_EXPORTER=none" "$otlp")
+    (while sleep 1; do for p in 18199 18198; do curl -sf "127.0.0.1:$p/metrics" >/dev/null || true; done; done) & pids+=($!)
 else
 stores=("none" "sqlite://$work/usage.db")
 labels=("store off" "sqlite")
