@@ -156,7 +156,9 @@ async fn exercise(url: StoreUrl) {
     odd.reasoning_tokens = Some(2);
     odd.ttft_ms = None;
     odd.streamed = false;
-    odd.rules = "emails,\"quoted\" ünïcode".into();
+    // What COPY's text format must escape, and its NULL marker as plain text.
+    odd.rules = "emails,\"quoted\" ünïcode\ttab\nnewline\r\\N back\\slash".into();
+    odd.container = "\\N".into();
     odd.latency_ms = 12.625;
     assert_eq!(store.write(std::slice::from_ref(&odd)).await.unwrap(), 1);
     let back = read_row(&store, &odd.request_id).await;
