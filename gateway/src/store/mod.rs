@@ -265,16 +265,14 @@ fn sqlite_rollup(table: &str) -> String {
     )
 }
 
-/// PostgreSQL: the whole batch in one statement, one typed array a column (`UNNEST`; in
-/// the binary protocol: measured at half the server CPU a row of unpacking one JSON
-/// parameter); the insert returns the rows that were new (not already stored), and
-/// the same statement adds them to the rollups, one upsert per group in key order (so
-/// concurrent gateways lock rollup rows in the same order): the daily groups are summed
-/// from the hourly ones, so the new rows are read once. Returns how many were new.
-macro_rules! postgres_write {
-    ($on_conflict:literal) => {
-        concat!(
-            "WITH ins AS (
+/// PostgreSQL, a batch that may hold rows already stored (a replay of a spool, or a live
+/// batch whose COPY met a duplicate): one statement, one typed array a column (`UNNEST`),
+/// rows already stored skipped; the insert returns the new rows and the same statement
+/// adds them to the rollups, one upsert per group in key order (so concurrent gateways
+/// lock rollup rows in the same order), the daily groups summed from the hourly ones.
+/// Returns how many were new.
+const POSTGRES_WRITE: &str = "\
+WITH ins AS (
     INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip,
         destination, api, endpoint, requested_model, used_model, input_tokens, output_tokens,
         cached_tokens, reasoning_tokens, token_source, status, outcome, rules, latency_ms,
@@ -284,9 +282,8 @@ macro_rules! postgres_write {
         $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::text[],
         $17::integer[], $18::text[], $19::text[], $20::double precision[],
         $21::double precision[], $22::boolean[])
-",
-            $on_conflict,
-            "    RETURNING time_ms, namespace, pod, coalesce(used_model, '') AS model, input_tokens,
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING time_ms, namespace, pod, coalesce(used_model, '') AS model, input_tokens,
         output_tokens
 ), h AS (
     SELECT time_ms - time_ms % 3600000 AS bucket_ms, namespace, pod, model,
@@ -312,13 +309,7 @@ macro_rules! postgres_write {
         input_tokens = usage_daily.input_tokens + excluded.input_tokens,
         output_tokens = usage_daily.output_tokens + excluded.output_tokens
 )
-SELECT CAST(coalesce(sum(requests), 0) AS BIGINT) FROM h"
-        )
-    };
-}
-
-/// The batch, skipping rows already stored (a replay of a spool).
-const POSTGRES_WRITE: &str = postgres_write!("    ON CONFLICT (request_id) DO NOTHING\n");
+SELECT CAST(coalesce(sum(requests), 0) AS BIGINT) FROM h";
 
 /// The rollup rows a batch adds to: per (table, bucket, namespace, pod, model), the
 /// requests and tokens of the batch's new rows. A batch then costs one upsert per group,
@@ -519,12 +510,12 @@ async fn copy_postgres(pool: &PgPool, rows: &[UsageRow]) -> Result<i64, sqlx::Er
     Ok(i64::try_from(stored).unwrap_or(i64::MAX))
 }
 
-/// Runs one of the PostgreSQL batch statements over `rows`: how many were new.
-async fn write_postgres(pool: &PgPool, sql: &str, rows: &[UsageRow]) -> Result<i64, sqlx::Error> {
+/// Runs [`POSTGRES_WRITE`] over `rows`: how many were new.
+async fn write_postgres(pool: &PgPool, rows: &[UsageRow]) -> Result<i64, sqlx::Error> {
     fn col<'a, T>(rows: &'a [UsageRow], f: impl Fn(&'a UsageRow) -> T) -> Vec<T> {
         rows.iter().map(f).collect()
     }
-    sqlx::query_scalar(sql)
+    sqlx::query_scalar(POSTGRES_WRITE)
         .bind(col(rows, |r| r.request_id.as_str()))
         .bind(col(rows, |r| r.time_ms))
         .bind(col(rows, |r| r.namespace.as_str()))
@@ -613,7 +604,7 @@ impl Store {
             Store::Postgres(pool) => {
                 let new = match copy_postgres(pool, rows).await {
                     Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                        write_postgres(pool, POSTGRES_WRITE, rows).await?
+                        write_postgres(pool, rows).await?
                     }
                     other => other?,
                 };
