@@ -12,10 +12,10 @@
 //! Built from the same finished records as the usage store, by the recorder, off the
 //! request path; the exporters batch on their own threads. No prompt or completion text.
 
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use std::sync::Arc;
 
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
+use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
@@ -288,16 +288,10 @@ impl Otel {
         let used_name = r.used_model.as_deref().unwrap_or_default();
         let requested_name = r.requested_model.as_deref().unwrap_or_default();
         let rewritten = !used_name.is_empty() && used_name != requested_name;
-        let mut span = vec![
-            KeyValue::new("gen_ai.operation.name", operation),
-            KeyValue::new("gen_ai.provider.name", r.api),
-            KeyValue::new("gen_ai.request.model", used.clone()),
-        ];
+        // The metrics' GenAI attributes, but the response model only when there is one.
+        let mut span = genai[..3].to_vec();
         if r.response_model.is_some() {
-            span.push(KeyValue::new(
-                "gen_ai.response.model",
-                text(r.response_model.as_ref()),
-            ));
+            span.push(genai[3].clone());
         }
         if r.requested_model.is_some() && r.requested_model != r.used_model {
             span.push(KeyValue::new(
@@ -362,15 +356,12 @@ impl Otel {
         }
     }
 
-    /// The span of one finished request, `a` the attributes of its kind. Namespace and
-    /// pod are the resource's attributes, not repeated on every span.
+    /// The span of one finished request (on a recognized path), `a` the attributes of its
+    /// kind. Namespace and pod are the resource's attributes, not repeated on every span.
     pub fn span(&self, a: &SeriesAttributes, r: &UsageRecord) {
         let Some((tracer, _)) = &self.traces else {
             return;
         };
-        if r.endpoint == "other" {
-            return;
-        }
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
         let mut attributes = Vec::with_capacity(a.span.len() + 8);

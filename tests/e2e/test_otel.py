@@ -80,11 +80,26 @@ def start_gateway(tmp_path, otlp_port, args, **env):
     return demo, gw, gw_port
 
 
+def serve_otlp(port, handler):
+    """An OTLP/HTTP receiver on `port`, answering with `handler`, in a thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop(gw, demo, server):
+    """SIGTERM to the gateway (it must exit cleanly, flushing its exports), then the rest."""
+    gw.send_signal(signal.SIGTERM)
+    assert gw.wait(timeout=30) == 0
+    demo.terminate()
+    demo.wait(timeout=15)
+    server.shutdown()
+
+
 def test_one_span_per_request_with_the_genai_attributes(tmp_path):
     otlp_port = free_port()
     Receiver.spans, Receiver.raw, Receiver.metrics = [], [], []
-    server = ThreadingHTTPServer(("127.0.0.1", otlp_port), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_otlp(otlp_port, Receiver)
     (tmp_path / "policy.yaml").write_text(
         "apiVersion: kube-gateway.io/v1alpha1\n"
         "models:\n  rewrite:\n    - { from: llama3.2:1b, to: gemma2:2b }\n"
@@ -99,11 +114,7 @@ def test_one_span_per_request_with_the_genai_attributes(tmp_path):
         chat = ollama.Client(host=f"http://127.0.0.1:{gw_port}").chat(
             model="llama3.2:1b", messages=[{"role": "user", "content": "mail ops@example.com"}])
     finally:
-        gw.send_signal(signal.SIGTERM)
-        assert gw.wait(timeout=30) == 0
-        demo.terminate()
-        demo.wait(timeout=15)
-        server.shutdown()
+        stop(gw, demo, server)
     spans = Receiver.spans
     assert len(spans) == 4, [s.name for _, s in spans]
     resource, first = spans[0]
@@ -167,8 +178,7 @@ def attr_value(v):
 def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
     otlp_port = free_port()
     Receiver.spans, Receiver.raw, Receiver.metrics = [], [], []
-    server = ThreadingHTTPServer(("127.0.0.1", otlp_port), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_otlp(otlp_port, Receiver)
     (tmp_path / "policy.yaml").write_text(
         "apiVersion: kube-gateway.io/v1alpha1\n"
         "models:\n  rewrite:\n    - { from: llama3.2:1b, to: gemma2:2b }\n"
@@ -206,11 +216,7 @@ def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
             time.sleep(0.1)
         periodic = len(Receiver.metrics)
     finally:
-        gw.send_signal(signal.SIGTERM)
-        assert gw.wait(timeout=30) == 0
-        demo.terminate()
-        demo.wait(timeout=15)
-        server.shutdown()
+        stop(gw, demo, server)
     assert prom_sum(prom, "kube_gateway_requests_total") == 5
     assert periodic >= 1, "a periodic export before the stop"
     assert len(Receiver.metrics) > periodic, "and the last values at shutdown"
@@ -273,7 +279,6 @@ def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
 
 def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
     """OTEL_TRACES_EXPORTER=none: metrics only; OTEL_METRICS_EXPORTER=none: spans only."""
-    (tmp_path / "policy.yaml").write_text("apiVersion: kube-gateway.io/v1alpha1\n")
     for off, want in (("OTEL_TRACES_EXPORTER", "/v1/metrics"), ("OTEL_METRICS_EXPORTER", "/v1/traces")):
         paths = []
 
@@ -283,11 +288,10 @@ def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
                 super().do_POST()
 
         otlp_port = free_port()
-        server = ThreadingHTTPServer(("127.0.0.1", otlp_port), Counting)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = serve_otlp(otlp_port, Counting)
         run = tmp_path / off
         run.mkdir()
-        (run / "policy.yaml").write_text((tmp_path / "policy.yaml").read_text())
+        (run / "policy.yaml").write_text("apiVersion: kube-gateway.io/v1alpha1\n")
         demo, gw, gw_port = start_gateway(run, otlp_port, ["--store", "none"],
                                           OTEL_METRIC_EXPORT_INTERVAL="200", **{off: "none"})
         try:
@@ -295,9 +299,5 @@ def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
             oa = openai.OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="x", max_retries=0)
             oa.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         finally:
-            gw.send_signal(signal.SIGTERM)
-            assert gw.wait(timeout=30) == 0
-            demo.terminate()
-            demo.wait(timeout=15)
-            server.shutdown()
+            stop(gw, demo, server)
         assert paths and set(paths) == {want}, (off, paths)
