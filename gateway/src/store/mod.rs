@@ -214,23 +214,22 @@ impl SqliteWriter {
             .conn
             .lock()
             .map_err(|_| StoreError::SqliteThread("a batch write panicked".into()))?;
-        if guard.is_none() {
-            let conn = rusqlite::Connection::open(&self.path)?;
-            // The file is in WAL mode (set when it was opened with its migrations);
-            // NORMAL syncs at checkpoints, as the sqlx pool's connections do.
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.busy_timeout(std::time::Duration::from_secs(5))?;
-            *guard = Some(conn);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Err(StoreError::SqliteThread("no connection".into()));
+        let mut conn = match guard.take() {
+            Some(conn) => conn,
+            None => {
+                let conn = rusqlite::Connection::open(&self.path)?;
+                // The file is in WAL mode (set when it was opened with its migrations);
+                // NORMAL syncs at checkpoints, as the sqlx pool's connections do.
+                conn.pragma_update(None, "synchronous", "NORMAL")?;
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn
+            }
         };
-        let result = write_sqlite(conn, rows);
-        if result.is_err() {
-            // Opened afresh next time: the file may have been replaced or repaired.
-            *guard = None;
-        }
-        result
+        // On an error the connection is dropped and opened afresh next time: the file
+        // may have been replaced or repaired.
+        let new = write_sqlite(&mut conn, rows)?;
+        *guard = Some(conn);
+        Ok(new)
     }
 }
 
@@ -245,24 +244,40 @@ pub struct UsageTotal {
     pub output_tokens: i64,
 }
 
-/// SQLite: one row; a row already stored (a replay) changes nothing.
-const SQLITE_INSERT_EVENT: &str = "INSERT INTO usage_events (request_id, time_ms, namespace, \
-    pod, container, source_ip, destination, api, endpoint, requested_model, used_model, \
-    input_tokens, output_tokens, cached_tokens, reasoning_tokens, token_source, status, \
-    outcome, rules, latency_ms, ttft_ms, streamed) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-    ?19, ?20, ?21, ?22) ON CONFLICT (request_id) DO NOTHING";
+/// The `usage_events` columns every batch statement writes, in the order of their
+/// values (SQLite's parameters, PostgreSQL's arrays, COPY's fields).
+macro_rules! event_columns {
+    () => {
+        "request_id, time_ms, namespace, pod, container, source_ip, destination, api, \
+         endpoint, requested_model, used_model, input_tokens, output_tokens, cached_tokens, \
+         reasoning_tokens, token_source, status, outcome, rules, latency_ms, ttft_ms, streamed"
+    };
+}
 
-/// SQLite: adds a group's sums to a rollup row.
-fn sqlite_rollup(table: &str) -> String {
+/// SQLite: one row; a row already stored (a replay) changes nothing.
+const SQLITE_INSERT_EVENT: &str = concat!(
+    "INSERT INTO usage_events (",
+    event_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+     ?18, ?19, ?20, ?21, ?22) ON CONFLICT (request_id) DO NOTHING"
+);
+
+/// Adds groups' sums from `source` (SQLite's parameters, PostgreSQL's arrays) to a
+/// rollup table.
+fn rollup_upsert(table: &str, source: &str) -> String {
     format!(
         "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         {source} \
          ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
          requests = {table}.requests + excluded.requests, \
          input_tokens = {table}.input_tokens + excluded.input_tokens, \
          output_tokens = {table}.output_tokens + excluded.output_tokens"
     )
+}
+
+/// SQLite: adds one group's sums to a rollup row.
+fn sqlite_rollup(table: &str) -> String {
+    rollup_upsert(table, "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
 }
 
 /// PostgreSQL, a batch that may hold rows already stored (a replay of a spool, or a live
@@ -271,12 +286,10 @@ fn sqlite_rollup(table: &str) -> String {
 /// adds them to the rollups, one upsert per group in key order (so concurrent gateways
 /// lock rollup rows in the same order), the daily groups summed from the hourly ones.
 /// Returns how many were new.
-const POSTGRES_WRITE: &str = "\
-WITH ins AS (
-    INSERT INTO usage_events (request_id, time_ms, namespace, pod, container, source_ip,
-        destination, api, endpoint, requested_model, used_model, input_tokens, output_tokens,
-        cached_tokens, reasoning_tokens, token_source, status, outcome, rules, latency_ms,
-        ttft_ms, streamed)
+const POSTGRES_WRITE: &str = concat!(
+    "WITH ins AS (INSERT INTO usage_events (",
+    event_columns!(),
+    ")
     SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
         $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::text[],
@@ -309,7 +322,8 @@ WITH ins AS (
         input_tokens = usage_daily.input_tokens + excluded.input_tokens,
         output_tokens = usage_daily.output_tokens + excluded.output_tokens
 )
-SELECT CAST(coalesce(sum(requests), 0) AS BIGINT) FROM h";
+SELECT CAST(coalesce(sum(requests), 0) AS BIGINT) FROM h"
+);
 
 /// The rollup rows a batch adds to: per (table, bucket, namespace, pod, model), the
 /// requests and tokens of the batch's new rows. A batch then costs one upsert per group,
@@ -395,21 +409,14 @@ fn write_sqlite(conn: &mut rusqlite::Connection, rows: &[UsageRow]) -> Result<us
 /// this gateway's own and new). COPY skips the executor work an INSERT does per row
 /// (measured: a third of the server's CPU a row); a duplicate id fails it whole, and
 /// [`POSTGRES_WRITE`], which skips stored rows, runs instead.
-const POSTGRES_COPY: &str = "COPY usage_events (request_id, time_ms, namespace, pod, \
-    container, source_ip, destination, api, endpoint, requested_model, used_model, \
-    input_tokens, output_tokens, cached_tokens, reasoning_tokens, token_source, status, \
-    outcome, rules, latency_ms, ttft_ms, streamed) FROM STDIN";
+const POSTGRES_COPY: &str = concat!("COPY usage_events (", event_columns!(), ") FROM STDIN");
 
 /// PostgreSQL: adds the groups' sums (one array a column, in key order) to a rollup.
 fn postgres_rollup(table: &str) -> String {
-    format!(
-        "INSERT INTO {table} (bucket_ms, namespace, pod, model, requests, input_tokens, output_tokens) \
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-         $6::bigint[], $7::bigint[]) \
-         ON CONFLICT (bucket_ms, namespace, pod, model) DO UPDATE SET \
-         requests = {table}.requests + excluded.requests, \
-         input_tokens = {table}.input_tokens + excluded.input_tokens, \
-         output_tokens = {table}.output_tokens + excluded.output_tokens"
+    rollup_upsert(
+        table,
+        "SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+         $6::bigint[], $7::bigint[])",
     )
 }
 
