@@ -11,6 +11,7 @@
 //! `OTEL_TRACES_EXPORTER=none` or `OTEL_METRICS_EXPORTER=none` turns one of the two off.
 //! Built from the same finished records as the usage store, by the recorder, off the
 //! request path; the exporters batch on their own threads. No prompt or completion text.
+//! Spans are encoded by our own exporter ([`span_export`]), metrics by the OTLP crate's.
 
 use std::sync::Arc;
 
@@ -25,6 +26,11 @@ use crate::metrics::{
     operation, outcome_name, reached_llm, LiveState, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS,
 };
 use crate::usage::{Outcome, UsageRecord};
+
+mod protobuf;
+mod span_export;
+
+use span_export::{OtlpSpanExporter, SpanTarget};
 
 /// The environment variable that turns the export on.
 pub const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -228,10 +234,7 @@ impl Otel {
         }
         let resource = resource.build();
         let traces = if traces_on {
-            let spans = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .build()
-                .map_err(|e| OtelError(e.to_string()))?;
+            let spans = OtlpSpanExporter::new(SpanTarget::from_env()?)?;
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(spans)
                 .with_resource(resource.clone())
