@@ -47,20 +47,44 @@ pub fn export_request(out: &mut Vec<u8>, resource: &EncodedResource, spans: &[Sp
             scopes.push(&span.instrumentation_scope);
         }
     }
-    nested(out, 1, |out| {
-        // The resource is always present, if empty, as the OTLP crate sends it.
-        bytes(out, 1, &resource.message, true);
-        for scope in scopes {
-            nested(out, 2, |out| {
-                nested(out, 1, |out| instrumentation_scope(out, scope));
-                for span in spans.iter().filter(|s| &s.instrumentation_scope == scope) {
-                    nested(out, 2, |out| encode_span(out, span));
-                }
-                string(out, 3, scope.schema_url().unwrap_or_default());
-            });
-        }
-        string(out, 3, &resource.schema_url);
-    });
+    // Each `ScopeSpans` is written on its own first, so the enclosing `ResourceSpans`
+    // knows its length before it is written: the batch is copied once, not shifted
+    // along for each enclosing message (measured: that was a third of the exporter).
+    let scope_spans: Vec<Vec<u8>> = scopes
+        .into_iter()
+        .map(|scope| {
+            let mut body = Vec::with_capacity(spans.len() * 640);
+            nested(&mut body, 1, |out| instrumentation_scope(out, scope));
+            for span in spans.iter().filter(|s| &s.instrumentation_scope == scope) {
+                nested(&mut body, 2, |out| encode_span(out, span));
+            }
+            string(&mut body, 3, scope.schema_url().unwrap_or_default());
+            body
+        })
+        .collect();
+    let mut head = Vec::with_capacity(resource.message.len() + 16);
+    // The resource is always present, if empty, as the OTLP crate sends it.
+    bytes(&mut head, 1, &resource.message, true);
+    let mut tail = Vec::new();
+    string(&mut tail, 3, &resource.schema_url);
+    let len = head.len()
+        + tail.len()
+        + scope_spans
+            .iter()
+            .map(|b| 1 + varint_len(b.len()) + b.len())
+            .sum::<usize>();
+    out.reserve(len + 11);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    out.extend_from_slice(&head);
+    for body in &scope_spans {
+        bytes(out, 2, body, true);
+    }
+    out.extend_from_slice(&tail);
+}
+
+fn varint_len(n: usize) -> usize {
+    prost::encoding::encoded_len_varint(n as u64)
 }
 
 fn instrumentation_scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
@@ -198,19 +222,26 @@ fn array_values<T>(out: &mut Vec<u8>, values: &[T], to_value: impl Fn(&T) -> Val
     }
 }
 
-/// A length-delimited field whose body `body` writes: written in place, then its length
-/// (a varint, so of unknown size beforehand) put in front of it.
+/// A length-delimited field whose body `body` writes, in place. Its length, a varint of
+/// unknown size beforehand, is given one byte, enough for most (attributes, values);
+/// a longer body is shifted along to make room.
 fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     encode_key(field, WireType::LengthDelimited, out);
+    out.push(0);
     let start = out.len();
     body(out);
     let len = out.len() - start;
+    if len < 0x80 {
+        out[start - 1] = len as u8;
+        return;
+    }
     let mut prefix = [0u8; 10];
     let mut free = &mut prefix[..];
     encode_varint(len as u64, &mut free);
     let n = 10 - free.len();
-    out.extend_from_slice(&prefix[..n]);
-    out[start..].rotate_right(n);
+    out.extend_from_slice(&prefix[1..n]);
+    out[start - 1..].rotate_right(n - 1);
+    out[start - 1..start - 1 + n].copy_from_slice(&prefix[..n]);
 }
 
 /// A string or bytes field; proto3 leaves an empty one out unless `always` (a `oneof`).
@@ -399,6 +430,13 @@ mod tests {
         spans[0].events.dropped_count = 3;
         spans[1].status = Status::error("upstream refused");
         spans[2].status = Status::Ok;
+        // Lengths of two and three varint bytes, in the attribute and in the span.
+        spans[2]
+            .attributes
+            .push(KeyValue::new("long", "x".repeat(200)));
+        spans[2]
+            .attributes
+            .push(KeyValue::new("longer", "y".repeat(20_000)));
         spans[3].links.links.push(Link::new(
             context(77, 78, true, true),
             vec![KeyValue::new("link.kind", "follows")],
