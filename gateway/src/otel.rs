@@ -16,10 +16,9 @@
 use std::sync::Arc;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
 use opentelemetry_sdk::Resource;
 
 use crate::metrics::{
@@ -30,7 +29,8 @@ use crate::usage::{Outcome, UsageRecord};
 mod protobuf;
 mod span_export;
 
-use span_export::{OtlpSpanExporter, SpanTarget};
+use protobuf::{Attr, SpanFields};
+use span_export::{SpanQueue, SpanTarget};
 
 /// The environment variable that turns the export on.
 pub const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -43,7 +43,8 @@ pub struct OtelError(String);
 /// The span and metric exporters of this gateway.
 pub struct Otel {
     /// Spans, unless `OTEL_TRACES_EXPORTER=none`.
-    traces: Option<(SdkTracer, SdkTracerProvider)>,
+    traces: Option<SpanQueue>,
+    ids: RandomIdGenerator,
     /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
     metrics: Option<(Instruments, SdkMeterProvider)>,
 }
@@ -73,8 +74,8 @@ pub struct SeriesAttributes {
     input: Vec<KeyValue>,
     output: Vec<KeyValue>,
     span_name: String,
-    /// The span attributes every request of this kind has.
-    span: Vec<KeyValue>,
+    /// The span attributes every request of this kind has, encoded.
+    span: Vec<u8>,
 }
 
 /// The metric instruments; each mirrors the Prometheus series of the same name.
@@ -234,12 +235,11 @@ impl Otel {
         }
         let resource = resource.build();
         let traces = if traces_on {
-            let spans = OtlpSpanExporter::new(SpanTarget::from_env()?)?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(spans)
-                .with_resource(resource.clone())
-                .build();
-            Some((provider.tracer("kube-gateway"), provider))
+            Some(SpanQueue::start(
+                SpanTarget::from_env()?,
+                &resource,
+                "kube-gateway",
+            )?)
         } else {
             None
         };
@@ -263,7 +263,11 @@ impl Otel {
             metrics = metrics_on,
             "OpenTelemetry: export over OTLP/HTTP (one span per LLM request; the metrics)"
         );
-        Ok(Some(Self { traces, metrics }))
+        Ok(Some(Self {
+            traces,
+            ids: RandomIdGenerator::default(),
+            metrics,
+        }))
     }
 
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
@@ -313,7 +317,7 @@ impl Otel {
             output: with_type("output"),
             genai,
             span_name: format!("{operation} {used_name}"),
-            span,
+            span: protobuf::span_attributes(&span),
         }
     }
 
@@ -360,64 +364,78 @@ impl Otel {
     }
 
     /// The span of one finished request (on a recognized path), `a` the attributes of its
-    /// kind. Namespace and pod are the resource's attributes, not repeated on every span.
+    /// kind: a root CLIENT span, written straight into the export batch. Namespace and
+    /// pod are the resource's attributes, not repeated on every span.
     pub fn span(&self, a: &SeriesAttributes, r: &UsageRecord) {
-        let Some((tracer, _)) = &self.traces else {
+        let Some(queue) = &self.traces else {
             return;
         };
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
-        let mut attributes = Vec::with_capacity(a.span.len() + 8);
-        // Reference-counted strings: cloning the kind's attributes copies no text.
-        attributes.extend(a.span.iter().cloned());
-        attributes.extend([
-            KeyValue::new("gen_ai.usage.input_tokens", r.input_tokens as i64),
-            KeyValue::new("gen_ai.usage.output_tokens", r.output_tokens as i64),
-            KeyValue::new("kube_gateway.outcome", outcome_name(r.outcome)),
-            KeyValue::new("kube_gateway.request_id", r.request_id.clone()),
-            KeyValue::new("http.response.status_code", i64::from(r.status)),
-            KeyValue::new("server.address", r.destination.clone()),
-        ]);
-        if let Some(f) = &r.finish_reason {
-            attributes.push(KeyValue::new(
-                "gen_ai.response.finish_reasons",
-                Value::Array(vec![opentelemetry::StringValue::from(f.clone())].into()),
-            ));
+        let outcome = outcome_name(r.outcome);
+        let reasons = [r.finish_reason.as_deref().unwrap_or_default()];
+        let mut attributes = [
+            (
+                "gen_ai.usage.input_tokens",
+                Attr::Int(r.input_tokens as i64),
+            ),
+            (
+                "gen_ai.usage.output_tokens",
+                Attr::Int(r.output_tokens as i64),
+            ),
+            ("kube_gateway.outcome", Attr::Str(outcome)),
+            ("kube_gateway.request_id", Attr::Str(&r.request_id)),
+            ("http.response.status_code", Attr::Int(i64::from(r.status))),
+            ("server.address", Attr::Str(&r.destination)),
+            ("gen_ai.response.finish_reasons", Attr::Strs(&reasons)),
+            ("kube_gateway.time_to_first_chunk_s", Attr::Double(0.0)),
+        ];
+        // The last two only when known.
+        let mut n = attributes.len() - 2;
+        if r.finish_reason.is_some() {
+            n += 1;
         }
         if let Some(t) = r.first_chunk {
-            attributes.push(KeyValue::new(
+            attributes[n] = (
                 "kube_gateway.time_to_first_chunk_s",
-                t.as_secs_f64(),
-            ));
-        }
-        let mut span = tracer
-            .span_builder(a.span_name.clone())
-            .with_kind(SpanKind::Client)
-            .with_start_time(start)
-            .with_attributes(attributes)
-            .start(tracer);
-        for rule in &r.rules {
-            span.add_event_with_timestamp(
-                "gen_ai.guardrail.rule",
-                end,
-                vec![
-                    KeyValue::new("gen_ai.guardrail.rule.name", rule.clone()),
-                    KeyValue::new("gen_ai.guardrail.action", outcome_name(r.outcome)),
-                ],
+                Attr::Double(t.as_secs_f64()),
             );
+            n += 1;
         }
-        if matches!(r.outcome, Outcome::UpstreamError) {
-            span.set_status(Status::error(r.error.clone().unwrap_or_default()));
-        }
-        span.end_with_timestamp(end);
+        let rules: Vec<[(&str, Attr<'_>); 2]> = r
+            .rules
+            .iter()
+            .map(|rule| {
+                [
+                    ("gen_ai.guardrail.rule.name", Attr::Str(rule)),
+                    ("gen_ai.guardrail.action", Attr::Str(outcome)),
+                ]
+            })
+            .collect();
+        let events: Vec<protobuf::SpanEvent<'_>> = rules
+            .iter()
+            .map(|attributes| ("gen_ai.guardrail.rule", end, &attributes[..]))
+            .collect();
+        let error = matches!(r.outcome, Outcome::UpstreamError)
+            .then(|| r.error.as_deref().unwrap_or_default());
+        let fields = SpanFields {
+            trace_id: self.ids.new_trace_id().to_bytes(),
+            span_id: self.ids.new_span_id().to_bytes(),
+            name: &a.span_name,
+            start,
+            end,
+            shared: &a.span,
+            attributes: &attributes[..n],
+            events: &events,
+            error,
+        };
+        queue.push(|out| protobuf::span(out, &fields));
     }
 
     /// Sends what is batched and the metrics' last values (at shutdown).
     pub fn shutdown(&self) {
-        if let Some((_, provider)) = &self.traces {
-            if let Err(e) = provider.shutdown() {
-                tracing::warn!(error = %e, "OpenTelemetry: spans not flushed at shutdown");
-            }
+        if let Some(queue) = &self.traces {
+            queue.shutdown();
         }
         if let Some((_, meters)) = &self.metrics {
             if let Err(e) = meters.shutdown() {

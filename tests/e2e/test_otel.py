@@ -129,6 +129,9 @@ def test_one_span_per_request_with_the_genai_attributes(tmp_path):
     assert a["gen_ai.usage.output_tokens"] == answers[0].usage.completion_tokens
     assert a["gen_ai.response.finish_reasons"] == [answers[0].choices[0].finish_reason]
     assert first.end_time_unix_nano > first.start_time_unix_nano
+    assert first.kind == first.SPAN_KIND_CLIENT and not first.parent_span_id
+    assert {(len(s.trace_id), len(s.span_id)) for _, s in spans} == {(16, 8)}
+    assert len({s.trace_id for _, s in spans}) == 4, "a trace of its own per request"
     last = attrs(spans[3][1])
     assert last["gen_ai.provider.name"] == "ollama"
     assert last["gen_ai.usage.output_tokens"] == chat.eval_count

@@ -1,21 +1,23 @@
-//! The OTLP trace export request (`ExportTraceServiceRequest`, protobuf) written straight
-//! from the SDK's finished spans. The OTLP crate first converts every span into owned
-//! protobuf structs (a copy of each span, each attribute key and string value) and then
-//! encodes those: measured, that was the largest share of the cost of tracing under load.
-//! Here each field is written once from the data as it is; the test decodes the result
-//! with the official protobuf types and compares it with the OTLP crate's conversion.
+//! The OTLP trace export request (`ExportTraceServiceRequest`, protobuf), written
+//! straight from what the gateway knows of a finished request. Going through the SDK
+//! (a span object per request, handed to a batch thread, converted by the OTLP crate
+//! into owned protobuf structs and only then encoded) cost several times the encoding
+//! itself, measured under load. A span's bytes are written once here; the tests decode
+//! them with the official protobuf types and compare them with what the SDK and the OTLP
+//! crate make of the same span.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{SpanId, SpanKind, Status};
-use opentelemetry::{Array, InstrumentationScope, StringValue, Value};
-use opentelemetry_sdk::trace::SpanData;
+use opentelemetry::{Array, KeyValue, StringValue, Value};
 use opentelemetry_sdk::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
 
-/// The `ContextHasIsRemote` span flag, and `ContextIsRemote` (OTLP `SpanFlags`).
-const FLAG_HAS_IS_REMOTE: u32 = 0x100;
-const FLAG_IS_REMOTE: u32 = 0x200;
+/// `SpanFlags`: the W3C `sampled` trace flag, and `ContextHasIsRemote` with the parent
+/// not remote (these spans have none), as the SDK sets them for a root span.
+const ROOT_SPAN_FLAGS: u32 = 0x01 | 0x100;
+
+/// `Span.SpanKind` CLIENT: the gateway calls the LLM on the workload's behalf.
+const KIND_CLIENT: u64 = 3;
 
 /// The resource's part of every request, encoded once: the `Resource` message and the
 /// resource's schema URL.
@@ -38,48 +40,98 @@ impl EncodedResource {
     }
 }
 
-/// Appends to `out` the export request of `spans`, one `ResourceSpans` holding a
-/// `ScopeSpans` per instrumentation scope (in the order they first appear).
-pub fn export_request(out: &mut Vec<u8>, resource: &EncodedResource, spans: &[SpanData]) {
-    let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-    for span in spans {
-        if !scopes.contains(&&span.instrumentation_scope) {
-            scopes.push(&span.instrumentation_scope);
-        }
+/// An attribute value borrowed from the record it describes (no copy until written).
+#[derive(Debug, Clone, Copy)]
+pub enum Attr<'a> {
+    Str(&'a str),
+    Int(i64),
+    Double(f64),
+    Strs(&'a [&'a str]),
+}
+
+/// A span event: name, time, attributes.
+pub type SpanEvent<'a> = (&'a str, SystemTime, &'a [(&'a str, Attr<'a>)]);
+
+/// One finished span as the gateway makes them: a root CLIENT span.
+#[derive(Debug)]
+pub struct SpanFields<'a> {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub name: &'a str,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    /// Attributes shared by every span of its kind, encoded once by [`span_attributes`].
+    pub shared: &'a [u8],
+    /// This span's own attributes, after the shared ones.
+    pub attributes: &'a [(&'a str, Attr<'a>)],
+    pub events: &'a [SpanEvent<'a>],
+    /// The status: unset, or an error and its description.
+    pub error: Option<&'a str>,
+}
+
+/// The encoded `Span.attributes` entries of `attributes`, for [`SpanFields::shared`].
+pub fn span_attributes(attributes: &[KeyValue]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for kv in attributes {
+        key_value(&mut out, 9, kv.key.as_str(), &kv.value);
     }
-    // Each `ScopeSpans` is written on its own first, so the enclosing `ResourceSpans`
-    // knows its length before it is written: the batch is copied once, not shifted
-    // along for each enclosing message (measured: that was a third of the exporter).
-    let scope_spans: Vec<Vec<u8>> = scopes
-        .into_iter()
-        .map(|scope| {
-            let mut body = Vec::with_capacity(spans.len() * 640);
-            nested(&mut body, 1, |out| instrumentation_scope(out, scope));
-            for span in spans.iter().filter(|s| &s.instrumentation_scope == scope) {
-                nested(&mut body, 2, |out| encode_span(out, span));
+    out
+}
+
+/// Appends `span` to `out` as a `ScopeSpans.spans` entry.
+pub fn span(out: &mut Vec<u8>, span: &SpanFields<'_>) {
+    nested(out, 2, |out| {
+        bytes(out, 1, &span.trace_id, false);
+        bytes(out, 2, &span.span_id, false);
+        string(out, 5, span.name);
+        uint(out, 6, KIND_CLIENT);
+        fixed64(out, 7, nanos(span.start));
+        fixed64(out, 8, nanos(span.end));
+        out.extend_from_slice(span.shared);
+        for (key, value) in span.attributes {
+            attr(out, 9, key, *value);
+        }
+        for (name, time, attributes) in span.events {
+            nested(out, 11, |out| {
+                fixed64(out, 1, nanos(*time));
+                string(out, 2, name);
+                for (key, value) in *attributes {
+                    attr(out, 3, key, *value);
+                }
+            });
+        }
+        // Always present, if empty, as the OTLP crate sends it.
+        nested(out, 15, |out| {
+            if let Some(message) = span.error {
+                string(out, 2, message);
+                uint(out, 3, 2);
             }
-            string(&mut body, 3, scope.schema_url().unwrap_or_default());
-            body
-        })
-        .collect();
-    let mut head = Vec::with_capacity(resource.message.len() + 16);
+        });
+        fixed32(out, 16, ROOT_SPAN_FLAGS);
+    });
+}
+
+/// Appends to `out` the export request of `spans` (entries written by [`span`]): one
+/// `ResourceSpans` with one `ScopeSpans`, of the instrumentation scope `scope`.
+pub fn export_request(out: &mut Vec<u8>, resource: &EncodedResource, scope: &str, spans: &[u8]) {
+    let mut head = Vec::with_capacity(resource.message.len() + scope.len() + 16);
     // The resource is always present, if empty, as the OTLP crate sends it.
     bytes(&mut head, 1, &resource.message, true);
+    let mut scope_head = Vec::with_capacity(scope.len() + 4);
+    nested(&mut scope_head, 1, |out| string(out, 1, scope));
+    let scope_len = scope_head.len() + spans.len();
     let mut tail = Vec::new();
     string(&mut tail, 3, &resource.schema_url);
-    let len = head.len()
-        + tail.len()
-        + scope_spans
-            .iter()
-            .map(|b| 1 + varint_len(b.len()) + b.len())
-            .sum::<usize>();
+    // Lengths first, so the spans are copied once, never shifted along.
+    let len = head.len() + 1 + varint_len(scope_len) + scope_len + tail.len();
     out.reserve(len + 11);
     encode_key(1, WireType::LengthDelimited, out);
     encode_varint(len as u64, out);
     out.extend_from_slice(&head);
-    for body in &scope_spans {
-        bytes(out, 2, body, true);
-    }
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(scope_len as u64, out);
+    out.extend_from_slice(&scope_head);
+    out.extend_from_slice(spans);
     out.extend_from_slice(&tail);
 }
 
@@ -87,86 +139,24 @@ fn varint_len(n: usize) -> usize {
     prost::encoding::encoded_len_varint(n as u64)
 }
 
-fn instrumentation_scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
-    string(out, 1, scope.name());
-    string(out, 2, scope.version().unwrap_or_default());
-    for kv in scope.attributes() {
-        key_value(out, 3, kv.key.as_str(), &kv.value);
-    }
-}
-
-fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
-    let context = &span.span_context;
-    bytes(out, 1, &context.trace_id().to_bytes(), false);
-    bytes(out, 2, &context.span_id().to_bytes(), false);
-    string(out, 3, &context.trace_state().header());
-    if span.parent_span_id != SpanId::INVALID {
-        bytes(out, 4, &span.parent_span_id.to_bytes(), false);
-    }
-    string(out, 5, &span.name);
-    let kind = match span.span_kind {
-        SpanKind::Internal => 1,
-        SpanKind::Server => 2,
-        SpanKind::Client => 3,
-        SpanKind::Producer => 4,
-        SpanKind::Consumer => 5,
-    };
-    uint(out, 6, kind);
-    fixed64(out, 7, nanos(span.start_time));
-    fixed64(out, 8, nanos(span.end_time));
-    for kv in &span.attributes {
-        key_value(out, 9, kv.key.as_str(), &kv.value);
-    }
-    uint(out, 10, span.dropped_attributes_count.into());
-    for event in span.events.iter() {
-        nested(out, 11, |out| {
-            fixed64(out, 1, nanos(event.timestamp));
-            string(out, 2, &event.name);
-            for kv in &event.attributes {
-                key_value(out, 3, kv.key.as_str(), &kv.value);
+/// A `KeyValue` in field `field` from a borrowed value.
+fn attr(out: &mut Vec<u8>, field: u32, key: &str, value: Attr<'_>) {
+    nested(out, field, |out| {
+        string(out, 1, key);
+        nested(out, 2, |out| match value {
+            Attr::Str(s) => bytes(out, 1, s.as_bytes(), true),
+            Attr::Int(i) => varint(out, 3, i as u64),
+            Attr::Double(f) => {
+                encode_key(4, WireType::SixtyFourBit, out);
+                out.extend_from_slice(&f.to_le_bytes());
             }
-            uint(out, 4, event.dropped_attributes_count.into());
+            Attr::Strs(v) => nested(out, 5, |out| {
+                for s in v {
+                    nested(out, 1, |out| bytes(out, 1, s.as_bytes(), true));
+                }
+            }),
         });
-    }
-    uint(out, 12, span.events.dropped_count.into());
-    for link in span.links.iter() {
-        let linked = &link.span_context;
-        nested(out, 13, |out| {
-            bytes(out, 1, &linked.trace_id().to_bytes(), false);
-            bytes(out, 2, &linked.span_id().to_bytes(), false);
-            string(out, 3, &linked.trace_state().header());
-            for kv in &link.attributes {
-                key_value(out, 4, kv.key.as_str(), &kv.value);
-            }
-            uint(out, 5, link.dropped_attributes_count.into());
-            fixed32(
-                out,
-                6,
-                flags(linked.is_remote(), linked.trace_flags().to_u8()),
-            );
-        });
-    }
-    uint(out, 14, span.links.dropped_count.into());
-    // Always sent, even unset, as the OTLP crate does.
-    nested(out, 15, |out| {
-        let (code, message) = match &span.status {
-            Status::Unset => (0, ""),
-            Status::Ok => (1, ""),
-            Status::Error { description } => (2, description.as_ref()),
-        };
-        string(out, 2, message);
-        uint(out, 3, code);
     });
-    fixed32(
-        out,
-        16,
-        flags(span.parent_span_is_remote, context.trace_flags().to_u8()),
-    );
-}
-
-fn flags(remote: bool, trace_flags: u8) -> u32 {
-    let remote = if remote { FLAG_IS_REMOTE } else { 0 };
-    u32::from(trace_flags) | FLAG_HAS_IS_REMOTE | remote
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -289,169 +279,206 @@ mod tests {
     use std::borrow::Cow;
     use std::time::Duration;
 
-    use opentelemetry::trace::{Event, Link, SpanContext, TraceFlags, TraceId, TraceState};
-    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{
+        Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry::InstrumentationScope;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
     use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
-    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use proptest::prelude::*;
     use prost::Message as _;
 
     use super::*;
 
-    fn context(trace: u128, span: u64, sampled: bool, remote: bool) -> SpanContext {
-        let flags = if sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        };
-        let state = TraceState::from_key_value([("vendor", "v1")]).unwrap_or_default();
-        SpanContext::new(
-            TraceId::from(trace),
-            SpanId::from(span),
-            flags,
-            remote,
-            state,
-        )
-    }
-
-    fn span(scope: &InstrumentationScope, n: u64, attributes: Vec<KeyValue>) -> SpanData {
-        let start = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789 + n);
-        SpanData {
-            span_context: context(
-                0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10 + u128::from(n),
-                n + 1,
-                n.is_multiple_of(2),
-                false,
+    fn to_value(a: Attr<'_>) -> Value {
+        match a {
+            Attr::Str(s) => Value::from(s.to_owned()),
+            Attr::Int(i) => Value::I64(i),
+            Attr::Double(f) => Value::F64(f),
+            Attr::Strs(v) => Value::Array(
+                v.iter()
+                    .map(|s| StringValue::from((*s).to_owned()))
+                    .collect::<Vec<_>>()
+                    .into(),
             ),
-            parent_span_id: if n.is_multiple_of(3) {
-                SpanId::INVALID
-            } else {
-                SpanId::from(99 + n)
-            },
-            parent_span_is_remote: n % 3 == 1,
-            span_kind: [
-                SpanKind::Client,
-                SpanKind::Server,
-                SpanKind::Internal,
-                SpanKind::Producer,
-                SpanKind::Consumer,
-            ][(n % 5) as usize]
-                .clone(),
-            name: Cow::Owned(format!("chat model-{n}")),
-            start_time: start,
-            end_time: start + Duration::from_millis(n * 7),
+        }
+    }
+
+    fn to_kvs(attributes: &[(&str, Attr<'_>)]) -> Vec<KeyValue> {
+        attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new((*k).to_owned(), to_value(*v)))
+            .collect()
+    }
+
+    /// The same span as the SDK records it (a root CLIENT span, sampled).
+    fn sdk_span(f: &SpanFields<'_>, shared: &[KeyValue]) -> SpanData {
+        let mut attributes = shared.to_vec();
+        attributes.extend(to_kvs(f.attributes));
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes(f.trace_id),
+                SpanId::from_bytes(f.span_id),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: Cow::Owned(f.name.to_owned()),
+            start_time: f.start,
+            end_time: f.end,
             attributes,
-            dropped_attributes_count: (n % 2) as u32,
-            events: SpanEvents::default(),
+            dropped_attributes_count: 0,
+            events: {
+                let mut events = SpanEvents::default();
+                events.events = f
+                    .events
+                    .iter()
+                    .map(|(name, time, a)| Event::new((*name).to_owned(), *time, to_kvs(a), 0))
+                    .collect();
+                events
+            },
             links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: scope.clone(),
+            status: match f.error {
+                Some(m) => Status::error(m.to_owned()),
+                None => Status::Unset,
+            },
+            instrumentation_scope: InstrumentationScope::builder("kube-gateway").build(),
         }
     }
 
-    /// The OTLP crate's conversion of the same spans, scopes in a fixed order (it groups
-    /// them through a hash map).
-    fn reference(resource: &Resource, spans: Vec<SpanData>) -> ExportTraceServiceRequest {
-        let mut resource_spans =
-            group_spans_by_resource_and_scope(spans, &ResourceAttributesWithSchema::from(resource));
-        for r in &mut resource_spans {
-            r.scope_spans
-                .sort_by_key(|s| s.scope.as_ref().map(|s| s.name.clone()));
+    /// What we send for `spans` (each with its shared attributes), decoded, and what the
+    /// OTLP crate sends for the SDK's spans.
+    fn both(
+        resource: &Resource,
+        spans: &[(SpanFields<'_>, Vec<KeyValue>)],
+    ) -> (ExportTraceServiceRequest, ExportTraceServiceRequest) {
+        let mut entries = Vec::new();
+        for (f, _) in spans {
+            span(&mut entries, f);
         }
-        ExportTraceServiceRequest { resource_spans }
-    }
-
-    fn ours(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
         let mut out = Vec::new();
-        export_request(&mut out, &EncodedResource::new(resource), spans);
-        let mut decoded = ExportTraceServiceRequest::decode(out.as_slice())
+        export_request(
+            &mut out,
+            &EncodedResource::new(resource),
+            "kube-gateway",
+            &entries,
+        );
+        let ours = ExportTraceServiceRequest::decode(out.as_slice())
             .unwrap_or_else(|e| panic!("our encoding does not decode: {e}"));
-        for r in &mut decoded.resource_spans {
-            r.scope_spans
-                .sort_by_key(|s| s.scope.as_ref().map(|s| s.name.clone()));
-        }
-        decoded
+        let sdk = spans
+            .iter()
+            .map(|(f, shared)| sdk_span(f, shared))
+            .collect();
+        let theirs = ExportTraceServiceRequest {
+            resource_spans: group_spans_by_resource_and_scope(
+                sdk,
+                &ResourceAttributesWithSchema::from(resource),
+            ),
+        };
+        (ours, theirs)
     }
 
     #[test]
-    fn spans_of_every_shape_decode_to_what_the_otlp_crate_sends() {
+    fn gateway_spans_decode_to_what_the_sdk_and_the_otlp_crate_send() {
         let resource = Resource::builder()
             .with_service_name("kube-gateway")
             .with_attribute(KeyValue::new("k8s.pod.name", "pod-0"))
             .with_schema_url([], "https://opentelemetry.io/schemas/1.30.0")
             .build();
-        let gateway = InstrumentationScope::builder("kube-gateway").build();
-        let other = InstrumentationScope::builder("other")
-            .with_version("1.2.3")
-            .with_schema_url("https://example.com/schema")
-            .with_attributes([KeyValue::new("scope.attr", true)])
-            .build();
-        let every_value = vec![
+        let shared = vec![
+            KeyValue::new("gen_ai.operation.name", "chat"),
             KeyValue::new("gen_ai.request.model", "gemma2:2b"),
             KeyValue::new("empty", ""),
             KeyValue::new("unicode", "héllo ✓ 模型"),
-            KeyValue::new("gen_ai.usage.input_tokens", 21_i64),
+            KeyValue::new("flag", false),
             KeyValue::new("zero", 0_i64),
-            KeyValue::new("negative", -7_i64),
-            KeyValue::new("ratio", 0.25_f64),
-            KeyValue::new("zero_f", 0.0_f64),
-            KeyValue::new("yes", true),
-            KeyValue::new("no", false),
-            KeyValue::new(
-                "gen_ai.response.finish_reasons",
-                Value::Array(vec![StringValue::from("stop"), StringValue::from("")].into()),
-            ),
+            KeyValue::new("ratio", 0.0_f64),
             KeyValue::new("bools", Value::Array(vec![true, false].into())),
             KeyValue::new("ints", Value::Array(vec![0_i64, -1, i64::MAX].into())),
-            KeyValue::new("floats", Value::Array(vec![1.5_f64, 0.0].into())),
-            KeyValue::new("none", Value::Array(Vec::<i64>::new().into())),
+            KeyValue::new("floats", Value::Array(vec![1.5_f64].into())),
+            KeyValue::new("none", Value::Array(Vec::<StringValue>::new().into())),
         ];
-        let mut spans: Vec<SpanData> = (0..6)
-            .map(|n| {
-                span(
-                    if n == 4 { &other } else { &gateway },
-                    n,
-                    every_value.clone(),
-                )
-            })
-            .collect();
-        spans[0].events.events.push(Event::new(
-            "gen_ai.guardrail.rule",
-            UNIX_EPOCH + Duration::from_secs(1_700_000_001),
-            vec![KeyValue::new("gen_ai.guardrail.rule.name", "no-secrets")],
-            0,
-        ));
-        spans[0]
-            .events
-            .events
-            .push(Event::new("bare", UNIX_EPOCH, vec![], 2));
-        spans[0].events.dropped_count = 3;
-        spans[1].status = Status::error("upstream refused");
-        spans[2].status = Status::Ok;
-        // Lengths of two and three varint bytes, in the attribute and in the span.
-        spans[2]
-            .attributes
-            .push(KeyValue::new("long", "x".repeat(200)));
-        spans[2]
-            .attributes
-            .push(KeyValue::new("longer", "y".repeat(20_000)));
-        spans[3].links.links.push(Link::new(
-            context(77, 78, true, true),
-            vec![KeyValue::new("link.kind", "follows")],
-            1,
-        ));
-        spans[3].links.dropped_count = 4;
-        spans[5].attributes.clear();
-        spans[5].start_time = UNIX_EPOCH - Duration::from_secs(1);
-        let theirs = reference(&resource, spans.clone());
-        assert_eq!(ours(&resource, &spans), theirs);
-        assert_eq!(theirs.resource_spans[0].scope_spans.len(), 2);
+        let start = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        let long = "y".repeat(20_000);
+        let own = [
+            ("gen_ai.usage.input_tokens", Attr::Int(21)),
+            ("negative", Attr::Int(-7)),
+            ("kube_gateway.request_id", Attr::Str("kgw-5f58-0")),
+            ("blank", Attr::Str("")),
+            ("gen_ai.response.finish_reasons", Attr::Strs(&["stop", ""])),
+            ("no_reasons", Attr::Strs(&[])),
+            ("kube_gateway.time_to_first_chunk_s", Attr::Double(0.000_85)),
+        ];
+        let long_own = [
+            ("long", Attr::Str(&long)),
+            ("medium", Attr::Str(&long[..200])),
+        ];
+        let rule = [("gen_ai.guardrail.rule.name", Attr::Str("no-secrets"))];
+        let events: [SpanEvent<'_>; 2] = [
+            (
+                "gen_ai.guardrail.rule",
+                start + Duration::from_millis(3),
+                &rule,
+            ),
+            ("bare", UNIX_EPOCH, &[]),
+        ];
+        let fields = |n: u8| SpanFields {
+            trace_id: [n; 16],
+            span_id: [n + 1; 8],
+            name: "chat gemma2:2b",
+            start,
+            end: start + Duration::from_millis(u64::from(n) * 7),
+            shared: &[],
+            attributes: &[],
+            events: &[],
+            error: None,
+        };
+        let shared_bytes = span_attributes(&shared);
+        let spans = vec![
+            (
+                SpanFields {
+                    shared: &shared_bytes,
+                    attributes: &own,
+                    events: &events,
+                    ..fields(1)
+                },
+                shared.clone(),
+            ),
+            (
+                SpanFields {
+                    error: Some("upstream refused: connection reset"),
+                    ..fields(2)
+                },
+                vec![],
+            ),
+            (
+                SpanFields {
+                    attributes: &long_own,
+                    start: UNIX_EPOCH - Duration::from_secs(1),
+                    error: Some(""),
+                    ..fields(3)
+                },
+                vec![],
+            ),
+        ];
+        let (ours, theirs) = both(&resource, &spans);
+        assert_eq!(ours, theirs);
+        assert_eq!(theirs.resource_spans[0].scope_spans[0].spans.len(), 3);
 
-        // Nothing at all: one empty resource, as the OTLP crate sends.
+        // Nothing at all: one empty resource with an empty scope, as the crate sends.
         let empty = Resource::builder_empty().build();
-        assert_eq!(ours(&empty, &[]), reference(&empty, vec![]));
+        let (ours, _) = both(&empty, &[]);
+        let spans = &ours.resource_spans[0].scope_spans[0];
+        assert!(spans.spans.is_empty());
+        assert_eq!(
+            spans.scope.as_ref().map(|s| s.name.as_str()),
+            Some("kube-gateway")
+        );
     }
 
     fn value() -> impl Strategy<Value = Value> {
@@ -470,15 +497,34 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_attributes_decode_to_what_the_otlp_crate_sends(
-            attrs in proptest::collection::vec(("[a-z._]{0,12}", value()), 0..12),
-            n in 0u64..1000,
+        fn any_attributes_decode_to_what_the_sdk_and_the_otlp_crate_send(
+            shared in proptest::collection::vec(("[a-z._]{0,12}", value()), 0..8),
+            strings in proptest::collection::vec(("[a-z._]{0,12}", any::<String>()), 0..6),
+            ints in proptest::collection::vec(("[a-z._]{0,12}", any::<i64>()), 0..4),
+            name in any::<String>(),
+            error in proptest::option::of(any::<String>()),
+            nanos in any::<u64>(),
         ) {
-            let resource = Resource::builder_empty().build();
-            let scope = InstrumentationScope::builder("kube-gateway").build();
-            let attributes = attrs.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-            let spans = vec![span(&scope, n, attributes)];
-            prop_assert_eq!(ours(&resource, &spans), reference(&resource, spans));
+            let shared: Vec<KeyValue> =
+                shared.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+            let shared_bytes = span_attributes(&shared);
+            let mut own: Vec<(&str, Attr<'_>)> =
+                strings.iter().map(|(k, v)| (k.as_str(), Attr::Str(v))).collect();
+            own.extend(ints.iter().map(|(k, v)| (k.as_str(), Attr::Int(*v))));
+            let start = UNIX_EPOCH + Duration::from_nanos(nanos);
+            let f = SpanFields {
+                trace_id: [7; 16],
+                span_id: [9; 8],
+                name: &name,
+                start,
+                end: start,
+                shared: &shared_bytes,
+                attributes: &own,
+                events: &[],
+                error: error.as_deref(),
+            };
+            let (ours, theirs) = both(&Resource::builder_empty().build(), &[(f, shared)]);
+            prop_assert_eq!(ours, theirs);
         }
     }
 }

@@ -1,13 +1,16 @@
-//! The span exporter: the SDK's batches of finished spans, encoded by
-//! [`protobuf`](super::protobuf) and posted over OTLP/HTTP. It reads the standard
-//! variables the OTLP crate reads for traces (endpoint, headers, timeout; `http/protobuf`
-//! only, uncompressed) and rejects what it cannot honour instead of ignoring it.
+//! The span export: spans encoded by [`protobuf`](super::protobuf) as the recorder
+//! finishes requests, batched, and posted over OTLP/HTTP by a thread of its own. It reads
+//! the standard variables the OTLP crate reads for traces (endpoint, headers, timeout;
+//! `http/protobuf` only, uncompressed) and rejects what it cannot honour instead of
+//! ignoring it. A slow or absent collector costs spans (counted, logged), never the
+//! recorder's time.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use percent_encoding::percent_decode_str;
 use reqwest::blocking::Client;
@@ -114,88 +117,368 @@ fn parse_headers(list: &str) -> Result<HeaderMap, String> {
     Ok(headers)
 }
 
-/// Posts each batch as one `ExportTraceServiceRequest`.
-#[derive(Debug)]
-pub struct OtlpSpanExporter {
-    target: SpanTarget,
-    /// None once shut down.
-    client: Mutex<Option<Client>>,
-    resource: EncodedResource,
+/// Spans in a batch before it is sent (the SDK's default export batch).
+const BATCH: usize = 512;
+/// Full batches waiting for the sender; past them a batch is dropped (and counted)
+/// rather than holding up the recorder when the collector is slow or away.
+const QUEUE: usize = 8;
+/// A batch that is not full goes out after this long.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// The spans written since the last batch went out.
+#[derive(Debug, Default)]
+struct Pending {
+    spans: Vec<u8>,
+    count: usize,
 }
 
-impl OtlpSpanExporter {
-    pub fn new(target: SpanTarget) -> Result<Self, OtelError> {
-        let timeout = target.timeout;
-        // The blocking client starts its own runtime, which must not be built (or later
-        // dropped) inside the gateway's: so it is built on a thread of its own.
-        let client = std::thread::spawn(move || Client::builder().timeout(timeout).build())
-            .join()
-            .map_err(|_| OtelError("the HTTP client's thread panicked".to_owned()))?
-            .map_err(|e| OtelError(format!("HTTP client: {e}")))?;
-        Ok(Self {
+impl Pending {
+    fn take(&mut self) -> Option<Batch> {
+        (self.count > 0).then(|| Batch {
+            spans: std::mem::replace(&mut self.spans, Vec::with_capacity(BATCH * 640)),
+            count: std::mem::take(&mut self.count),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Batch {
+    spans: Vec<u8>,
+    count: usize,
+}
+
+/// The span export: the recorder writes each span into the pending batch; a thread of
+/// its own posts full batches (and, every [`FLUSH_EVERY`], whatever is pending) as OTLP
+/// export requests.
+#[derive(Debug)]
+pub struct SpanQueue {
+    pending: Arc<Mutex<Pending>>,
+    /// None once shut down.
+    queue: Mutex<Option<SyncSender<Batch>>>,
+    sender: Mutex<Option<JoinHandle<()>>>,
+    dropped: Arc<AtomicU64>,
+    closed: AtomicBool,
+}
+
+impl SpanQueue {
+    /// Starts the sender, for spans of `resource` in the instrumentation scope `scope`.
+    pub fn start(
+        target: SpanTarget,
+        resource: &Resource,
+        scope: &'static str,
+    ) -> Result<Self, OtelError> {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = sync_channel::<Batch>(QUEUE);
+        let sender = Sender {
             target,
-            client: Mutex::new(Some(client)),
-            resource: EncodedResource::default(),
+            resource: EncodedResource::new(resource),
+            scope,
+            pending: pending.clone(),
+            dropped: dropped.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("kube-gateway-otlp".into())
+            .spawn(move || sender.run(rx))
+            .map_err(|e| OtelError(format!("span sender thread: {e}")))?;
+        Ok(Self {
+            pending,
+            queue: Mutex::new(Some(tx)),
+            sender: Mutex::new(Some(handle)),
+            dropped,
+            closed: AtomicBool::new(false),
         })
     }
 
-    fn client(&self) -> Result<Client, OTelSdkError> {
-        match self.client.lock() {
-            Ok(guard) => guard.clone().ok_or(OTelSdkError::AlreadyShutdown),
-            Err(_) => Err(OTelSdkError::InternalFailure(
-                "span exporter lock poisoned".to_owned(),
-            )),
+    /// Adds the span `write` appends (see [`protobuf::span`](super::protobuf::span)).
+    pub fn push(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.closed.load(Ordering::Relaxed) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let full = {
+            let Ok(mut pending) = self.pending.lock() else {
+                return;
+            };
+            write(&mut pending.spans);
+            pending.count += 1;
+            if pending.count < BATCH {
+                return;
+            }
+            pending.take()
+        };
+        if let Some(batch) = full {
+            self.send(batch);
+        }
+    }
+
+    fn send(&self, batch: Batch) {
+        let count = batch.count;
+        let sent = match self.queue.lock() {
+            Ok(queue) => match queue.as_ref() {
+                Some(tx) => tx.try_send(batch).is_ok(),
+                None => false,
+            },
+            Err(_) => false,
+        };
+        if !sent {
+            let before = self.dropped.fetch_add(count as u64, Ordering::Relaxed);
+            if before == 0 {
+                tracing::warn!(
+                    spans = count,
+                    "OpenTelemetry: the span export is behind (collector slow or away): spans dropped"
+                );
+            }
+        }
+    }
+
+    /// Spans dropped so far because the export was behind or had failed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sends what is pending and waits for the sender to finish (at shutdown).
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let rest = self.pending.lock().ok().and_then(|mut p| p.take());
+        if let Some(batch) = rest {
+            self.send(batch);
+        }
+        // Closing the queue ends the sender once it has sent what is queued.
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.take();
+        }
+        let handle = self.sender.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::warn!("OpenTelemetry: the span sender panicked");
+            }
+        }
+        // A span pushed while this ran is counted, not lost without a trace.
+        let late = self.pending.lock().ok().and_then(|mut p| p.take());
+        if let Some(batch) = late {
+            self.dropped
+                .fetch_add(batch.count as u64, Ordering::Relaxed);
+        }
+        let dropped = self.dropped();
+        if dropped > 0 {
+            tracing::warn!(spans = dropped, "OpenTelemetry: spans dropped in all");
         }
     }
 }
 
-impl SpanExporter for OtlpSpanExporter {
-    // Called on the batch processor's own thread, one batch at a time: blocking here
-    // holds up nothing but the next batch.
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let client = self.client()?;
-        let mut body = Vec::with_capacity(batch.len() * 512);
-        export_request(&mut body, &self.resource, &batch);
+/// The sender thread's side.
+struct Sender {
+    target: SpanTarget,
+    resource: EncodedResource,
+    scope: &'static str,
+    pending: Arc<Mutex<Pending>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Sender {
+    fn run(self, rx: Receiver<Batch>) {
+        // Built (and dropped) here: the blocking client runs a runtime of its own, which
+        // must not live inside the gateway's.
+        let client = match Client::builder().timeout(self.target.timeout).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "OpenTelemetry: no HTTP client: spans are not exported");
+                return;
+            }
+        };
+        let mut failing = false;
+        loop {
+            let batch = match rx.recv_timeout(FLUSH_EVERY) {
+                Ok(batch) => Some(batch),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.pending.lock().ok().and_then(|mut p| p.take())
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let Some(batch) = batch else { continue };
+            match self.post(&client, &batch) {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("OpenTelemetry: span export works again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    self.dropped
+                        .fetch_add(batch.count as u64, Ordering::Relaxed);
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(error = %e, spans = batch.count, "OpenTelemetry: span export failed: spans dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn post(&self, client: &Client, batch: &Batch) -> Result<(), String> {
+        let mut body = Vec::with_capacity(batch.spans.len() + 512);
+        export_request(&mut body, &self.resource, self.scope, &batch.spans);
         let response = client
             .post(self.target.url.clone())
             .headers(self.target.headers.clone())
             .header(CONTENT_TYPE, "application/x-protobuf")
             .body(body)
             .send()
-            .map_err(|e| OTelSdkError::InternalFailure(format!("span export: {e}")))?;
+            .map_err(|e| format!("{}: {e}", self.target.url))?;
         let status = response.status();
-        if !status.is_success() {
-            let text = response.text().unwrap_or_default();
-            return Err(OTelSdkError::InternalFailure(format!(
-                "span export to {}: {status} {}",
-                self.target.url,
-                text.chars().take(200).collect::<String>()
-            )));
+        if status.is_success() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
-        let mut guard = self
-            .client
-            .lock()
-            .map_err(|_| OTelSdkError::InternalFailure("span exporter lock poisoned".to_owned()))?;
-        // The client's runtime is dropped off the caller's (possibly async) thread.
-        let client = guard.take().ok_or(OTelSdkError::AlreadyShutdown)?;
-        std::thread::spawn(move || drop(client));
-        Ok(())
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.resource = EncodedResource::new(resource);
+        let text = response.text().unwrap_or_default();
+        Err(format!(
+            "{}: {status} {}",
+            self.target.url,
+            text.chars().take(200).collect::<String>()
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::time::{Instant, UNIX_EPOCH};
 
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+
+    use super::super::protobuf::{span, SpanFields};
     use super::*;
+
+    /// An OTLP/HTTP receiver answering `status` to each request, keeping the bodies.
+    fn receiver(status: u16) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut conn = conn;
+                    loop {
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if let Some(v) = lower.strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        reader.read_exact(&mut body).unwrap();
+                        kept.lock().unwrap().push(body);
+                        let head = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                        if conn.write_all(head.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, bodies)
+    }
+
+    fn queue(url: &str) -> SpanQueue {
+        let target = SpanTarget::from_vars(|name| {
+            (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| url.to_owned())
+        })
+        .unwrap();
+        let resource = Resource::builder()
+            .with_service_name("kube-gateway")
+            .build();
+        SpanQueue::start(target, &resource, "kube-gateway").unwrap()
+    }
+
+    fn push(q: &SpanQueue, n: u8) {
+        let f = SpanFields {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            name: "chat gemma2:2b",
+            start: UNIX_EPOCH,
+            end: UNIX_EPOCH,
+            shared: &[],
+            attributes: &[],
+            events: &[],
+            error: None,
+        };
+        q.push(|out| span(out, &f));
+    }
+
+    /// The spans in each request received.
+    fn spans(bodies: &Mutex<Vec<Vec<u8>>>) -> Vec<usize> {
+        bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let r = ExportTraceServiceRequest::decode(b.as_slice()).unwrap();
+                r.resource_spans[0].scope_spans[0].spans.len()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_batch_goes_at_once_the_rest_on_the_timer_and_nothing_is_left_at_shutdown() {
+        let (url, bodies) = receiver(200);
+        let q = queue(&url);
+        for i in 0..BATCH + 3 {
+            push(&q, i as u8);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while spans(&bodies) != [BATCH, 3] {
+            assert!(Instant::now() < deadline, "sent: {:?}", spans(&bodies));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        push(&q, 1);
+        q.shutdown();
+        assert_eq!(spans(&bodies), [BATCH, 3, 1]);
+        assert_eq!(q.dropped(), 0);
+        // After shutdown a span is dropped and counted, never sent nor blocking.
+        push(&q, 2);
+        for _ in 0..BATCH {
+            push(&q, 3);
+        }
+        assert_eq!(q.dropped(), BATCH as u64 + 1);
+    }
+
+    #[test]
+    fn spans_a_collector_refuses_or_cannot_take_are_counted_as_dropped() {
+        let (url, bodies) = receiver(503);
+        let q = queue(&url);
+        for i in 0..2 * BATCH + 5 {
+            push(&q, i as u8);
+        }
+        q.shutdown();
+        assert_eq!(spans(&bodies), [BATCH, BATCH, 5]);
+        assert_eq!(q.dropped(), 2 * BATCH as u64 + 5);
+
+        // Nobody listening.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let q = queue(&format!("http://127.0.0.1:{port}/v1/traces"));
+        for i in 0..7 {
+            push(&q, i);
+        }
+        q.shutdown();
+        assert_eq!(q.dropped(), 7);
+    }
 
     fn target(vars: &[(&str, &str)]) -> Result<SpanTarget, OtelError> {
         let vars: HashMap<String, String> = vars

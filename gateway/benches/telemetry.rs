@@ -1,0 +1,169 @@
+//! What the usage recorder spends on metrics and tracing for each finished request, on
+//! its own thread and without the noise of a loaded proxy: `Metrics::record` with the
+//! Prometheus series only, then with the OTLP metrics, the OTLP spans, and both (the
+//! exporters post to a discarding HTTP server in this process). The exporter threads'
+//! own cost is not in these figures: `gateway/benches/store.sh` (COMPARE=metrics)
+//! measures the whole gateway. `cargo bench -p kube-gateway --bench telemetry`.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use kube_gateway::budget::{Ledger, SystemClock};
+use kube_gateway::metrics::{LiveState, Metrics};
+use kube_gateway::otel::Otel;
+use kube_gateway::policy::PolicyStore;
+use kube_gateway::{Outcome, TokenSource, UsageRecord};
+use kube_gateway_policy::model::ModelRewrite;
+use kube_gateway_policy::Policy;
+
+/// An OTLP/HTTP receiver that reads each request and answers 200 with an empty body.
+fn discarding_server() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if conn.write_all(ok).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn record(i: u64) -> UsageRecord {
+    UsageRecord {
+        request_id: format!("kgw-5f5831a7c9a54957-{i}"),
+        time: SystemTime::now(),
+        peer: SocketAddr::from(([10, 0, 3, 17], 40_000)),
+        destination: "10.96.0.12:11434".into(),
+        api: "openai",
+        endpoint: "chat_completions",
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        requested_model: Some("llama3.2:1b".into()),
+        used_model: Some("gemma2:2b".into()),
+        response_model: Some("gemma2:2b".into()),
+        status: 200,
+        outcome: Outcome::Allowed,
+        input_tokens: 21 + i % 7,
+        input_source: TokenSource::Provider,
+        output_tokens: 9 + i % 11,
+        output_source: TokenSource::Provider,
+        cached_tokens: Some(0),
+        reasoning_tokens: None,
+        finish_reason: Some("stop".into()),
+        streamed: false,
+        latency: Duration::from_micros(900 + i % 300),
+        first_chunk: Some(Duration::from_micros(850 + i % 300)),
+        bytes_in: 180,
+        bytes_out: 299,
+        error: None,
+        rules: Vec::new(),
+    }
+}
+
+fn metrics(
+    otlp: bool,
+    exports: &[(&str, &str)],
+    sink: SocketAddr,
+) -> (Arc<Metrics>, Option<Arc<Otel>>) {
+    for var in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_METRICS_EXPORTER",
+    ] {
+        std::env::remove_var(var);
+    }
+    std::env::set_var("OTEL_METRIC_EXPORT_INTERVAL", "1000");
+    if otlp {
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"));
+    }
+    for (k, v) in exports {
+        std::env::set_var(k, v);
+    }
+    let live = LiveState {
+        policy: Arc::new(PolicyStore::new(
+            Policy::default(),
+            None,
+            ModelRewrite::default(),
+        )),
+        ledger: Arc::new(Ledger::new(Arc::new(SystemClock))),
+        store: None,
+    };
+    let otel = Otel::from_env("team-a", "chat-7d9f-abcde", live)
+        .unwrap()
+        .map(Arc::new);
+    (
+        Metrics::new("team-a", "chat-7d9f-abcde", otel.clone()),
+        otel,
+    )
+}
+
+/// Name, whether OTLP is on, and the variable that turns one of its exports off.
+type Config = (&'static str, bool, &'static [(&'static str, &'static str)]);
+
+fn bench(c: &mut Criterion) {
+    let sink = discarding_server();
+    let configs: [Config; 4] = [
+        ("prometheus", false, &[]),
+        (
+            "prometheus + otlp metrics",
+            true,
+            &[("OTEL_TRACES_EXPORTER", "none")],
+        ),
+        (
+            "prometheus + otlp spans",
+            true,
+            &[("OTEL_METRICS_EXPORTER", "none")],
+        ),
+        ("prometheus + otlp metrics and spans", true, &[]),
+    ];
+    let records: Vec<UsageRecord> = (0..1024).map(record).collect();
+    let mut group = c.benchmark_group("record");
+    for (name, otlp, exports) in configs {
+        let (m, otel) = metrics(otlp, exports, sink);
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                m.record(&records[i % records.len()]);
+                i += 1;
+            })
+        });
+        if let Some(o) = otel {
+            o.shutdown();
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
