@@ -8,17 +8,22 @@
 //!   the same attributes as the Prometheus labels but namespace and pod, which are
 //!   resource attributes (`k8s.namespace.name`, `k8s.pod.name`).
 //!
-//! `OTEL_TRACES_EXPORTER=none` or `OTEL_METRICS_EXPORTER=none` turns one of the two off.
+//! `OTEL_TRACES_EXPORTER=none` or `OTEL_METRICS_EXPORTER=none` turns one of the two off;
+//! `OTEL_TRACES_SAMPLER` (and `_ARG`) samples spans, `OTEL_BSP_*` sizes their batches.
 //! Built from the same finished records as the usage store, by the recorder, off the
-//! request path; the exporters batch on their own threads. No prompt or completion text.
-//! Spans are encoded by our own exporter ([`span_export`]), metrics by the OTLP crate's.
+//! request path; the exporters send from threads of their own. No prompt or completion
+//! text. Metrics go through the SDK and the OTLP crate. Spans do not: a span per request
+//! through the SDK's tracer, batch processor and the OTLP crate's conversion cost several
+//! times what writing its protobuf does ([`protobuf`], [`span_export`]); the SDK still
+//! picks the ids and the sampling decision.
 
 use std::sync::Arc;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, ObservableGauge};
+use opentelemetry::trace::{SamplingDecision, SpanKind};
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+use opentelemetry_sdk::trace::{Config as TraceConfig, IdGenerator, ShouldSample};
 use opentelemetry_sdk::Resource;
 
 use crate::metrics::{
@@ -44,7 +49,9 @@ pub struct OtelError(String);
 pub struct Otel {
     /// Spans, unless `OTEL_TRACES_EXPORTER=none`.
     traces: Option<SpanQueue>,
-    ids: RandomIdGenerator,
+    /// The standard `OTEL_TRACES_SAMPLER` (and `_ARG`) choice, and the SDK's ids.
+    sampler: Box<dyn ShouldSample>,
+    ids: Box<dyn IdGenerator>,
     /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
     metrics: Option<(Instruments, SdkMeterProvider)>,
 }
@@ -263,9 +270,16 @@ impl Otel {
             metrics = metrics_on,
             "OpenTelemetry: export over OTLP/HTTP (one span per LLM request; the metrics)"
         );
+        // The SDK's defaults, which read the sampler variables.
+        let TraceConfig {
+            sampler,
+            id_generator,
+            ..
+        } = TraceConfig::default();
         Ok(Some(Self {
             traces,
-            ids: RandomIdGenerator::default(),
+            sampler,
+            ids: id_generator,
             metrics,
         }))
     }
@@ -370,6 +384,13 @@ impl Otel {
         let Some(queue) = &self.traces else {
             return;
         };
+        let trace_id = self.ids.new_trace_id();
+        let sampling =
+            self.sampler
+                .should_sample(None, trace_id, &a.span_name, &SpanKind::Client, &[], &[]);
+        if sampling.decision != SamplingDecision::RecordAndSample {
+            return;
+        }
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
         let outcome = outcome_name(r.outcome);
@@ -419,7 +440,7 @@ impl Otel {
         let error = matches!(r.outcome, Outcome::UpstreamError)
             .then(|| r.error.as_deref().unwrap_or_default());
         let fields = SpanFields {
-            trace_id: self.ids.new_trace_id().to_bytes(),
+            trace_id: trace_id.to_bytes(),
             span_id: self.ids.new_span_id().to_bytes(),
             name: &a.span_name,
             start,

@@ -281,8 +281,11 @@ def test_metrics_go_over_otlp_with_the_prometheus_values(tmp_path):
 
 
 def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
-    """OTEL_TRACES_EXPORTER=none: metrics only; OTEL_METRICS_EXPORTER=none: spans only."""
-    for off, want in (("OTEL_TRACES_EXPORTER", "/v1/metrics"), ("OTEL_METRICS_EXPORTER", "/v1/traces")):
+    """OTEL_TRACES_EXPORTER=none: metrics only; OTEL_METRICS_EXPORTER=none: spans only;
+    a sampler that samples nothing (OTEL_TRACES_SAMPLER): metrics only."""
+    for off, value, want in (("OTEL_TRACES_EXPORTER", "none", "/v1/metrics"),
+                             ("OTEL_METRICS_EXPORTER", "none", "/v1/traces"),
+                             ("OTEL_TRACES_SAMPLER", "always_off", "/v1/metrics")):
         paths = []
 
         class Counting(Receiver):
@@ -296,7 +299,7 @@ def test_each_export_can_be_turned_off_with_the_standard_variables(tmp_path):
         run.mkdir()
         (run / "policy.yaml").write_text("apiVersion: kube-gateway.io/v1alpha1\n")
         demo, gw, gw_port = start_gateway(run, otlp_port, ["--store", "none"],
-                                          OTEL_METRIC_EXPORT_INTERVAL="200", **{off: "none"})
+                                          OTEL_METRIC_EXPORT_INTERVAL="200", **{off: value})
         try:
             wait_listening(gw_port, gw, "gateway")
             oa = openai.OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="x", max_retries=0)

@@ -25,10 +25,21 @@ pub struct SpanTarget {
     pub url: reqwest::Url,
     pub headers: HeaderMap,
     pub timeout: Duration,
+    /// Spans a request carries at most (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`).
+    pub batch: usize,
+    /// Spans waiting to be sent at most (`OTEL_BSP_MAX_QUEUE_SIZE`); past them spans
+    /// are dropped (and counted) rather than holding up the recorder when the collector
+    /// is slow or away.
+    pub queue: usize,
+    /// How long a batch that is not full waits (`OTEL_BSP_SCHEDULE_DELAY`).
+    pub delay: Duration,
 }
 
-/// The OTLP default export timeout.
+/// The OTLP default export timeout, and the batch span processor's defaults.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BATCH: usize = 512;
+const DEFAULT_QUEUE: usize = 2048;
+const DEFAULT_DELAY: Duration = Duration::from_secs(5);
 
 impl SpanTarget {
     /// The target the process environment names.
@@ -82,18 +93,32 @@ impl SpanTarget {
             }
             None => HeaderMap::new(),
         };
-        let timeout = match pick("TIMEOUT") {
-            Some((name, ms)) => ms
+        let number = |name: String, value: String| {
+            value
                 .trim()
                 .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| OtelError(format!("{name}={ms}: not a number of milliseconds")))?,
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| OtelError(format!("{name}={value}: not a positive whole number")))
+        };
+        let timeout = match pick("TIMEOUT") {
+            Some((name, ms)) => Duration::from_millis(number(name, ms)?),
             None => DEFAULT_TIMEOUT,
         };
+        let bsp = |name: &str| var(name).map(|v| number(name.to_owned(), v)).transpose();
+        let queue = bsp("OTEL_BSP_MAX_QUEUE_SIZE")?.map_or(DEFAULT_QUEUE, |n| n as usize);
+        // A batch larger than the queue could never fill: the specification caps it.
+        let batch = bsp("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?
+            .map_or(DEFAULT_BATCH, |n| n as usize)
+            .min(queue);
+        let delay = bsp("OTEL_BSP_SCHEDULE_DELAY")?.map_or(DEFAULT_DELAY, Duration::from_millis);
         Ok(Self {
             url,
             headers,
             timeout,
+            batch,
+            queue,
+            delay,
         })
     }
 }
@@ -117,25 +142,23 @@ fn parse_headers(list: &str) -> Result<HeaderMap, String> {
     Ok(headers)
 }
 
-/// Spans in a batch before it is sent (the SDK's default export batch).
-const BATCH: usize = 512;
-/// Full batches waiting for the sender; past them a batch is dropped (and counted)
-/// rather than holding up the recorder when the collector is slow or away.
-const QUEUE: usize = 8;
-/// A batch that is not full goes out after this long.
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
-
 /// The spans written since the last batch went out.
 #[derive(Debug, Default)]
 struct Pending {
     spans: Vec<u8>,
     count: usize,
+    /// Bytes the last batch took: the next one's starting capacity.
+    last_len: usize,
 }
 
 impl Pending {
     fn take(&mut self) -> Option<Batch> {
-        (self.count > 0).then(|| Batch {
-            spans: std::mem::replace(&mut self.spans, Vec::with_capacity(BATCH * 640)),
+        if self.count == 0 {
+            return None;
+        }
+        self.last_len = self.spans.len();
+        Some(Batch {
+            spans: std::mem::replace(&mut self.spans, Vec::with_capacity(self.last_len)),
             count: std::mem::take(&mut self.count),
         })
     }
@@ -148,8 +171,8 @@ struct Batch {
 }
 
 /// The span export: the recorder writes each span into the pending batch; a thread of
-/// its own posts full batches (and, every [`FLUSH_EVERY`], whatever is pending) as OTLP
-/// export requests.
+/// its own posts full batches (and, after the schedule delay, whatever is pending) as
+/// OTLP export requests.
 #[derive(Debug)]
 pub struct SpanQueue {
     pending: Arc<Mutex<Pending>>,
@@ -158,6 +181,7 @@ pub struct SpanQueue {
     sender: Mutex<Option<JoinHandle<()>>>,
     dropped: Arc<AtomicU64>,
     closed: AtomicBool,
+    batch: usize,
 }
 
 impl SpanQueue {
@@ -169,7 +193,9 @@ impl SpanQueue {
     ) -> Result<Self, OtelError> {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let dropped = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = sync_channel::<Batch>(QUEUE);
+        let batch = target.batch;
+        // The queue in whole batches, the one being filled included.
+        let (tx, rx) = sync_channel::<Batch>((target.queue / batch).saturating_sub(1).max(1));
         let sender = Sender {
             target,
             resource: EncodedResource::new(resource),
@@ -187,6 +213,7 @@ impl SpanQueue {
             sender: Mutex::new(Some(handle)),
             dropped,
             closed: AtomicBool::new(false),
+            batch,
         })
     }
 
@@ -202,7 +229,7 @@ impl SpanQueue {
             };
             write(&mut pending.spans);
             pending.count += 1;
-            if pending.count < BATCH {
+            if pending.count < self.batch {
                 return;
             }
             pending.take()
@@ -289,7 +316,7 @@ impl Sender {
         };
         let mut failing = false;
         loop {
-            let batch = match rx.recv_timeout(FLUSH_EVERY) {
+            let batch = match rx.recv_timeout(self.target.delay) {
                 Ok(batch) => Some(batch),
                 Err(RecvTimeoutError::Timeout) => {
                     self.pending.lock().ok().and_then(|mut p| p.take())
@@ -393,8 +420,10 @@ mod tests {
     }
 
     fn queue(url: &str) -> SpanQueue {
-        let target = SpanTarget::from_vars(|name| {
-            (name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| url.to_owned())
+        let target = SpanTarget::from_vars(|name| match name {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => Some(url.to_owned()),
+            "OTEL_BSP_SCHEDULE_DELAY" => Some("300".to_owned()),
+            _ => None,
         })
         .unwrap();
         let resource = Resource::builder()
@@ -435,36 +464,36 @@ mod tests {
     fn a_full_batch_goes_at_once_the_rest_on_the_timer_and_nothing_is_left_at_shutdown() {
         let (url, bodies) = receiver(200);
         let q = queue(&url);
-        for i in 0..BATCH + 3 {
+        for i in 0..DEFAULT_BATCH + 3 {
             push(&q, i as u8);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while spans(&bodies) != [BATCH, 3] {
+        while spans(&bodies) != [DEFAULT_BATCH, 3] {
             assert!(Instant::now() < deadline, "sent: {:?}", spans(&bodies));
             std::thread::sleep(Duration::from_millis(20));
         }
         push(&q, 1);
         q.shutdown();
-        assert_eq!(spans(&bodies), [BATCH, 3, 1]);
+        assert_eq!(spans(&bodies), [DEFAULT_BATCH, 3, 1]);
         assert_eq!(q.dropped(), 0);
         // After shutdown a span is dropped and counted, never sent nor blocking.
         push(&q, 2);
-        for _ in 0..BATCH {
+        for _ in 0..DEFAULT_BATCH {
             push(&q, 3);
         }
-        assert_eq!(q.dropped(), BATCH as u64 + 1);
+        assert_eq!(q.dropped(), DEFAULT_BATCH as u64 + 1);
     }
 
     #[test]
     fn spans_a_collector_refuses_or_cannot_take_are_counted_as_dropped() {
         let (url, bodies) = receiver(503);
         let q = queue(&url);
-        for i in 0..2 * BATCH + 5 {
+        for i in 0..2 * DEFAULT_BATCH + 5 {
             push(&q, i as u8);
         }
         q.shutdown();
-        assert_eq!(spans(&bodies), [BATCH, BATCH, 5]);
-        assert_eq!(q.dropped(), 2 * BATCH as u64 + 5);
+        assert_eq!(spans(&bodies), [DEFAULT_BATCH, DEFAULT_BATCH, 5]);
+        assert_eq!(q.dropped(), 2 * DEFAULT_BATCH as u64 + 5);
 
         // Nobody listening.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -523,11 +552,23 @@ mod tests {
         assert_eq!(t.headers.get("x-tenant").unwrap(), "t1");
         assert!(t.headers.get("x-general").is_none());
         assert_eq!(t.timeout, Duration::from_millis(2500));
+        let defaults = target(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c")]).unwrap();
+        assert_eq!(defaults.timeout, DEFAULT_TIMEOUT);
         assert_eq!(
-            target(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c")])
-                .unwrap()
-                .timeout,
-            DEFAULT_TIMEOUT
+            (defaults.batch, defaults.queue, defaults.delay),
+            (DEFAULT_BATCH, DEFAULT_QUEUE, DEFAULT_DELAY)
+        );
+        let bsp = target(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+        ])
+        .unwrap();
+        // A batch never exceeds the queue.
+        assert_eq!(
+            (bsp.batch, bsp.queue, bsp.delay),
+            (100, 100, Duration::from_millis(250))
         );
     }
 
@@ -545,7 +586,13 @@ mod tests {
                 "no-equals-sign",
                 "not key=value",
             ),
-            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "10s", "milliseconds"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                "10s",
+                "positive whole number",
+            ),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "0", "positive whole number"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "-1", "positive whole number"),
         ] {
             let e = target(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), (var, value)])
                 .unwrap_err()
