@@ -308,6 +308,9 @@ impl Otel {
         };
         let used_name = r.used_model.as_deref().unwrap_or_default();
         let requested_name = r.requested_model.as_deref().unwrap_or_default();
+        // Two tests on purpose: the rewrite metric counts a change *to* a model (from ""
+        // when the request named none, as the Prometheus series do); the span names the
+        // model asked for whenever one was and the model used differs.
         let rewritten = !used_name.is_empty() && used_name != requested_name;
         // The metrics' GenAI attributes, but the response model only when there is one.
         let mut span = genai[..3].to_vec();
