@@ -180,7 +180,9 @@ pub struct SpanQueue {
     queue: Mutex<Option<SyncSender<Batch>>>,
     sender: Mutex<Option<JoinHandle<()>>>,
     dropped: Arc<AtomicU64>,
-    closed: AtomicBool,
+    /// Set at shutdown: spans pushed after it are dropped, and the sender stops trying a
+    /// collector that has failed.
+    closed: Arc<AtomicBool>,
     batch: usize,
 }
 
@@ -193,6 +195,7 @@ impl SpanQueue {
     ) -> Result<Self, OtelError> {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let dropped = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(AtomicBool::new(false));
         let batch = target.batch;
         // The queue in whole batches, the one being filled included.
         let (tx, rx) = sync_channel::<Batch>((target.queue / batch).saturating_sub(1).max(1));
@@ -202,6 +205,7 @@ impl SpanQueue {
             scope,
             pending: pending.clone(),
             dropped: dropped.clone(),
+            closed: closed.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("kube-gateway-otlp".into())
@@ -212,7 +216,7 @@ impl SpanQueue {
             queue: Mutex::new(Some(tx)),
             sender: Mutex::new(Some(handle)),
             dropped,
-            closed: AtomicBool::new(false),
+            closed,
             batch,
         })
     }
@@ -301,7 +305,12 @@ struct Sender {
     scope: &'static str,
     pending: Arc<Mutex<Pending>>,
     dropped: Arc<AtomicU64>,
+    closed: Arc<AtomicBool>,
 }
+
+/// At shutdown a post waits this long at most: stopping is not held up for the export
+/// timeout once per queued batch.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Sender {
     fn run(self, rx: Receiver<Batch>) {
@@ -324,7 +333,18 @@ impl Sender {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let Some(batch) = batch else { continue };
-            match self.post(&client, &batch) {
+            let closing = self.closed.load(Ordering::Relaxed);
+            if closing && failing {
+                self.dropped
+                    .fetch_add(batch.count as u64, Ordering::Relaxed);
+                continue;
+            }
+            let timeout = if closing {
+                self.target.timeout.min(SHUTDOWN_TIMEOUT)
+            } else {
+                self.target.timeout
+            };
+            match self.post(&client, &batch, timeout) {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("OpenTelemetry: span export works again");
@@ -342,13 +362,14 @@ impl Sender {
         }
     }
 
-    fn post(&self, client: &Client, batch: &Batch) -> Result<(), String> {
+    fn post(&self, client: &Client, batch: &Batch, timeout: Duration) -> Result<(), String> {
         let mut body = Vec::with_capacity(batch.spans.len() + 512);
         export_request(&mut body, &self.resource, self.scope, &batch.spans);
         let response = client
             .post(self.target.url.clone())
             .headers(self.target.headers.clone())
             .header(CONTENT_TYPE, "application/x-protobuf")
+            .timeout(timeout)
             .body(body)
             .send()
             .map_err(|e| format!("{}: {e}", self.target.url))?;
@@ -492,7 +513,10 @@ mod tests {
             push(&q, i as u8);
         }
         q.shutdown();
-        assert_eq!(spans(&bodies), [DEFAULT_BATCH, DEFAULT_BATCH, 5]);
+        // Tried (not necessarily each batch: once stopping, a failed collector is not
+        // tried again), and every span counted.
+        let tried = spans(&bodies);
+        assert!(!tried.is_empty() && tried.iter().all(|n| *n == DEFAULT_BATCH || *n == 5));
         assert_eq!(q.dropped(), 2 * DEFAULT_BATCH as u64 + 5);
 
         // Nobody listening.
