@@ -48,10 +48,7 @@ pub struct OtelError(String);
 /// The span and metric exporters of this gateway.
 pub struct Otel {
     /// Spans, unless `OTEL_TRACES_EXPORTER=none`.
-    traces: Option<SpanQueue>,
-    /// The standard `OTEL_TRACES_SAMPLER` (and `_ARG`) choice, and the SDK's ids.
-    sampler: Box<dyn ShouldSample>,
-    ids: Box<dyn IdGenerator>,
+    traces: Option<Traces>,
     /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
     metrics: Option<(Instruments, SdkMeterProvider)>,
 }
@@ -83,6 +80,14 @@ pub struct SeriesAttributes {
     span_name: String,
     /// The span attributes every request of this kind has, encoded.
     span: Vec<u8>,
+}
+
+/// The span export, with the SDK's standard `OTEL_TRACES_SAMPLER` (and `_ARG`) choice
+/// and its ids.
+struct Traces {
+    queue: SpanQueue,
+    sampler: Box<dyn ShouldSample>,
+    ids: Box<dyn IdGenerator>,
 }
 
 /// The metric instruments; each mirrors the Prometheus series of the same name.
@@ -242,11 +247,17 @@ impl Otel {
         }
         let resource = resource.build();
         let traces = if traces_on {
-            Some(SpanQueue::start(
-                SpanTarget::from_env()?,
-                &resource,
-                "kube-gateway",
-            )?)
+            // The SDK's defaults, which read the sampler variables.
+            let TraceConfig {
+                sampler,
+                id_generator,
+                ..
+            } = TraceConfig::default();
+            Some(Traces {
+                queue: SpanQueue::start(SpanTarget::from_env()?, &resource, "kube-gateway")?,
+                sampler,
+                ids: id_generator,
+            })
         } else {
             None
         };
@@ -270,18 +281,7 @@ impl Otel {
             metrics = metrics_on,
             "OpenTelemetry: export over OTLP/HTTP (one span per LLM request; the metrics)"
         );
-        // The SDK's defaults, which read the sampler variables.
-        let TraceConfig {
-            sampler,
-            id_generator,
-            ..
-        } = TraceConfig::default();
-        Ok(Some(Self {
-            traces,
-            sampler,
-            ids: id_generator,
-            metrics,
-        }))
+        Ok(Some(Self { traces, metrics }))
     }
 
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
@@ -384,12 +384,12 @@ impl Otel {
     /// kind: a root CLIENT span, written straight into the export batch. Namespace and
     /// pod are the resource's attributes, not repeated on every span.
     pub fn span(&self, a: &SeriesAttributes, r: &UsageRecord) {
-        let Some(queue) = &self.traces else {
+        let Some(t) = &self.traces else {
             return;
         };
-        let trace_id = self.ids.new_trace_id();
+        let trace_id = t.ids.new_trace_id();
         let sampling =
-            self.sampler
+            t.sampler
                 .should_sample(None, trace_id, &a.span_name, &SpanKind::Client, &[], &[]);
         if sampling.decision != SamplingDecision::RecordAndSample {
             return;
@@ -397,7 +397,9 @@ impl Otel {
         let end = r.time;
         let start = end.checked_sub(r.latency).unwrap_or(end);
         let outcome = outcome_name(r.outcome);
-        let reasons = [r.finish_reason.as_deref().unwrap_or_default()];
+        let reasons = r.finish_reason.as_deref().map(|f| [f]);
+        // Two slots at the end for the optional ones below; never sent as they are.
+        let free = ("", Attr::Int(0));
         let mut attributes = [
             (
                 "gen_ai.usage.input_tokens",
@@ -411,19 +413,24 @@ impl Otel {
             ("kube_gateway.request_id", Attr::Str(&r.request_id)),
             ("http.response.status_code", Attr::Int(i64::from(r.status))),
             ("server.address", Attr::Str(&r.destination)),
-            ("gen_ai.response.finish_reasons", Attr::Strs(&reasons)),
-            ("kube_gateway.time_to_first_chunk_s", Attr::Double(0.0)),
+            free,
+            free,
         ];
-        // The last two only when known.
+        // Then those known for this request, in an array on the stack: no allocation.
         let mut n = attributes.len() - 2;
-        if r.finish_reason.is_some() {
-            n += 1;
-        }
-        if let Some(t) = r.first_chunk {
-            attributes[n] = (
-                "kube_gateway.time_to_first_chunk_s",
-                Attr::Double(t.as_secs_f64()),
-            );
+        let optional = [
+            reasons
+                .as_ref()
+                .map(|f| ("gen_ai.response.finish_reasons", Attr::Strs(f))),
+            r.first_chunk.map(|t| {
+                (
+                    "kube_gateway.time_to_first_chunk_s",
+                    Attr::Double(t.as_secs_f64()),
+                )
+            }),
+        ];
+        for extra in optional.into_iter().flatten() {
+            attributes[n] = extra;
             n += 1;
         }
         let rules: Vec<[(&str, Attr<'_>); 2]> = r
@@ -444,7 +451,7 @@ impl Otel {
             .then(|| r.error.as_deref().unwrap_or_default());
         let fields = SpanFields {
             trace_id: trace_id.to_bytes(),
-            span_id: self.ids.new_span_id().to_bytes(),
+            span_id: t.ids.new_span_id().to_bytes(),
             name: &a.span_name,
             start,
             end,
@@ -453,13 +460,13 @@ impl Otel {
             events: &events,
             error,
         };
-        queue.push(|out| protobuf::span(out, &fields));
+        t.queue.push(|out| protobuf::span(out, &fields));
     }
 
     /// Sends what is batched and the metrics' last values (at shutdown).
     pub fn shutdown(&self) {
-        if let Some(queue) = &self.traces {
-            queue.shutdown();
+        if let Some(t) = &self.traces {
+            t.queue.shutdown();
         }
         if let Some((_, meters)) = &self.metrics {
             if let Err(e) = meters.shutdown() {

@@ -8,7 +8,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use opentelemetry::{Array, KeyValue, StringValue, Value};
+use opentelemetry::{Array, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use prost::encoding::{encode_key, encode_varint, WireType};
 
@@ -31,7 +31,7 @@ impl EncodedResource {
     pub fn new(resource: &Resource) -> Self {
         let mut message = Vec::new();
         for (key, value) in resource.iter() {
-            key_value(&mut message, 1, key.as_str(), value);
+            value_attr(&mut message, 1, key.as_str(), value);
         }
         Self {
             message,
@@ -73,7 +73,7 @@ pub struct SpanFields<'a> {
 pub fn span_attributes(attributes: &[KeyValue]) -> Vec<u8> {
     let mut out = Vec::new();
     for kv in attributes {
-        key_value(&mut out, 9, kv.key.as_str(), &kv.value);
+        value_attr(&mut out, 9, kv.key.as_str(), &kv.value);
     }
     out
 }
@@ -139,37 +139,32 @@ fn varint_len(n: usize) -> usize {
     prost::encoding::encoded_len_varint(n as u64)
 }
 
-/// A `KeyValue` in field `field` from a borrowed value.
-fn attr(out: &mut Vec<u8>, field: u32, key: &str, value: Attr<'_>) {
-    nested(out, field, |out| {
-        string(out, 1, key);
-        nested(out, 2, |out| match value {
-            Attr::Str(s) => bytes(out, 1, s.as_bytes(), true),
-            Attr::Int(i) => varint(out, 3, i as u64),
-            Attr::Double(f) => {
-                encode_key(4, WireType::SixtyFourBit, out);
-                out.extend_from_slice(&f.to_le_bytes());
-            }
-            Attr::Strs(v) => nested(out, 5, |out| {
-                for s in v {
-                    nested(out, 1, |out| bytes(out, 1, s.as_bytes(), true));
-                }
-            }),
-        });
-    });
-}
-
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-/// A `KeyValue` message in field `field`.
-fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
+/// A `KeyValue` message in field `field`, its `AnyValue` body written by `value`.
+fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
     nested(out, field, |out| {
         string(out, 1, key);
-        nested(out, 2, |out| any_value(out, value));
+        nested(out, 2, value);
+    });
+}
+
+/// A `KeyValue` from the API's owned value (the resource's, a kind's shared ones).
+fn value_attr(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
+    key_value(out, field, key, |out| any_value(out, value));
+}
+
+/// A `KeyValue` from a value borrowed from the record.
+fn attr(out: &mut Vec<u8>, field: u32, key: &str, value: Attr<'_>) {
+    key_value(out, field, key, |out| match value {
+        Attr::Str(s) => any_str(out, s),
+        Attr::Int(i) => any_int(out, i),
+        Attr::Double(f) => any_double(out, f),
+        Attr::Strs(v) => any_array(out, v, |out, s| any_str(out, s)),
     });
 }
 
@@ -177,39 +172,44 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Value) {
 /// (a `oneof` member always is).
 fn any_value(out: &mut Vec<u8>, value: &Value) {
     match value {
-        Value::String(s) => bytes(out, 1, s.as_str().as_bytes(), true),
+        Value::String(s) => any_str(out, s.as_str()),
         Value::Bool(b) => varint(out, 2, u64::from(*b)),
-        Value::I64(i) => varint(out, 3, *i as u64),
-        Value::F64(f) => {
-            encode_key(4, WireType::SixtyFourBit, out);
-            out.extend_from_slice(&f.to_le_bytes());
-        }
-        Value::Array(array) => nested(out, 5, |out| match array {
-            Array::Bool(v) => array_values(out, v, |b| Value::Bool(*b)),
-            Array::I64(v) => array_values(out, v, |i| Value::I64(*i)),
-            Array::F64(v) => array_values(out, v, |f| Value::F64(*f)),
-            Array::String(v) => {
-                for s in v {
-                    nested(out, 1, |out| string_value(out, s));
-                }
-            }
+        Value::I64(i) => any_int(out, *i),
+        Value::F64(f) => any_double(out, *f),
+        Value::Array(array) => match array {
+            Array::Bool(v) => any_array(out, v, |out, b| varint(out, 2, u64::from(*b))),
+            Array::I64(v) => any_array(out, v, |out, i| any_int(out, *i)),
+            Array::F64(v) => any_array(out, v, |out, f| any_double(out, *f)),
+            Array::String(v) => any_array(out, v, |out, s| any_str(out, s.as_str())),
             // The API's array kinds are non-exhaustive; one it adds later is sent empty
             // rather than mis-encoded.
-            _ => {}
-        }),
+            _ => nested(out, 5, |_| {}),
+        },
         // Likewise for a value kind added later: an `AnyValue` with no value.
         _ => {}
     }
 }
 
-fn string_value(out: &mut Vec<u8>, s: &StringValue) {
-    bytes(out, 1, s.as_str().as_bytes(), true);
+fn any_str(out: &mut Vec<u8>, s: &str) {
+    bytes(out, 1, s.as_bytes(), true);
 }
 
-fn array_values<T>(out: &mut Vec<u8>, values: &[T], to_value: impl Fn(&T) -> Value) {
-    for v in values {
-        nested(out, 1, |out| any_value(out, &to_value(v)));
-    }
+fn any_int(out: &mut Vec<u8>, i: i64) {
+    varint(out, 3, i as u64);
+}
+
+fn any_double(out: &mut Vec<u8>, f: f64) {
+    encode_key(4, WireType::SixtyFourBit, out);
+    out.extend_from_slice(&f.to_le_bytes());
+}
+
+/// An `ArrayValue` body: an `AnyValue` per element, each written by `element`.
+fn any_array<T>(out: &mut Vec<u8>, values: &[T], element: impl Fn(&mut Vec<u8>, &T)) {
+    nested(out, 5, |out| {
+        for v in values {
+            nested(out, 1, |out| element(out, v));
+        }
+    });
 }
 
 /// A length-delimited field whose body `body` writes, in place. Its length, a varint of
@@ -282,7 +282,7 @@ mod tests {
     use opentelemetry::trace::{
         Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry::InstrumentationScope;
+    use opentelemetry::{InstrumentationScope, StringValue};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
     use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;

@@ -147,8 +147,6 @@ fn parse_headers(list: &str) -> Result<HeaderMap, String> {
 struct Pending {
     spans: Vec<u8>,
     count: usize,
-    /// Bytes the last batch took: the next one's starting capacity.
-    last_len: usize,
 }
 
 impl Pending {
@@ -156,9 +154,10 @@ impl Pending {
         if self.count == 0 {
             return None;
         }
-        self.last_len = self.spans.len();
+        // The next batch likely needs what this one took.
+        let capacity = self.spans.len();
         Some(Batch {
-            spans: std::mem::replace(&mut self.spans, Vec::with_capacity(self.last_len)),
+            spans: std::mem::replace(&mut self.spans, Vec::with_capacity(capacity)),
             count: std::mem::take(&mut self.count),
         })
     }
