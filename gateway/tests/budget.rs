@@ -12,33 +12,25 @@ use kube_gateway::Outcome;
 use kube_gateway_ai_demo::DemoConfig;
 use serde_json::json;
 
-async fn with_budget(limits: &str) -> TestGateway {
+/// A gateway with one pod budget of `limits`; keep the policy file while it runs.
+async fn with_budget(limits: &str) -> (TestGateway, PolicyFile) {
     let (demo_addr, _) = demo(DemoConfig::default()).await;
-    let dir = std::env::temp_dir().join(format!(
-        "kgw-budget-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
+    let policy = policy_file(&format!(
+        "apiVersion: kube-gateway.io/v1alpha1
+budgets:
+  - {{ name: pod-daily, scope: pod, window: day, limits: {limits} }}
+"
     ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("policy.yaml");
-    std::fs::write(
-        &path,
-        format!("apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - {{ name: pod-daily, scope: pod, window: day, limits: {limits} }}\n"),
-    )
-    .unwrap();
     let mut cfg = config(demo_addr);
-    cfg.policy = Some(path);
+    cfg.policy = Some(policy.path.clone());
     cfg.identity.namespace = "team-a".into();
     cfg.identity.pod = "app-1".into();
-    gateway(cfg).await
+    (gateway(cfg).await, policy)
 }
 
 #[tokio::test]
 async fn requests_are_admitted_until_the_budget_is_spent_then_429_until_the_reset() {
-    let mut gw = with_budget("{ totalTokens: 100 }").await;
+    let (mut gw, _policy) = with_budget("{ totalTokens: 100 }").await;
     let ask =
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10});
     let mut admitted = 0;
@@ -96,7 +88,7 @@ async fn requests_are_admitted_until_the_budget_is_spent_then_429_until_the_rese
 #[tokio::test]
 async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
     // 1 prompt token + 9 generated = 10: the demo's 24-token answers cross it.
-    let mut gw = with_budget("{ totalTokens: 10 }").await;
+    let (mut gw, _policy) = with_budget("{ totalTokens: 10 }").await;
     let a = post(
         gw.addr,
         "/v1/chat/completions",
@@ -128,7 +120,7 @@ async fn a_stream_that_crosses_the_line_is_cut_well_formed_with_length() {
     .await;
     assert_eq!(next.status, 429, "spent once the cut answer ended");
 
-    let mut gw = with_budget("{ outputTokens: 5 }").await;
+    let (mut gw, _policy) = with_budget("{ outputTokens: 5 }").await;
     let o = post(
         gw.addr,
         "/api/chat",

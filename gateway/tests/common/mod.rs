@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,24 @@ pub async fn gateway(config: Config) -> TestGateway {
     let usage = gw.subscribe_usage();
     tokio::spawn(gw.run(std::future::pending()));
     TestGateway { addr, usage }
+}
+
+/// A policy file in a directory of its own, removed when dropped. Tests run in
+/// parallel threads of one process, so names built from the pid and the clock can
+/// collide (they did: two tests then read each other's budgets).
+pub struct PolicyFile {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+pub fn policy_file(text: &str) -> PolicyFile {
+    let dir = tempfile::Builder::new()
+        .prefix("kgw-policy-")
+        .tempdir()
+        .expect("a temporary directory");
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, text).expect("policy file written");
+    PolicyFile { _dir: dir, path }
 }
 
 /// An explicit-mode configuration in front of `upstream`.
