@@ -260,6 +260,13 @@ impl Metrics {
             otel,
             registry: Registry::default(),
         };
+        // First in the exposition, and counted last by `record`: a scrape that counts a
+        // request then also reads its tokens, rule hits and rewrites.
+        registry.register(
+            "kube_gateway_requests",
+            "Requests on recognized LLM paths, by outcome",
+            m.requests.clone(),
+        );
         registry.register(
             "gen_ai_client_token_usage",
             "Tokens used per request (input or output), as the provider counted them or the gateway estimated",
@@ -284,11 +291,6 @@ impl Metrics {
             "kube_gateway_reasoning_tokens",
             "Output tokens the provider spent on reasoning",
             m.reasoning.clone(),
-        );
-        registry.register(
-            "kube_gateway_requests",
-            "Requests on recognized LLM paths, by outcome",
-            m.requests.clone(),
         );
         registry.register(
             "kube_gateway_rule_hits",
@@ -424,7 +426,6 @@ impl Metrics {
             o.measure(a, r);
             o.span(a, r);
         }
-        s.requests.inc();
         for rule in &r.rules {
             self.rule_hits
                 .get_or_create(&Rule {
@@ -437,19 +438,22 @@ impl Metrics {
         if let Some(c) = &s.rewrite {
             c.inc();
         }
-        let Some(a) = &s.answered else { return };
-        a.input.observe(r.input_tokens as f64);
-        a.output.observe(r.output_tokens as f64);
-        a.duration.observe(r.latency.as_secs_f64());
-        if let Some(t) = r.first_chunk {
-            a.ttft.observe(t.as_secs_f64());
+        if let Some(a) = &s.answered {
+            a.input.observe(r.input_tokens as f64);
+            a.output.observe(r.output_tokens as f64);
+            a.duration.observe(r.latency.as_secs_f64());
+            if let Some(t) = r.first_chunk {
+                a.ttft.observe(t.as_secs_f64());
+            }
+            if let Some(c) = r.cached_tokens.filter(|c| *c > 0) {
+                a.cached.inc_by(c);
+            }
+            if let Some(c) = r.reasoning_tokens.filter(|c| *c > 0) {
+                a.reasoning.inc_by(c);
+            }
         }
-        if let Some(c) = r.cached_tokens.filter(|c| *c > 0) {
-            a.cached.inc_by(c);
-        }
-        if let Some(c) = r.reasoning_tokens.filter(|c| *c > 0) {
-            a.reasoning.inc_by(c);
-        }
+        // Last (and first in the exposition): a scrape can fall between these updates.
+        s.requests.inc();
     }
 
     /// A connection arrived with an original destination.
@@ -579,5 +583,57 @@ mod tests {
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }
         assert!(!text.contains("kgw-x-1"), "no request id in a label");
+    }
+
+    /// The sum of a family's samples named `name` (all label sets).
+    fn total(text: &str, name: &str) -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn a_scrape_that_counts_a_request_holds_its_tokens() {
+        // Each scrape meets records in flight: the requests counter must never run
+        // ahead of the series the same records update.
+        let m = Metrics::new("ns", "pod", None);
+        let writer = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let r = record(Outcome::Redacted, &["emails"]);
+                for _ in 0..20_000 {
+                    m.record(&r);
+                }
+            })
+        };
+        let mut scrapes = 0;
+        loop {
+            let done = writer.is_finished();
+            let text = m.encode();
+            let requests = total(&text, "kube_gateway_requests_total");
+            for series in [
+                "gen_ai_client_token_usage_count",
+                "kube_gateway_rule_hits_total",
+                "kube_gateway_model_rewrites_total",
+            ] {
+                // Token usage has an input and an output sample per request.
+                let per = if series.starts_with("gen_ai") {
+                    2.0
+                } else {
+                    1.0
+                };
+                assert!(
+                    total(&text, series) >= requests * per,
+                    "{series} behind {requests} requests in scrape {scrapes}"
+                );
+            }
+            scrapes += 1;
+            if done {
+                assert_eq!(requests, 20_000.0);
+                break;
+            }
+        }
+        writer.join().unwrap();
     }
 }
