@@ -532,6 +532,40 @@ mod tests {
         assert_eq!(q.dropped(), 7);
     }
 
+    #[test]
+    fn a_collector_that_never_answers_holds_shutdown_for_two_seconds_not_the_export_timeout() {
+        // Accepts and keeps connections, reads nothing, answers nothing.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().flatten().collect();
+            drop(held);
+        });
+        let q = queue(&url);
+        assert_eq!(
+            q_timeout(&url),
+            Duration::from_secs(10),
+            "the default export timeout"
+        );
+        for i in 0..5 {
+            push(&q, i);
+        }
+        let started = Instant::now();
+        q.shutdown();
+        let took = started.elapsed();
+        assert!(
+            took >= SHUTDOWN_TIMEOUT && took < Duration::from_secs(6),
+            "shutdown took {took:?}"
+        );
+        assert_eq!(q.dropped(), 5);
+    }
+
+    fn q_timeout(url: &str) -> Duration {
+        target(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)])
+            .unwrap()
+            .timeout
+    }
+
     fn target(vars: &[(&str, &str)]) -> Result<SpanTarget, OtelError> {
         let vars: HashMap<String, String> = vars
             .iter()
