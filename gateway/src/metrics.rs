@@ -6,12 +6,15 @@
 //!
 //! Recorded by the usage recorder from finished records, off the request path, so the
 //! numbers are the ones the usage store gets. Label sets are bounded: namespace and pod
-//! (one per gateway), model names, outcome, rule and budget names from the policy. No
-//! label ever holds prompt text or a request id. Gauges (budgets, the store's queue)
+//! (one per gateway), outcome, rule and budget names from the policy, and model names,
+//! which come from the workload and the LLM: the first [`MAX_MODEL_LABELS`] distinct
+//! ones are labels, later ones count under [`OTHER_MODELS`]. No label ever holds prompt
+//! text or a request id. Gauges (budgets, the store's queue)
 //! are read when collected, from a [`LiveState`].
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -61,6 +64,39 @@ impl LiveState {
             usize::try_from(spooled.saturating_sub(replayed)).unwrap_or(usize::MAX),
         ))
     }
+}
+
+/// Distinct model names a gateway shows as label values. A workload chooses the model
+/// names it sends, so without a bound one sending a new name per request would grow the
+/// exposition (and a Prometheus server) without end.
+pub const MAX_MODEL_LABELS: usize = 64;
+
+/// The label value of every model name past the first [`MAX_MODEL_LABELS`].
+pub const OTHER_MODELS: &str = "(other)";
+
+/// The model names shown so far; the first to arrive keep their own label for good.
+#[derive(Default)]
+struct ModelNames(Mutex<HashSet<String>>);
+
+impl ModelNames {
+    fn label(&self, name: &str) -> String {
+        let Ok(mut seen) = self.0.lock() else {
+            return OTHER_MODELS.to_owned();
+        };
+        if seen.contains(name) || seen.len() < MAX_MODEL_LABELS {
+            seen.insert(name.to_owned());
+            name.to_owned()
+        } else {
+            OTHER_MODELS.to_owned()
+        }
+    }
+}
+
+/// A record's model names as metric labels (bounded).
+pub struct ModelLabels {
+    pub requested: String,
+    pub used: String,
+    pub response: String,
 }
 
 /// Every GenAI series carries these (the convention's attribute names, dots as `_`).
@@ -168,6 +204,7 @@ pub struct Metrics {
     captured: Family<Pod, Counter>,
     netflushed: Family<Pod, Counter<u64, AtomicU64>>,
     cache: std::sync::Mutex<Vec<Arc<Series>>>,
+    models: ModelNames,
     /// The OTLP exporter, when on: every measurement goes there too.
     otel: Option<Arc<Otel>>,
 }
@@ -257,6 +294,7 @@ impl Metrics {
             captured: Family::default(),
             netflushed: Family::default(),
             cache: std::sync::Mutex::new(Vec::new()),
+            models: ModelNames::default(),
             otel,
             registry: Registry::default(),
         };
@@ -354,7 +392,7 @@ impl Metrics {
             return s.clone();
         }
         let s = Arc::new(self.resolve(r));
-        // Label sets are bounded, but not by us: start over rather than grow.
+        // Models x outcomes x endpoints can still be many: start over rather than grow.
         if cache.len() >= 256 {
             cache.clear();
         }
@@ -363,20 +401,28 @@ impl Metrics {
     }
 
     fn resolve(&self, r: &UsageRecord) -> Series {
-        let requested = r.requested_model.clone().unwrap_or_default();
-        let used = r.used_model.clone().unwrap_or_default();
+        let name = |m: &Option<String>| self.models.label(m.as_deref().unwrap_or_default());
+        let labels = ModelLabels {
+            requested: name(&r.requested_model),
+            used: name(&r.used_model),
+            response: name(&r.response_model),
+        };
         let requests = self.requests.get_or_create_owned(&Requests {
             namespace: self.who.namespace.clone(),
             pod: self.who.pod.clone(),
             outcome: outcome_name(r.outcome),
-            gen_ai_request_model: requested.clone(),
+            gen_ai_request_model: labels.requested.clone(),
         });
-        let rewrite = (!used.is_empty() && used != requested).then(|| {
+        // A rewrite is told by the names, not by their labels (two names past the bound
+        // are both `OTHER_MODELS`).
+        let used_name = r.used_model.as_deref().unwrap_or_default();
+        let rewritten = !used_name.is_empty() && r.requested_model.as_deref() != Some(used_name);
+        let rewrite = rewritten.then(|| {
             self.rewrites.get_or_create_owned(&Rewrite {
                 namespace: self.who.namespace.clone(),
                 pod: self.who.pod.clone(),
-                from: requested.clone(),
-                to: used.clone(),
+                from: labels.requested.clone(),
+                to: labels.used.clone(),
             })
         });
         let answered = reached_llm(r.outcome);
@@ -386,8 +432,8 @@ impl Metrics {
             gen_ai_operation_name: operation(r.endpoint),
             gen_ai_provider_name: r.api,
             // The model asked of the provider (after any rewrite), as the convention means.
-            gen_ai_request_model: used,
-            gen_ai_response_model: r.response_model.clone().unwrap_or_default(),
+            gen_ai_request_model: labels.used.clone(),
+            gen_ai_response_model: labels.response.clone(),
         };
         let tokens = |kind| {
             self.token_usage.get_or_create_owned(&Tokens {
@@ -412,7 +458,7 @@ impl Metrics {
                 cached: self.cached.get_or_create_owned(&genai),
                 reasoning: self.reasoning.get_or_create_owned(&genai),
             }),
-            otel: self.otel.as_ref().map(|o| o.attributes(r)),
+            otel: self.otel.as_ref().map(|o| o.attributes(r, &labels)),
         }
     }
 
@@ -635,5 +681,50 @@ mod tests {
             }
         }
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn model_names_past_the_bound_count_under_other_and_no_token_is_lost() {
+        let m = Metrics::new("ns", "pod", None);
+        let mut r = record(Outcome::Allowed, &[]);
+        let n = MAX_MODEL_LABELS + 10;
+        for i in 0..n {
+            let name = format!("model-{i}");
+            r.requested_model = Some(name.clone());
+            r.used_model = Some(name.clone());
+            r.response_model = Some(name);
+            m.record(&r);
+        }
+        // A name that had its label keeps it after the bound is reached.
+        r.requested_model = Some("model-0".into());
+        r.used_model = Some("model-0".into());
+        r.response_model = Some("model-0".into());
+        m.record(&r);
+        let text = m.encode();
+        let models: HashSet<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gen_ai_client_token_usage_count{"))
+            .filter_map(|l| l.split("gen_ai_request_model=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(models.len(), MAX_MODEL_LABELS + 1, "{models:?}");
+        assert!(models.contains(OTHER_MODELS) && models.contains("model-0"));
+        assert!(!models.contains(format!("model-{}", n - 1).as_str()));
+        let other = format!(
+            r#"kube_gateway_requests_total{{namespace="ns",pod="pod",outcome="allowed",gen_ai_request_model="{OTHER_MODELS}"}} 10"#
+        );
+        assert!(text.contains(&other), "{other} missing:\n{text}");
+        assert_eq!(total(&text, "kube_gateway_requests_total"), (n + 1) as f64);
+        assert_eq!(
+            total(&text, "gen_ai_client_token_usage_sum"),
+            ((n + 1) * (12 + 30)) as f64,
+            "every token counted somewhere"
+        );
+        // Names that differ are a rewrite even when both are past the bound.
+        r.requested_model = Some("late-a".into());
+        r.used_model = Some("late-b".into());
+        m.record(&r);
+        assert!(m.encode().contains(&format!(
+            r#"kube_gateway_model_rewrites_total{{namespace="ns",pod="pod",from="{OTHER_MODELS}",to="{OTHER_MODELS}"}} 1"#
+        )));
     }
 }

@@ -27,7 +27,8 @@ use opentelemetry_sdk::trace::{Config as TraceConfig, IdGenerator, ShouldSample}
 use opentelemetry_sdk::Resource;
 
 use crate::metrics::{
-    operation, outcome_name, reached_llm, LiveState, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS,
+    operation, outcome_name, reached_llm, LiveState, ModelLabels, DURATION_BUCKETS, TOKEN_BUCKETS,
+    TTFT_BUCKETS,
 };
 use crate::usage::{Outcome, UsageRecord};
 
@@ -287,22 +288,25 @@ impl Otel {
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
     /// them with its Prometheus handles, so a request costs no label building or string
     /// copies here (measured: building them was the largest share of the OTLP cost).
-    pub fn attributes(&self, r: &UsageRecord) -> SeriesAttributes {
-        let text = |s: Option<&String>| -> Value {
-            Value::String(Arc::<str>::from(s.map(String::as_str).unwrap_or_default()).into())
-        };
-        let requested = text(r.requested_model.as_ref());
-        let used = text(r.used_model.as_ref());
+    /// The attributes of a record's series: its metrics carry the bounded model labels
+    /// the Prometheus series carry, its span the names themselves (a span is one request,
+    /// no series to grow).
+    pub fn attributes(&self, r: &UsageRecord, labels: &ModelLabels) -> SeriesAttributes {
+        let text = |s: &str| -> Value { Value::String(Arc::<str>::from(s).into()) };
         let operation = operation(r.endpoint);
-        let genai = vec![
-            KeyValue::new("gen_ai.operation.name", operation),
-            KeyValue::new("gen_ai.provider.name", r.api),
-            // The model asked of the provider (after any rewrite), as the convention means.
-            KeyValue::new("gen_ai.request.model", used.clone()),
-            KeyValue::new("gen_ai.response.model", text(r.response_model.as_ref())),
-        ];
+        let genai = |used: &str, response: &str| {
+            vec![
+                KeyValue::new("gen_ai.operation.name", operation),
+                KeyValue::new("gen_ai.provider.name", r.api),
+                // The model asked of the provider (after any rewrite), as the convention
+                // means.
+                KeyValue::new("gen_ai.request.model", text(used)),
+                KeyValue::new("gen_ai.response.model", text(response)),
+            ]
+        };
+        let metric = genai(&labels.used, &labels.response);
         let with_type = |kind: &'static str| {
-            let mut a = genai.clone();
+            let mut a = metric.clone();
             a.push(KeyValue::new("gen_ai.token.type", kind));
             a
         };
@@ -312,27 +316,31 @@ impl Otel {
         // when the request named none, as the Prometheus series do); the span names the
         // model asked for whenever one was and the model used differs.
         let rewritten = !used_name.is_empty() && used_name != requested_name;
-        // The metrics' GenAI attributes, but the response model only when there is one.
-        let mut span = genai[..3].to_vec();
-        if r.response_model.is_some() {
-            span.push(genai[3].clone());
+        // The GenAI attributes, but the response model only when there is one.
+        let mut span = genai(used_name, r.response_model.as_deref().unwrap_or_default());
+        if r.response_model.is_none() {
+            span.pop();
         }
         if r.requested_model.is_some() && r.requested_model != r.used_model {
             span.push(KeyValue::new(
                 "kube_gateway.requested_model",
-                requested.clone(),
+                text(requested_name),
             ));
         }
         SeriesAttributes {
             requests: vec![
                 KeyValue::new("outcome", outcome_name(r.outcome)),
-                KeyValue::new("gen_ai.request.model", requested.clone()),
+                KeyValue::new("gen_ai.request.model", text(&labels.requested)),
             ],
-            rewrite: rewritten
-                .then(|| vec![KeyValue::new("from", requested), KeyValue::new("to", used)]),
+            rewrite: rewritten.then(|| {
+                vec![
+                    KeyValue::new("from", text(&labels.requested)),
+                    KeyValue::new("to", text(&labels.used)),
+                ]
+            }),
             input: with_type("input"),
             output: with_type("output"),
-            genai,
+            genai: metric,
             span_name: format!("{operation} {used_name}"),
             span: protobuf::span_attributes(&span),
         }
