@@ -9,6 +9,9 @@ bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 case "${1:-start}" in
 start)
     port=${KGW_PG_PORT:-54329}
+    # A cluster already listening there (another run's, a developer's): take the next
+    # free port rather than fail.
+    while (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
     dir=$(mktemp -d /tmp/kgw-pg.XXXXXX)
     chown postgres "$dir"
     echo "$port" >"$dir/port"

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 # PostgreSQL for the store tests: a private throw-away cluster, when this machine can
 # start one (root and the server package; CI installs it). Otherwise those parts skip.
 if [ -z "${KGW_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    eval "$(bash tests/postgres.sh start)"
+    # Assigned first: a cluster that fails to start stops the script here (set -e).
+    pg_env=$(bash tests/postgres.sh start)
+    eval "$pg_env"
     trap 'bash tests/postgres.sh stop "$KGW_PG_DIR"' EXIT
 fi
 
