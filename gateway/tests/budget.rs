@@ -16,10 +16,7 @@ use serde_json::json;
 async fn with_budget(limits: &str) -> (TestGateway, PolicyFile) {
     let (demo_addr, _) = demo(DemoConfig::default()).await;
     let policy = policy_file(&format!(
-        "apiVersion: kube-gateway.io/v1alpha1
-budgets:
-  - {{ name: pod-daily, scope: pod, window: day, limits: {limits} }}
-"
+        "apiVersion: kube-gateway.io/v1alpha1\nbudgets:\n  - {{ name: pod-daily, scope: pod, window: day, limits: {limits} }}\n"
     ));
     let mut cfg = config(demo_addr);
     cfg.policy = Some(policy.path.clone());
