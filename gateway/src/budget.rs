@@ -9,14 +9,18 @@
 //! background when half a slice is left, and a stream may overdraw by at most one slice
 //! while a refill is under way. Across G gateways the spend of a window therefore stays
 //! within limit + G x slice (see the README for what else can pass the line).
+//!
+//! A budget scoped per model keeps an entry per model name, and the workload picks the
+//! names: past [`MAX_MODEL_KEYS`] names in a window, the next ones share one entry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kube_gateway_policy::budget::{Budget, Limits, Subject};
+use kube_gateway_policy::budget::{Budget, Limits, Scope, Subject};
 
 use crate::store::lease::Measures;
 use crate::store::{Spent, Store, StoreError};
+
 /// The time, injected so tests can move it.
 pub trait Clock: Send + Sync {
     /// UTC milliseconds since the epoch.
@@ -43,6 +47,39 @@ const REQUESTS: usize = 3;
 
 fn limits_of(l: &Limits) -> [Option<u64>; 4] {
     [l.total_tokens, l.input_tokens, l.output_tokens, l.requests]
+}
+
+/// Model names a model-scoped budget counts apart in one window; the ones after share
+/// the key of [`OTHER_MODELS`], so a workload sending a new name per request neither
+/// grows the ledger without end nor gets a fresh budget for each name.
+pub const MAX_MODEL_KEYS: usize = 256;
+
+/// The model name of the shared key past [`MAX_MODEL_KEYS`] (also a metric label).
+pub const OTHER_MODELS: &str = crate::metrics::OTHER_MODELS;
+
+/// The ledger key of budget `b` for `who`: its own, or for a model-scoped budget already
+/// counting [`MAX_MODEL_KEYS`] names in this window, the shared one. A new key first
+/// clears the budget's entries of ended windows.
+fn bounded_key(
+    counts: &mut HashMap<String, Entry>,
+    b: &Budget,
+    who: &Subject<'_>,
+    start: i64,
+) -> String {
+    let key = b.key(who);
+    if b.scope != Scope::Model || counts.contains_key(&key) {
+        return key;
+    }
+    let prefix = format!("{}|{}|", b.name, b.window.name());
+    counts.retain(|k, e| e.start >= start || !k.starts_with(&prefix));
+    let counted = counts.keys().filter(|k| k.starts_with(&prefix)).count();
+    if counted < MAX_MODEL_KEYS {
+        return key;
+    }
+    b.key(&Subject {
+        model: OTHER_MODELS,
+        ..*who
+    })
 }
 
 /// How long a gateway that found a shared window's limits all leased waits before asking
@@ -268,7 +305,7 @@ impl Ledger {
         (want[TOTAL], want[INPUT], want[OUTPUT], want[REQUESTS]) = (input + 1, input, 1, 1);
         for b in budgets.iter().filter(|b| b.applies(who.model)) {
             let start = b.window.start(now);
-            let charge = Charge::new(b, b.key(who), start);
+            let charge = Charge::new(b, bounded_key(&mut counts, b, who, start), start);
             let e = match counts.get(&charge.key) {
                 Some(e) if e.start == start => *e,
                 _ => Entry {
@@ -724,6 +761,54 @@ mod tests {
         pod: "p",
         model: "m",
     };
+
+    #[test]
+    fn a_model_scoped_budget_counts_names_apart_up_to_a_bound_then_shares_one_entry() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000_020_000)));
+        let ledger = Arc::new(Ledger::new(clock.clone()));
+        let b = [Budget {
+            scope: Scope::Model,
+            ..budget(Limits {
+                requests: Some(1),
+                ..Default::default()
+            })
+        }];
+        let names: Vec<String> = (0..MAX_MODEL_KEYS + 5).map(|i| format!("m{i}")).collect();
+        fn who(model: &str) -> Subject<'_> {
+            Subject {
+                namespace: "ns",
+                pod: "p",
+                model,
+            }
+        }
+        for name in &names[..MAX_MODEL_KEYS] {
+            ledger.admit(&b, &who(name), 1, Some(1)).unwrap();
+        }
+        // Each of those names has spent its own budget.
+        exhausted(ledger.admit(&b, &who("m0"), 1, Some(1)).unwrap_err());
+        // The next name takes the shared entry, and the one after finds it spent.
+        ledger
+            .admit(&b, &who(&names[MAX_MODEL_KEYS]), 1, Some(1))
+            .unwrap();
+        let e = exhausted(
+            ledger
+                .admit(&b, &who(&names[MAX_MODEL_KEYS + 1]), 1, Some(1))
+                .unwrap_err(),
+        );
+        assert_eq!(e.budget, "b");
+        assert_eq!(ledger.counts.lock().unwrap().len(), MAX_MODEL_KEYS + 1);
+        assert_eq!(ledger.used(&b[0], &who(OTHER_MODELS)), (1, 1, 1));
+        // A new window: a new name clears the ended one's entries, then has its own.
+        clock.0.fetch_add(60_000, Ordering::Relaxed);
+        ledger
+            .admit(&b, &who(&names[MAX_MODEL_KEYS + 2]), 1, Some(1))
+            .unwrap();
+        assert_eq!(ledger.counts.lock().unwrap().len(), 1);
+        assert_eq!(
+            ledger.used(&b[0], &who(&names[MAX_MODEL_KEYS + 2])),
+            (1, 1, 1)
+        );
+    }
 
     #[test]
     fn admits_until_spent_then_names_the_budget_and_the_reset() {
