@@ -71,7 +71,8 @@ impl LiveState {
 /// exposition (and a Prometheus server) without end.
 pub const MAX_MODEL_LABELS: usize = 64;
 
-/// The label value of every model name past the first [`MAX_MODEL_LABELS`].
+/// The label value of every model name past the first [`MAX_MODEL_LABELS`]; also the
+/// model of a model-scoped budget's shared count ([`crate::budget::MAX_MODEL_KEYS`]).
 pub const OTHER_MODELS: &str = "(other)";
 
 /// The model names shown so far; the first to arrive keep their own label for good.
@@ -79,15 +80,29 @@ pub const OTHER_MODELS: &str = "(other)";
 struct ModelNames(Mutex<HashSet<String>>);
 
 impl ModelNames {
-    fn label(&self, name: &str) -> String {
-        let Ok(mut seen) = self.0.lock() else {
-            return OTHER_MODELS.to_owned();
+    /// A record's model names as labels: names already shown keep theirs, new ones get
+    /// one while there is room.
+    fn labels(&self, r: &UsageRecord) -> ModelLabels {
+        let used = r.used_model.as_deref().unwrap_or_default();
+        // A rewrite is told by the names, not by their labels (two names past the bound
+        // are both `OTHER_MODELS`); from "" when the request named none.
+        let rewrite = !used.is_empty() && r.requested_model.as_deref() != Some(used);
+        let mut seen = self.0.lock().ok();
+        let mut label = |name: Option<&str>| -> String {
+            let name = name.unwrap_or_default();
+            match seen.as_mut() {
+                Some(seen) if seen.contains(name) || seen.len() < MAX_MODEL_LABELS => {
+                    seen.insert(name.to_owned());
+                    name.to_owned()
+                }
+                _ => OTHER_MODELS.to_owned(),
+            }
         };
-        if seen.contains(name) || seen.len() < MAX_MODEL_LABELS {
-            seen.insert(name.to_owned());
-            name.to_owned()
-        } else {
-            OTHER_MODELS.to_owned()
+        ModelLabels {
+            requested: label(r.requested_model.as_deref()),
+            used: label(Some(used)),
+            response: label(r.response_model.as_deref()),
+            rewrite,
         }
     }
 }
@@ -97,6 +112,8 @@ pub struct ModelLabels {
     pub requested: String,
     pub used: String,
     pub response: String,
+    /// The model used is not the one asked for.
+    pub rewrite: bool,
 }
 
 /// Every GenAI series carries these (the convention's attribute names, dots as `_`).
@@ -401,23 +418,14 @@ impl Metrics {
     }
 
     fn resolve(&self, r: &UsageRecord) -> Series {
-        let name = |m: &Option<String>| self.models.label(m.as_deref().unwrap_or_default());
-        let labels = ModelLabels {
-            requested: name(&r.requested_model),
-            used: name(&r.used_model),
-            response: name(&r.response_model),
-        };
+        let labels = self.models.labels(r);
         let requests = self.requests.get_or_create_owned(&Requests {
             namespace: self.who.namespace.clone(),
             pod: self.who.pod.clone(),
             outcome: outcome_name(r.outcome),
             gen_ai_request_model: labels.requested.clone(),
         });
-        // A rewrite is told by the names, not by their labels (two names past the bound
-        // are both `OTHER_MODELS`).
-        let used_name = r.used_model.as_deref().unwrap_or_default();
-        let rewritten = !used_name.is_empty() && r.requested_model.as_deref() != Some(used_name);
-        let rewrite = rewritten.then(|| {
+        let rewrite = labels.rewrite.then(|| {
             self.rewrites.get_or_create_owned(&Rewrite {
                 namespace: self.who.namespace.clone(),
                 pod: self.who.pod.clone(),

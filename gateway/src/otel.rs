@@ -288,9 +288,8 @@ impl Otel {
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
     /// them with its Prometheus handles, so a request costs no label building or string
     /// copies here (measured: building them was the largest share of the OTLP cost).
-    /// The attributes of a record's series: its metrics carry the bounded model labels
-    /// the Prometheus series carry, its span the names themselves (a span is one request,
-    /// no series to grow).
+    /// The metrics carry the bounded model labels the Prometheus series carry; the span
+    /// the names themselves (a span is one request, no series to grow).
     pub fn attributes(&self, r: &UsageRecord, labels: &ModelLabels) -> SeriesAttributes {
         let text = |s: &str| -> Value { Value::String(Arc::<str>::from(s).into()) };
         let operation = operation(r.endpoint);
@@ -312,15 +311,14 @@ impl Otel {
         };
         let used_name = r.used_model.as_deref().unwrap_or_default();
         let requested_name = r.requested_model.as_deref().unwrap_or_default();
-        // Two tests on purpose: the rewrite metric counts a change *to* a model (from ""
-        // when the request named none, as the Prometheus series do); the span names the
-        // model asked for whenever one was and the model used differs.
-        let rewritten = !used_name.is_empty() && used_name != requested_name;
         // The GenAI attributes, but the response model only when there is one.
         let mut span = genai(used_name, r.response_model.as_deref().unwrap_or_default());
         if r.response_model.is_none() {
             span.pop();
         }
+        // Not `labels.rewrite` on purpose: that counts a change *to* a model (from ""
+        // when the request named none); the span names the model asked for whenever one
+        // was and the model used differs.
         if r.requested_model.is_some() && r.requested_model != r.used_model {
             span.push(KeyValue::new(
                 "kube_gateway.requested_model",
@@ -332,7 +330,7 @@ impl Otel {
                 KeyValue::new("outcome", outcome_name(r.outcome)),
                 KeyValue::new("gen_ai.request.model", text(&labels.requested)),
             ],
-            rewrite: rewritten.then(|| {
+            rewrite: labels.rewrite.then(|| {
                 vec![
                     KeyValue::new("from", text(&labels.requested)),
                     KeyValue::new("to", text(&labels.used)),
