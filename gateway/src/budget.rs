@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use kube_gateway_policy::budget::{Budget, Limits, Scope, Subject};
 
+use crate::metrics::OTHER_MODELS;
 use crate::store::lease::Measures;
 use crate::store::{Spent, Store, StoreError};
 
@@ -54,9 +55,6 @@ fn limits_of(l: &Limits) -> [Option<u64>; 4] {
 /// grows the ledger without end nor gets a fresh budget for each name.
 pub const MAX_MODEL_KEYS: usize = 256;
 
-/// The model name of the shared key past [`MAX_MODEL_KEYS`] (also a metric label).
-pub const OTHER_MODELS: &str = crate::metrics::OTHER_MODELS;
-
 /// The ledger key of budget `b` for `who`: its own, or for a model-scoped budget already
 /// counting [`MAX_MODEL_KEYS`] names in this window, the shared one. A new key first
 /// clears the budget's entries of ended windows.
@@ -70,7 +68,7 @@ fn bounded_key(
     if b.scope != Scope::Model || counts.contains_key(&key) {
         return key;
     }
-    let prefix = format!("{}|{}|", b.name, b.window.name());
+    let prefix = b.key_prefix();
     counts.retain(|k, e| e.start >= start || !k.starts_with(&prefix));
     let counted = counts.keys().filter(|k| k.starts_with(&prefix)).count();
     if counted < MAX_MODEL_KEYS {
@@ -563,7 +561,7 @@ impl Ledger {
         };
         let mut out = Vec::new();
         for b in budgets {
-            let prefix = format!("{}|{}|", b.name, b.window.name());
+            let prefix = b.key_prefix();
             let start = b.window.start(now);
             let limits = limits_of(&b.limits);
             for (key, e) in counts.iter() {

@@ -140,7 +140,12 @@ impl Budget {
             Scope::Namespace => format!("namespace/{}", who.namespace),
             Scope::Model => format!("model/{}/{}", who.namespace, who.model),
         };
-        format!("{}|{}|{}", self.name, self.window.name(), scope)
+        self.key_prefix() + &scope
+    }
+
+    /// What every ledger key of this budget starts with (then its scope).
+    pub fn key_prefix(&self) -> String {
+        format!("{}|{}|", self.name, self.window.name())
     }
 }
 
