@@ -142,14 +142,15 @@ fn parse_headers(list: &str) -> Result<HeaderMap, String> {
     Ok(headers)
 }
 
-/// The spans written since the last batch went out.
+/// Encoded spans: the pending batch being written, or one on its way.
 #[derive(Debug, Default)]
-struct Pending {
+struct Batch {
     spans: Vec<u8>,
     count: usize,
 }
 
-impl Pending {
+impl Batch {
+    /// The spans written so far, leaving an empty batch of the same capacity.
     fn take(&mut self) -> Option<Batch> {
         if self.count == 0 {
             return None;
@@ -163,18 +164,12 @@ impl Pending {
     }
 }
 
-#[derive(Debug)]
-struct Batch {
-    spans: Vec<u8>,
-    count: usize,
-}
-
 /// The span export: the recorder writes each span into the pending batch; a thread of
 /// its own posts full batches (and, after the schedule delay, whatever is pending) as
 /// OTLP export requests.
 #[derive(Debug)]
 pub struct SpanQueue {
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Batch>>,
     /// None once shut down.
     queue: Mutex<Option<SyncSender<Batch>>>,
     sender: Mutex<Option<JoinHandle<()>>>,
@@ -192,7 +187,7 @@ impl SpanQueue {
         resource: &Resource,
         scope: &'static str,
     ) -> Result<Self, OtelError> {
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let pending = Arc::new(Mutex::new(Batch::default()));
         let dropped = Arc::new(AtomicU64::new(0));
         let closed = Arc::new(AtomicBool::new(false));
         let batch = target.batch;
@@ -302,7 +297,7 @@ struct Sender {
     target: SpanTarget,
     resource: EncodedResource,
     scope: &'static str,
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Batch>>,
     dropped: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
 }
