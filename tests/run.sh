@@ -18,6 +18,16 @@ bash bpf/toolchain.sh
 host=(--workspace --exclude kube-gateway-bpf-ebpf)
 cargo fmt --all --check
 cargo clippy "${host[@]}" --all-targets --quiet -- -D warnings
+# The dependency policy (deny.toml): licenses, duplicate versions (warnings), crates.io
+# only. Not `advisories`: its database is on a git host these machines cannot reach.
+if command -v cargo-deny >/dev/null; then
+    cargo deny check --hide-inclusion-graph licenses bans sources
+elif [ "${CI:-}" = true ]; then
+    echo "cargo-deny is missing: .ci/run installs it" >&2
+    exit 1
+else
+    echo "(no cargo-deny: the dependency policy check skips; .ci/run shows how to install it)"
+fi
 # The eBPF programs, linted for the target they are built for (with the nightly).
 cargo +nightly clippy --quiet -p kube-gateway-bpf-ebpf --target bpfel-unknown-none \
     -Z build-std=core --target-dir target/bpf-clippy -- -D warnings
