@@ -1,5 +1,5 @@
 //! What the usage recorder spends on metrics and tracing for each finished request, on
-//! its own thread and without the noise of a loaded proxy: `Metrics::record` with the
+//! its own thread and without the noise of a loaded proxy: `Telemetry::record` with the
 //! Prometheus series only, then with the OTLP metrics, the OTLP spans, and both. The
 //! exporter threads' own cost is not in these figures: `gateway/benches/store.sh`
 //! (COMPARE=metrics) measures the whole gateway.
@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use kube_gateway::api::Endpoint;
 use kube_gateway::budget::{Ledger, SystemClock};
-use kube_gateway::metrics::{LiveState, Metrics};
-use kube_gateway::otel::Otel;
+use kube_gateway::live::Live;
 use kube_gateway::policy::PolicyStore;
+use kube_gateway::telemetry::{Otel, Telemetry};
 use kube_gateway::{Outcome, TokenSource, UsageRecord};
 use kube_gateway_policy::model::ModelRewrite;
 use kube_gateway_policy::Policy;
@@ -31,11 +32,10 @@ fn nobody() -> SocketAddr {
 fn record(i: u64) -> UsageRecord {
     UsageRecord {
         request_id: format!("kgw-5f5831a7c9a54957-{i}"),
-        time: SystemTime::now(),
+        started_at: SystemTime::now(),
         peer: SocketAddr::from(([10, 0, 3, 17], 40_000)),
         destination: "10.96.0.12:11434".into(),
-        api: "openai",
-        endpoint: "chat_completions",
+        endpoint: Some(Endpoint::ChatCompletions),
         method: "POST".into(),
         path: "/v1/chat/completions".into(),
         requested_model: Some("llama3.2:1b".into()),
@@ -60,11 +60,7 @@ fn record(i: u64) -> UsageRecord {
     }
 }
 
-fn metrics(
-    otlp: bool,
-    exports: &[(&str, &str)],
-    sink: SocketAddr,
-) -> (Arc<Metrics>, Option<Arc<Otel>>) {
+fn metrics(otlp: bool, exports: &[(&str, &str)], sink: SocketAddr) -> Arc<Telemetry> {
     for var in [
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_TRACES_EXPORTER",
@@ -79,7 +75,7 @@ fn metrics(
     for (k, v) in exports {
         std::env::set_var(k, v);
     }
-    let live = LiveState {
+    let live = Live {
         policy: Arc::new(PolicyStore::new(
             Policy::default(),
             None,
@@ -88,13 +84,10 @@ fn metrics(
         ledger: Arc::new(Ledger::new(Arc::new(SystemClock))),
         store: None,
     };
-    let otel = Otel::from_env("team-a", "chat-7d9f-abcde", live)
+    let otel = Otel::from_env("team-a", "chat-7d9f-abcde", Arc::new(live))
         .unwrap()
         .map(Arc::new);
-    (
-        Metrics::new("team-a", "chat-7d9f-abcde", otel.clone()),
-        otel,
-    )
+    Telemetry::new("team-a", "chat-7d9f-abcde", otel)
 }
 
 /// Name, whether OTLP is on, and the variable that turns one of its exports off.
@@ -119,7 +112,7 @@ fn bench(c: &mut Criterion) {
     let records: Vec<UsageRecord> = (0..1024).map(record).collect();
     let mut group = c.benchmark_group("record");
     for (name, otlp, exports) in configs {
-        let (m, otel) = metrics(otlp, exports, sink);
+        let m = metrics(otlp, exports, sink);
         let mut i = 0;
         group.bench_function(name, |b| {
             b.iter(|| {
@@ -127,9 +120,7 @@ fn bench(c: &mut Criterion) {
                 i += 1;
             })
         });
-        if let Some(o) = otel {
-            o.shutdown();
-        }
+        m.shutdown();
     }
     group.finish();
 }

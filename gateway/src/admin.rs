@@ -14,15 +14,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::metrics::{LiveState, Metrics};
+use crate::accept;
+use crate::live::Live;
+use crate::telemetry::Telemetry;
 
 /// What the admin endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
     pub ready: Arc<AtomicBool>,
-    pub metrics: Arc<Metrics>,
+    pub telemetry: Arc<Telemetry>,
     /// The policy in force, and what the gauges read.
-    pub live: LiveState,
+    pub live: Live,
 }
 
 impl AdminState {
@@ -31,18 +33,15 @@ impl AdminState {
         if !self.ready.load(Ordering::Acquire) {
             return Some("not serving yet\n");
         }
-        match &self.live.store {
-            Some((stats, _)) if !stats.connected.load(Ordering::Relaxed) => {
-                Some("usage store unreachable (usage is spooled)\n")
-            }
-            _ => None,
+        match self.live.store_connected() {
+            Some(false) => Some("usage store unreachable (usage is spooled)\n"),
+            Some(true) | None => None,
         }
     }
 
     /// Gauges read at scrape time, then the exposition.
     fn metrics(&self) -> String {
-        self.metrics.refresh(&self.live);
-        self.metrics.encode()
+        self.telemetry.scrape(&self.live)
     }
 }
 
@@ -91,9 +90,7 @@ fn answer(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
 /// Serves the admin endpoint until the listener fails.
 pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = accept::next("admin", || listener.accept()).await;
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
@@ -112,9 +109,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
 /// its connection, so no probe stays on this responder once the gateway takes over.
 pub async fn serve_not_ready(listener: TcpListener, reason: Arc<std::sync::Mutex<String>>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, _) = accept::next("admin", || listener.accept()).await;
         let reason = reason.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use kube_gateway_policy::{ModelRewrite, ModelRewriteError};
 
 use crate::config::{BadDestination, Config, Destination, Limits, UpstreamMode};
-use crate::telemetry::LogFormat;
+use crate::logging::LogFormat;
 
 /// Environment variables, one per flag.
 pub mod env {

@@ -25,10 +25,6 @@ impl Destination {
         Ok(Self(authority))
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.0
-    }
-
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }

@@ -10,7 +10,7 @@ use crate::api::{ollama, openai, Dialect};
 
 /// Who caused an error: decides the status family and whether a retry is sane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
+pub enum ErrorOrigin {
     Client,
     Upstream,
     Internal,
@@ -45,18 +45,19 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    pub fn source(&self) -> ErrorSource {
+    /// Who caused the error (not `std::error::Error::source`, the underlying error).
+    pub fn origin(&self) -> ErrorOrigin {
         match self {
             GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
             | GatewayError::MalformedJson(_)
             | GatewayError::PolicyDenied { .. }
-            | GatewayError::BudgetExhausted { .. } => ErrorSource::Client,
+            | GatewayError::BudgetExhausted { .. } => ErrorOrigin::Client,
             GatewayError::UpstreamConnect { .. }
             | GatewayError::UpstreamTimeout { .. }
-            | GatewayError::UpstreamReset { .. } => ErrorSource::Upstream,
+            | GatewayError::UpstreamReset { .. } => ErrorOrigin::Upstream,
             GatewayError::Internal(_) | GatewayError::BudgetUnavailable { .. } => {
-                ErrorSource::Internal
+                ErrorOrigin::Internal
             }
         }
     }
@@ -94,10 +95,10 @@ impl GatewayError {
 
     /// OpenAI's error `type` for this error.
     fn openai_type(&self) -> &'static str {
-        match self.source() {
-            ErrorSource::Client => "invalid_request_error",
-            ErrorSource::Upstream => "upstream_error",
-            ErrorSource::Internal => "server_error",
+        match self.origin() {
+            ErrorOrigin::Client => "invalid_request_error",
+            ErrorOrigin::Upstream => "upstream_error",
+            ErrorOrigin::Internal => "server_error",
         }
     }
 
@@ -160,6 +161,7 @@ pub fn stream_error_frame(sse: bool, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error as _;
 
     #[test]
     fn answers_in_each_dialect() {
@@ -182,5 +184,16 @@ mod tests {
         let resp: Response<Bytes> = GatewayError::BodyTooLarge { limit: 5 }.response(None);
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(resp.headers()["x-kube-gateway-error"], "request_too_large");
+    }
+
+    #[test]
+    fn the_origin_is_not_the_underlying_error() {
+        let e = GatewayError::UpstreamConnect {
+            upstream: "u".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(e.origin(), ErrorOrigin::Upstream);
+        // `source()` is std's: these errors carry their cause as text, not as a source.
+        assert!(e.source().is_none());
     }
 }

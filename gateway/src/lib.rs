@@ -1,9 +1,17 @@
 //! kube-gateway: a transparent LLM guardrail proxy. It recognizes OpenAI and Ollama API
 //! calls on intercepted connections, applies the configured rewrites, forwards them to
 //! their original destination, streams answers back unbuffered, and records usage.
+//!
+//! A request goes one way through the modules: `listener` (accept, sniff) -> `http`
+//! (server side, proxy) -> `api` (dialect, typed request) -> `guard` (policy) and
+//! `budget` (admission) -> `upstream` -> `meter` (each response frame, once) ->
+//! `recorder` -> sinks: `store` and `telemetry`, which never import each other. `record`
+//! is the leaf they all share. `app` wires the parts; `runtime` runs them.
 
+pub mod accept;
 pub mod admin;
 pub mod api;
+pub mod app;
 pub mod budget;
 pub mod cli;
 pub mod config;
@@ -12,21 +20,24 @@ pub mod error;
 pub mod guard;
 pub mod http;
 pub mod listener;
+pub mod live;
+pub mod logging;
 pub mod meter;
-pub mod metrics;
 pub mod netflush;
 pub mod orig_dst;
-pub mod otel;
 pub mod policy;
+pub mod record;
+pub mod recorder;
 pub mod relay;
+pub mod report;
 pub mod runtime;
 pub mod sniff;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
 pub mod upstream;
-pub mod usage;
 
+pub use app::{Shared, StartError};
 pub use config::{Config, Destination, Limits, UpstreamMode};
-pub use listener::{Gateway, Shared, StartError};
-pub use usage::{Outcome, TokenSource, UsageRecord};
+pub use listener::Gateway;
+pub use record::{Outcome, TokenSource, UsageRecord};

@@ -13,10 +13,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let to = match cli.command {
-        Command::Run(_) => kube_gateway::telemetry::LogTo::Stdout,
-        _ => kube_gateway::telemetry::LogTo::Stderr,
+        Command::Run(_) => kube_gateway::logging::LogTo::Stdout,
+        _ => kube_gateway::logging::LogTo::Stderr,
     };
-    let _log = kube_gateway::telemetry::init(cli.log_format, to);
+    let _log = kube_gateway::logging::init(cli.log_format, to);
     match cli.command {
         Command::Run(args) => {
             let threads = match args.threads {
@@ -44,45 +44,13 @@ fn main() -> anyhow::Result<()> {
 /// `kube-gateway usage`: totals from the store for the last hours.
 fn usage(args: UsageArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
-    let url: kube_gateway::store::StoreUrl = args.store.parse()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let policy = args
         .policy
         .as_deref()
         .map(kube_gateway::policy::load_file)
         .transpose()?;
-    let (totals, budgets) = rt.block_on(async {
-        let store = kube_gateway::store::Store::connect(&url).await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as i64;
-        let from = now - i64::try_from(args.hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX);
-        let totals = store.totals(from, now + 1).await?;
-        let mut budgets = Vec::new();
-        for b in policy.iter().flat_map(|p| p.budgets.iter()) {
-            let spent = store.spent_since(b.window.start(now)).await?;
-            budgets.extend(kube_gateway::budget::state(b, &spent, now));
-        }
-        anyhow::Ok((totals, budgets))
-    })?;
-    let out = if args.json {
-        serde_json::to_string_pretty(&totals)? + "\n"
-    } else if args.csv {
-        kube_gateway::store::render_csv(&totals)
-    } else {
-        kube_gateway::store::render_table(&totals)
-    };
+    let out = kube_gateway::report::usage(&args, policy.as_ref())?;
     std::io::stdout().write_all(out.as_bytes())?;
-    if !budgets.is_empty() {
-        let out = if args.json {
-            serde_json::to_string_pretty(&budgets)? + "\n"
-        } else {
-            kube_gateway::budget::render(&budgets)
-        };
-        std::io::stdout().write_all(out.as_bytes())?;
-    }
     Ok(())
 }
 

@@ -6,13 +6,14 @@ use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
-use crate::api::{ollama, openai, Dialect, Endpoint, Observation, ReportedUsage};
+use crate::api::{ollama, openai, Dialect, Endpoint, Observation};
 use std::sync::Arc;
 
 use kube_gateway_policy::ResponseRules;
 
 use crate::error::stream_error_frame;
-use crate::guard::{Step, StreamGuard};
+use crate::guard::response::{Step, StreamGuard};
+use crate::record::Collected;
 use crate::stream::ndjson::{line_json, LineBoundary};
 use crate::stream::sse::{self, SseBoundary};
 use crate::stream::Framer;
@@ -45,30 +46,9 @@ impl Format {
     }
 }
 
-/// What the meter collected over a whole response.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Collected {
-    pub model: Option<String>,
-    pub usage: ReportedUsage,
-    /// Generated text, kept for estimates (bounded by the response limit).
-    pub text: String,
-    pub finish_reason: Option<String>,
-    pub error: Option<String>,
-    /// SSE events or NDJSON lines seen.
-    pub frames: u64,
-    /// The response body was larger than the meter keeps; usage may be missing.
-    pub truncated: bool,
-    /// Response rules that matched, in order.
-    pub policy_hits: Vec<String>,
-    /// A response rule ended the answer.
-    pub blocked: bool,
-    /// A budget ended the answer.
-    pub budget_cut: bool,
-}
-
 /// Counts a streamed answer's tokens as they pass and draws them from its budgets.
 pub struct BudgetCut {
-    pub ledger: std::sync::Arc<crate::budget::Ledger>,
+    pub ledger: Arc<crate::budget::Ledger>,
     pub reservation: crate::budget::Reservation,
     pub used: u64,
     pub tokens: kube_gateway_policy::TokenCounter,
@@ -168,7 +148,7 @@ impl Meter {
         if cut.ledger.draw(&mut cut.reservation, cut.used) {
             return None;
         }
-        let last = crate::guard::length_cut_event(data, self.endpoint)?;
+        let last = crate::guard::response::length_cut_event(data, self.endpoint)?;
         self.ended = true;
         self.collected.budget_cut = true;
         Some(last)
@@ -404,7 +384,7 @@ impl Meter {
                     self.observe(&buf);
                 }
                 match self.whole_rules.take() {
-                    Some(rules) => match crate::guard::whole(&buf, &rules) {
+                    Some(rules) => match crate::guard::response::whole(&buf, &rules) {
                         Some((body, hits, blocked)) => {
                             self.collected.policy_hits = hits;
                             self.collected.blocked = blocked;
@@ -538,7 +518,7 @@ data: [DONE]\n\n";
         );
         m.on_end();
         assert!(m.collected.truncated);
-        assert_eq!(m.collected.usage, ReportedUsage::default());
+        assert_eq!(m.collected.usage, crate::api::ReportedUsage::default());
     }
 
     #[test]

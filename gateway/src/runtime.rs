@@ -11,8 +11,9 @@ use std::thread;
 
 use tokio::sync::watch;
 
+use crate::app::{Shared, StartError};
 use crate::config::Config;
-use crate::listener::{bind_listener, Gateway, Shared, StartError};
+use crate::listener::{bind_listener, Gateway};
 
 fn single_threaded() -> Result<tokio::runtime::Runtime, StartError> {
     tokio::runtime::Builder::new_current_thread()
@@ -201,11 +202,11 @@ where
         let writer = shared.take_writer();
         // Held until the end: dropping it detaches the programs.
         let _capture = capture.map(|(capture, flushed)| {
-            shared.metrics().netflushed(flushed);
+            shared.telemetry().netflushed(flushed);
             capture
         });
         let ledger = shared.ledger();
-        let otel = shared.otel();
+        let telemetry = shared.telemetry().clone();
         let recorder = shared.take_recorder();
         tracing::info!(listen = %addr, threads, upstream = ?shared.config().upstream, "gateway ready");
 
@@ -249,10 +250,8 @@ where
                 tracing::error!("usage writer did not finish in 30 s; unwritten rows may be lost");
             }
         }
-        if let Some(o) = otel {
-            // The exporter's own thread does the network I/O; off the runtimes.
-            let _ = tokio::task::spawn_blocking(move || o.shutdown()).await;
-        }
+        // The exporter's own thread does the network I/O; off the runtimes.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         let _ = bg.stop.send(());
         if bg.thread.join().is_err() {
             tracing::error!("the background thread panicked");

@@ -132,7 +132,7 @@ async fn gateways_sharing_a_budget_stay_within_limit_plus_one_slice_each() {
         .map(|_| {
             Arc::new(Ledger::shared(
                 Arc::new(SystemClock),
-                store.clone(),
+                Arc::new(store.clone()),
                 tokio::runtime::Handle::current(),
             ))
         })

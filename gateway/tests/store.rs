@@ -21,11 +21,10 @@ use kube_gateway::{Outcome, TokenSource, UsageRecord};
 fn record(i: u64, model: &str, input: u64, output: u64) -> UsageRecord {
     UsageRecord {
         request_id: format!("test-{i}"),
-        time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + i * 600),
+        started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + i * 600),
         peer: "10.0.0.7:41000".parse::<SocketAddr>().unwrap(),
         destination: "10.0.0.9:11434".into(),
-        api: "ollama",
-        endpoint: "chat",
+        endpoint: Some(kube_gateway::api::Endpoint::Chat),
         method: "POST".into(),
         path: "/api/chat".into(),
         requested_model: Some("llama3".into()),

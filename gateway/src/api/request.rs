@@ -79,11 +79,6 @@ impl LlmRequest {
         self.fields.get(name).map(|raw| raw.get())
     }
 
-    /// Whether anything was changed since parsing.
-    pub fn changed(&self) -> bool {
-        self.changed
-    }
-
     fn set_raw(&mut self, name: &str, json: String) {
         match RawValue::from_string(json) {
             Ok(raw) => {

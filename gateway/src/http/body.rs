@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use crate::budget::Ledger;
 use crate::meter::Meter;
+use crate::record::Outcome;
+use crate::recorder::{Exchange, Recorder};
 use crate::upstream::root_cause;
-use crate::usage::{Exchange, Outcome, Recorder};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

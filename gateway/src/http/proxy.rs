@@ -17,78 +17,19 @@ use hyper_util::rt::TokioIo;
 
 use super::body::{MeteredBody, ProxyBody, Sink};
 use super::headers::{is_upgrade, strip_hop_by_hop};
-use crate::api::request::Visit;
 use crate::api::{Endpoint, LlmRequest};
 use crate::budget::{AdmitError, Ledger};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
+use crate::guard;
 use crate::meter::{BudgetCut, Format, Meter};
 use crate::policy::PolicyStore;
+use crate::record::Outcome;
+use crate::recorder::{Exchange, Recorder};
 use crate::upstream::Affinity;
 use crate::upstream::{Upstream, UpstreamBody};
-use crate::usage::{Exchange, Outcome, Recorder};
 use kube_gateway_policy::budget::Subject;
-use kube_gateway_policy::{ModelDecision, Policy, TokenCounter};
-
-/// Applies the request side of a policy: the model rules, then the prompt rules (every
-/// deny check of a text before its edits), then the max-tokens clamp. Records the rules
-/// that acted on the exchange.
-fn apply_policy(
-    policy: &Policy,
-    req: &mut LlmRequest,
-    key: &[u8],
-    ex: &mut Exchange,
-) -> Result<(), GatewayError> {
-    let asked = req.model.clone().unwrap_or_default();
-    match policy.models.decide(&asked, key) {
-        ModelDecision::Denied { rule } => {
-            ex.rules.push(rule.clone());
-            return Err(GatewayError::PolicyDenied {
-                rule,
-                what: "model",
-            });
-        }
-        ModelDecision::Use { model, changed } => {
-            if changed {
-                req.set_model(&model);
-            }
-        }
-    }
-    if !policy.prompt.is_empty() {
-        let mut denied = None;
-        let mut edits = Vec::new();
-        req.visit_prompt(|role, text| {
-            if let Some(rule) = policy.prompt.denied_by(role, text) {
-                denied = Some(rule.to_owned());
-                return Visit::Stop;
-            }
-            match policy.prompt.edit(role, text) {
-                Some(edited) => {
-                    edits.extend(edited.rules);
-                    Visit::Replace(edited.text)
-                }
-                None => Visit::Keep,
-            }
-        });
-        if let Some(rule) = denied {
-            ex.rules.push(rule.clone());
-            return Err(GatewayError::PolicyDenied {
-                rule,
-                what: "prompt",
-            });
-        }
-        if !edits.is_empty() {
-            ex.outcome = Outcome::Redacted;
-            ex.rules.extend(edits);
-        }
-    }
-    let model = req.model.clone().unwrap_or_default();
-    ex.encoding = Some(policy.encoding_for(&model));
-    if let Some(limit) = policy.max_tokens.clamp(&model, req.max_tokens()) {
-        req.set_max_tokens(limit);
-    }
-    Ok(())
-}
+use kube_gateway_policy::{Policy, TokenCounter};
 
 /// Shared by every connection of a gateway.
 pub struct Proxy {
@@ -310,9 +251,20 @@ impl Proxy {
                     .headers
                     .get("x-request-id")
                     .map_or(&original[..], |v| v.as_bytes());
-                if let Err(denial) = apply_policy(&policy, &mut parsed, key, &mut ex) {
-                    ex.request = Some(parsed);
-                    return self.reject(ex, denial, started, Outcome::Denied);
+                match guard::request::apply(&policy, &mut parsed, key) {
+                    Ok(applied) => {
+                        if !applied.edits.is_empty() {
+                            ex.outcome = Outcome::Redacted;
+                            ex.rules.extend(applied.edits);
+                        }
+                        ex.encoding = Some(applied.encoding);
+                    }
+                    Err(guard::request::Denied { rule, what }) => {
+                        ex.rules.push(rule.clone());
+                        ex.request = Some(parsed);
+                        let denial = GatewayError::PolicyDenied { rule, what };
+                        return self.reject(ex, denial, started, Outcome::Denied);
+                    }
                 }
                 // The model the request goes to, also on the record of one a budget refuses
                 // (its usage row and metrics then name the model that was asked for).

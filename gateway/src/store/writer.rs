@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::spool::Spool;
 use super::{Identity, Store, StoreUrl, UsageRow};
-use crate::usage::UsageRecord;
+use crate::record::UsageRecord;
 
 /// How the writer batches and retries.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
-//! Usage records: one per request, built as the exchange passes and finished off the
-//! request path by the recorder task, which fills in token estimates where the provider
-//! reported nothing, writes the access log line and hands the record on.
+//! The recorder: finishes each exchange off the request path (token estimates where the
+//! provider reported nothing, the budget settlement, the access log line) and fans the
+//! record out to its sinks: telemetry, the store writer's queue, and subscribers.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,47 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kube_gateway_policy::{Encoding, TokenCounter};
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::api::{Endpoint, LlmRequest};
-use crate::meter::Collected;
-
-/// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Forwarded and answered.
-    Allowed,
-    /// A recognized path whose body could not be parsed: forwarded unchanged (fail-open).
-    Unparsed,
-    /// Refused by the gateway before reaching the upstream (too large, malformed).
-    Rejected,
-    /// The upstream could not be reached, timed out or failed mid-answer.
-    UpstreamError,
-    /// Refused by a policy rule (model or prompt).
-    Denied,
-    /// Forwarded with a prompt or an answer rewritten by a policy rule.
-    Redacted,
-    /// The answer was ended by a response rule.
-    Blocked,
-    /// A streamed answer was ended at its budget's line.
-    BudgetCut,
-    /// The client went away before the answer ended.
-    ClientCancelled,
-}
-
-/// Where a token count came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenSource {
-    /// The provider's own usage report.
-    Provider,
-    /// Counted by the gateway with tiktoken.
-    Estimate,
-    /// Not an LLM call, or nothing to count.
-    None,
-}
+use crate::budget::{Ledger, Reservation};
+use crate::record::{Collected, Outcome, TokenSource, UsageRecord};
+use crate::telemetry::Telemetry;
 
 /// What the request path knows when an exchange ends.
 #[derive(Debug, Clone)]
@@ -80,40 +45,7 @@ pub struct Exchange {
     /// The encoding estimates use (the policy may set it per model).
     pub encoding: Option<Encoding>,
     /// What the request holds in the budget ledger, settled when the record is finished.
-    pub reservation: Option<crate::budget::Reservation>,
-}
-
-/// A finished usage record: what the access log shows and the store keeps.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UsageRecord {
-    pub request_id: String,
-    pub time: SystemTime,
-    pub peer: SocketAddr,
-    pub destination: String,
-    pub api: &'static str,
-    pub endpoint: &'static str,
-    pub method: String,
-    pub path: String,
-    pub requested_model: Option<String>,
-    pub used_model: Option<String>,
-    pub response_model: Option<String>,
-    pub status: u16,
-    pub outcome: Outcome,
-    pub input_tokens: u64,
-    pub input_source: TokenSource,
-    pub output_tokens: u64,
-    pub output_source: TokenSource,
-    pub cached_tokens: Option<u64>,
-    pub reasoning_tokens: Option<u64>,
-    pub finish_reason: Option<String>,
-    pub streamed: bool,
-    pub latency: Duration,
-    pub first_chunk: Option<Duration>,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub error: Option<String>,
-    /// Policy rules that acted, in order.
-    pub rules: Vec<String>,
+    pub reservation: Option<Reservation>,
 }
 
 impl Exchange {
@@ -133,8 +65,7 @@ impl Exchange {
         let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(&model));
         let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
         // A request the gateway refused never reached a model: it used no tokens.
-        let llm =
-            self.endpoint.is_some() && !matches!(self.outcome, Outcome::Denied | Outcome::Rejected);
+        let llm = self.endpoint.is_some() && self.outcome.reached_llm();
         // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
         let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);
         let (input_tokens, input_source) = match c.usage.input {
@@ -158,11 +89,10 @@ impl Exchange {
             .map(|p| format!("prompt={p:?} completion={:?}", c.text));
         let record = UsageRecord {
             request_id: format!("kgw-{id_prefix}-{}", self.seq),
-            time: self.started_at,
+            started_at: self.started_at,
             peer: self.peer,
             destination: self.destination.to_string(),
-            api: self.endpoint.map_or("other", |e| e.dialect().as_str()),
-            endpoint: self.endpoint.map_or("other", Endpoint::as_str),
+            endpoint: self.endpoint,
             method: self.method.to_string(),
             path: self.path,
             requested_model: self.requested_model,
@@ -194,24 +124,24 @@ impl Exchange {
 pub struct Recorder {
     tx: mpsc::Sender<Exchange>,
     dropped: Arc<AtomicU64>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Recorder {
     /// Queues an exchange. The request path never waits: if the queue is full the
-    /// exchange is counted as dropped and logged loudly, never lost silently.
+    /// exchange is counted as dropped (`kube_gateway_usage_records_dropped_total`) and
+    /// logged loudly, never lost silently.
     pub fn record(&self, exchange: Exchange) {
         if let Err(e) = self.tx.try_send(exchange) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Some(t) = &self.telemetry {
+                t.record_dropped();
+            }
             let ex = match e {
                 mpsc::error::TrySendError::Full(ex) | mpsc::error::TrySendError::Closed(ex) => ex,
             };
             tracing::error!(seq = ex.seq, path = %ex.path, dropped_total = n, "usage queue full: usage record dropped");
         }
-    }
-
-    /// Records dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -225,8 +155,8 @@ pub fn spawn_recorder(
     log_bodies: bool,
     capacity: usize,
     store: Option<mpsc::Sender<Arc<UsageRecord>>>,
-    ledger: Arc<crate::budget::Ledger>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    ledger: Arc<Ledger>,
+    telemetry: Option<Arc<Telemetry>>,
 ) -> (
     Recorder,
     broadcast::Sender<Arc<UsageRecord>>,
@@ -235,6 +165,7 @@ pub fn spawn_recorder(
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
     let out2 = out.clone();
+    let sink_telemetry = telemetry.clone();
     // Unique across restarts and pods (the store keys on request ids; pids repeat in
     // containers).
     let id_prefix = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
@@ -253,8 +184,8 @@ pub fn spawn_recorder(
                         }
                         access_log(&record, bodies);
                         // Metrics, and the OTLP span when that export is on.
-                        if let Some(m) = &metrics {
-                            m.record(&record);
+                        if let Some(t) = &sink_telemetry {
+                            t.record(&record);
                         }
                         let record = Arc::new(record);
                         if let Some(store) = &store {
@@ -277,6 +208,7 @@ pub fn spawn_recorder(
         Recorder {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            telemetry,
         },
         out,
         task,
@@ -288,8 +220,8 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
     tracing::info!(
         target: "access",
         request_id = %r.request_id,
-        api = r.api,
-        endpoint = r.endpoint,
+        api = r.api_name(),
+        endpoint = r.endpoint_name(),
         method = %r.method,
         path = %r.path,
         peer = %r.peer,
@@ -297,11 +229,11 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
         requested_model = r.requested_model.as_deref().unwrap_or(""),
         used_model = r.used_model.as_deref().unwrap_or(""),
         status = r.status,
-        outcome = ?r.outcome,
+        outcome = r.outcome.as_str(),
         input_tokens = r.input_tokens,
-        input_source = ?r.input_source,
+        input_source = r.input_source.as_str(),
         output_tokens = r.output_tokens,
-        output_source = ?r.output_source,
+        output_source = r.output_source.as_str(),
         cached_tokens = r.cached_tokens.unwrap_or(0),
         reasoning_tokens = r.reasoning_tokens.unwrap_or(0),
         streamed = r.streamed,

@@ -1,44 +1,18 @@
 //! The budget ledger: what each budget window has used. Before a request, admission
 //! checks every applicable budget and reserves the prompt's estimated tokens plus the
 //! output it says it may make; a streamed answer draws its tokens as they pass and is cut
-//! at the line; after, the reservation is settled with the exact usage.
-//!
-//! Per gateway by default. With a shared (PostgreSQL) store, a gateway admits only
-//! against slices it leased of each window's limits (`store::lease`): admission costs a
-//! database round trip only when the slice in hand is too small, refills run in the
-//! background when half a slice is left, and a stream may overdraw by at most one slice
-//! while a refill is under way. Across G gateways the spend of a window therefore stays
-//! within limit + G x slice (see the README for what else can pass the line).
-//!
-//! A budget scoped per model keeps an entry per model name, and the workload picks the
-//! names: past [`MAX_MODEL_KEYS`] names in a window, the next ones share one entry.
+//! at the line; after, the reservation is settled with the exact usage. Per gateway by
+//! default; shared through a [`super::LeaseBackend`] when a shared store is configured.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use kube_gateway_policy::budget::{Budget, Limits, Scope, Subject};
+use kube_gateway_policy::budget::{Budget, Limits, Subject};
 
-use crate::metrics::OTHER_MODELS;
-use crate::store::lease::Measures;
-use crate::store::{Spent, Store, StoreError};
-
-/// The time, injected so tests can move it.
-pub trait Clock: Send + Sync {
-    /// UTC milliseconds since the epoch.
-    fn now_ms(&self) -> i64;
-}
-
-/// The system clock.
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-    }
-}
+use super::clock::Clock;
+use super::keys::bounded_key;
+use super::lease::{Ask, Lease, LeaseBackend, Measures, Shared};
+use super::state::Spent;
 
 /// Indexes into [`Measures`].
 const TOTAL: usize = 0;
@@ -50,63 +24,18 @@ fn limits_of(l: &Limits) -> [Option<u64>; 4] {
     [l.total_tokens, l.input_tokens, l.output_tokens, l.requests]
 }
 
-/// Model names a model-scoped budget counts apart in one window; the ones after share
-/// the key of [`OTHER_MODELS`], so a workload sending a new name per request neither
-/// grows the ledger without end nor gets a fresh budget for each name.
-pub const MAX_MODEL_KEYS: usize = 256;
-
-/// The ledger key of budget `b` for `who`: its own, or for a model-scoped budget already
-/// counting [`MAX_MODEL_KEYS`] names in this window, the shared one. A new key first
-/// clears the budget's entries of ended windows.
-fn bounded_key(
-    counts: &mut HashMap<String, Entry>,
-    b: &Budget,
-    who: &Subject<'_>,
-    start: i64,
-) -> String {
-    let key = b.key(who);
-    if b.scope != Scope::Model || counts.contains_key(&key) {
-        return key;
-    }
-    let prefix = b.key_prefix();
-    counts.retain(|k, e| e.start >= start || !k.starts_with(&prefix));
-    let counted = counts.keys().filter(|k| k.starts_with(&prefix)).count();
-    if counted < MAX_MODEL_KEYS {
-        return key;
-    }
-    b.key(&Subject {
-        model: OTHER_MODELS,
-        ..*who
-    })
-}
-
-/// How long a gateway that found a shared window's limits all leased waits before asking
-/// again (another gateway may give its unused slice back meanwhile).
-const DRY_MS: i64 = 1_000;
-
-/// This gateway's lease of a shared budget window.
-#[derive(Debug, Default, Clone, Copy)]
-struct Lease {
-    /// What this gateway has leased, per measure.
-    granted: Measures,
-    /// Until when the cluster had nothing more to lease of a measure.
-    dry_until: [i64; 4],
-    /// A lease for this window is under way.
-    refilling: bool,
-}
-
 /// One budget key's window.
 #[derive(Debug, Default, Clone, Copy)]
-struct Entry {
-    start: i64,
-    input: u64,
-    output: u64,
-    requests: u64,
-    lease: Lease,
+pub(super) struct Entry {
+    pub(super) start: i64,
+    pub(super) input: u64,
+    pub(super) output: u64,
+    pub(super) requests: u64,
+    pub(super) lease: Lease,
 }
 
 impl Entry {
-    fn used(&self) -> Measures {
+    pub(super) fn used(&self) -> Measures {
         let mut used = [0; 4];
         used[TOTAL] = self.input + self.output;
         used[INPUT] = self.input;
@@ -117,7 +46,7 @@ impl Entry {
 }
 
 #[derive(Debug, Clone)]
-struct Charge {
+pub(super) struct Charge {
     budget: String,
     key: String,
     window_start: i64,
@@ -139,7 +68,13 @@ impl Charge {
 
     /// A lease of what `used` is short of, plus a slice, for each measure at or past
     /// `granted - margin`; `None` when nothing is short.
-    fn ask(&self, e: &Entry, want: Measures, margin: impl Fn(u64) -> u64, now: i64) -> Option<Ask> {
+    pub(super) fn ask(
+        &self,
+        e: &Entry,
+        want: Measures,
+        margin: impl Fn(u64) -> u64,
+        now: i64,
+    ) -> Option<Ask> {
         let used = e.used();
         let mut ask = [0; 4];
         for m in 0..4 {
@@ -158,16 +93,6 @@ impl Charge {
             limits: self.limits,
         })
     }
-}
-
-/// A lease a gateway needs from the shared store.
-#[derive(Debug, Clone)]
-pub struct Ask {
-    budget: String,
-    key: String,
-    window_start: i64,
-    want: Measures,
-    limits: [Option<u64>; 4],
 }
 
 /// What an admitted request holds in the ledger until it is settled.
@@ -201,19 +126,6 @@ pub enum Refusal {
     Lease(Vec<Ask>),
 }
 
-/// Why [`Ledger::admit_leasing`] did not admit.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    #[error("budget {:?} is spent", .0.budget)]
-    Exhausted(Exhausted),
-    #[error("budget {budget:?} needs a lease and its store failed: {error}")]
-    Unavailable {
-        budget: String,
-        #[source]
-        error: StoreError,
-    },
-}
-
 impl Refusal {
     /// The budget refused when leasing did not help.
     pub fn budget(&self) -> &str {
@@ -224,19 +136,12 @@ impl Refusal {
     }
 }
 
-/// Budgets shared through a store.
-struct SharedStore {
-    store: Store,
-    /// The runtime the store's connections live on; leases run there.
-    runtime: tokio::runtime::Handle,
-}
-
 /// The ledger: per budget key, the counts of its current window only (a new window
 /// replaces the old one, so the ledger never grows past its keys).
 pub struct Ledger {
-    clock: Arc<dyn Clock>,
+    pub(super) clock: Arc<dyn Clock>,
     counts: Mutex<HashMap<String, Entry>>,
-    shared: Option<SharedStore>,
+    pub(super) shared: Option<Shared>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -266,11 +171,26 @@ impl Ledger {
 
     /// A ledger whose budgets are shared with other gateways through `store`, whose
     /// connections belong to `runtime`.
-    pub fn shared(clock: Arc<dyn Clock>, store: Store, runtime: tokio::runtime::Handle) -> Self {
+    pub fn shared(
+        clock: Arc<dyn Clock>,
+        backend: Arc<dyn LeaseBackend>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         Self {
-            shared: Some(SharedStore { store, runtime }),
+            shared: Some(Shared { backend, runtime }),
             ..Self::new(clock)
         }
+    }
+
+    /// The entries. A panic while they were held (poisoning the lock) leaves plain
+    /// counts at worst one update short: go on with them rather than admit requests
+    /// against nothing (an empty reservation would let everything through).
+    pub(super) fn entries(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.counts.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("budget ledger: a thread panicked while updating it; counting on");
+            self.counts.clear_poison();
+            poisoned.into_inner()
+        })
     }
 
     /// What a measure may reach at admission: the limit, or the slices in hand.
@@ -292,9 +212,7 @@ impl Ledger {
         max_output: Option<u64>,
     ) -> Result<Reservation, Refusal> {
         let now = self.clock.now_ms();
-        let Ok(mut counts) = self.counts.lock() else {
-            return Ok(Reservation::default());
-        };
+        let mut counts = self.entries();
         let mut room: Option<u64> = None;
         let mut charges = Vec::new();
         let mut asks = Vec::new();
@@ -377,111 +295,6 @@ impl Ledger {
         })
     }
 
-    /// [`Ledger::admit`], leasing first where shared budgets need it: a request costs a
-    /// database round trip only when the slices in hand are too small. Gateways racing
-    /// for the last of a window get a few tries before the request is refused.
-    pub async fn admit_leasing(
-        self: &Arc<Self>,
-        budgets: &[Budget],
-        who: &Subject<'_>,
-        input: u64,
-        max_output: Option<u64>,
-    ) -> Result<Reservation, AdmitError> {
-        for _ in 0..3 {
-            match self.admit(budgets, who, input, max_output) {
-                Ok(r) => return Ok(r),
-                Err(Refusal::Exhausted(e)) => return Err(AdmitError::Exhausted(e)),
-                Err(Refusal::Lease(asks)) => {
-                    let budget = asks.first().map(|a| a.budget.clone()).unwrap_or_default();
-                    if let Err(error) = self.lease(asks).await {
-                        return Err(AdmitError::Unavailable { budget, error });
-                    }
-                }
-            }
-        }
-        match self.admit(budgets, who, input, max_output) {
-            Ok(r) => Ok(r),
-            Err(Refusal::Exhausted(e)) => Err(AdmitError::Exhausted(e)),
-            Err(r @ Refusal::Lease(_)) => Err(AdmitError::Exhausted(Exhausted {
-                budget: r.budget().to_owned(),
-                retry_after: 1,
-            })),
-        }
-    }
-
-    /// Shared budgets: a background lease when less than half a slice is left in hand.
-    fn refill(&self, e: &mut Entry, c: &Charge, now: i64) -> Option<Ask> {
-        if self.shared.is_none() || e.lease.refilling {
-            return None;
-        }
-        let ask = c.ask(e, [0; 4], |slice| slice / 2, now)?;
-        e.lease.refilling = true;
-        Some(ask)
-    }
-
-    fn spawn_leases(self: &Arc<Self>, asks: Vec<Ask>) {
-        let Some(shared) = &self.shared else { return };
-        if asks.is_empty() {
-            return;
-        }
-        let this = self.clone();
-        shared.runtime.spawn(async move {
-            if let Err(e) = this.lease_now(asks).await {
-                tracing::warn!(error = %e, "budget lease failed; serving from the slices in hand");
-            }
-        });
-    }
-
-    /// Leases what `asks` name from the shared store (on the store's runtime).
-    pub async fn lease(self: &Arc<Self>, asks: Vec<Ask>) -> Result<(), StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(());
-        };
-        let this = self.clone();
-        shared
-            .runtime
-            .spawn(async move { this.lease_now(asks).await })
-            .await
-            .unwrap_or(Err(StoreError::NotShared))
-    }
-
-    async fn lease_now(&self, asks: Vec<Ask>) -> Result<(), StoreError> {
-        let Some(shared) = &self.shared else {
-            return Ok(());
-        };
-        for ask in asks {
-            let result = shared
-                .store
-                .lease(&ask.key, ask.window_start, ask.want, ask.limits)
-                .await;
-            let now = self.clock.now_ms();
-            let Ok(mut counts) = self.counts.lock() else {
-                return Ok(());
-            };
-            let e = counts.entry(ask.key.clone()).or_default();
-            if e.start != ask.window_start {
-                if e.start > ask.window_start {
-                    // A lease of a window that has ended: nothing to keep.
-                    continue;
-                }
-                *e = Entry {
-                    start: ask.window_start,
-                    ..Entry::default()
-                };
-            }
-            e.lease.refilling = false;
-            let grant = result?;
-            for m in 0..4 {
-                e.lease.granted[m] += grant.granted[m];
-                if grant.granted[m] < ask.want[m] {
-                    e.lease.dry_until[m] = now + DRY_MS;
-                }
-            }
-            tracing::debug!(key = %ask.key, granted = ?grant.granted, leased = ?grant.leased, "budget lease");
-        }
-        Ok(())
-    }
-
     /// A streamed answer has generated `counted` tokens so far: draws what passes its
     /// reservation. `false`: a budget's line is reached, end the answer.
     pub fn draw(self: &Arc<Self>, r: &mut Reservation, counted: u64) -> bool {
@@ -491,9 +304,7 @@ impl Ledger {
         }
         r.drawn += extra;
         let now = self.clock.now_ms();
-        let Ok(mut counts) = self.counts.lock() else {
-            return true;
-        };
+        let mut counts = self.entries();
         let mut within = true;
         let mut refills = Vec::new();
         for c in &r.charges {
@@ -522,9 +333,7 @@ impl Ledger {
     /// Replaces a reservation's estimate with what the request really used.
     pub fn settle(self: &Arc<Self>, r: &Reservation, input: u64, output: u64) {
         let now = self.clock.now_ms();
-        let Ok(mut counts) = self.counts.lock() else {
-            return;
-        };
+        let mut counts = self.entries();
         let mut refills = Vec::new();
         for c in &r.charges {
             // A reservation from a window that has since ended settles nothing.
@@ -544,10 +353,9 @@ impl Ledger {
     /// Used tokens and requests of a budget key in the window holding now.
     pub fn used(&self, budget: &Budget, who: &Subject<'_>) -> (u64, u64, u64) {
         let start = budget.window.start(self.clock.now_ms());
-        self.counts
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&budget.key(who)).copied())
+        self.entries()
+            .get(&budget.key(who))
+            .copied()
             .filter(|e| e.start == start)
             .map_or((0, 0, 0), |e| (e.input, e.output, e.requests))
     }
@@ -556,9 +364,7 @@ impl Ledger {
     /// measure, used, limit) for every limited measure.
     pub fn gauges(&self, budgets: &[Budget]) -> Vec<(String, String, &'static str, u64, u64)> {
         let now = self.clock.now_ms();
-        let Ok(counts) = self.counts.lock() else {
-            return Vec::new();
-        };
+        let counts = self.entries();
         let mut out = Vec::new();
         for b in budgets {
             let prefix = b.key_prefix();
@@ -587,9 +393,7 @@ impl Ledger {
     /// reset its budgets.
     pub fn seed(&self, budget: &Budget, spent: &[Spent]) {
         let start = budget.window.start(self.clock.now_ms());
-        let Ok(mut counts) = self.counts.lock() else {
-            return;
-        };
+        let mut counts = self.entries();
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
         for s in spent.iter().filter(|s| budget.applies(&s.model)) {
             let who = Subject {
@@ -609,123 +413,12 @@ impl Ledger {
             e.requests += n(s.requests);
         }
     }
-
-    /// Shared budgets: gives every unused leased slice back (on shutdown).
-    pub async fn release(self: &Arc<Self>) {
-        let Some(shared) = &self.shared else { return };
-        let unused: Vec<(String, i64, Measures)> = match self.counts.lock() {
-            Ok(mut counts) => counts
-                .iter_mut()
-                .filter_map(|(key, e)| {
-                    let used = e.used();
-                    let back: Measures =
-                        std::array::from_fn(|m| e.lease.granted[m].saturating_sub(used[m]));
-                    e.lease.granted = std::array::from_fn(|m| e.lease.granted[m] - back[m]);
-                    back.iter()
-                        .any(|b| *b > 0)
-                        .then(|| (key.clone(), e.start, back))
-                })
-                .collect(),
-            Err(_) => return,
-        };
-        for (key, start, back) in unused {
-            match shared.store.give_back(&key, start, back).await {
-                Ok(()) => tracing::debug!(key = %key, unused = ?back, "budget lease given back"),
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "could not give a budget lease back; it lapses with its window")
-                }
-            }
-        }
-    }
-}
-
-/// One budget key's state, as `kube-gateway usage` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct BudgetState {
-    pub budget: String,
-    pub scope: String,
-    pub window: &'static str,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub requests: u64,
-    pub limit: String,
-    /// When the window resets, UTC milliseconds.
-    pub resets_at_ms: i64,
-}
-
-/// The state of `budget` for every scope that used it, from the stored usage of its
-/// current window.
-pub fn state(budget: &Budget, spent: &[crate::store::Spent], now_ms: i64) -> Vec<BudgetState> {
-    let mut by_key: HashMap<String, (u64, u64, u64)> = HashMap::new();
-    for s in spent.iter().filter(|s| budget.applies(&s.model)) {
-        let who = Subject {
-            namespace: &s.namespace,
-            pod: &s.pod,
-            model: &s.model,
-        };
-        let e = by_key.entry(budget.key(&who)).or_default();
-        let n = |v: i64| u64::try_from(v).unwrap_or(0);
-        e.0 += n(s.input_tokens);
-        e.1 += n(s.output_tokens);
-        e.2 += n(s.requests);
-    }
-    let l = &budget.limits;
-    let limit = [
-        ("total", l.total_tokens),
-        ("input", l.input_tokens),
-        ("output", l.output_tokens),
-        ("requests", l.requests),
-    ]
-    .iter()
-    .filter_map(|(n, v)| v.map(|v| format!("{n} {v}")))
-    .collect::<Vec<_>>()
-    .join(", ");
-    let mut out: Vec<BudgetState> = by_key
-        .into_iter()
-        .map(|(key, (input, output, requests))| BudgetState {
-            budget: budget.name.clone(),
-            scope: key.rsplit('|').next().unwrap_or_default().to_owned(),
-            window: budget.window.name(),
-            input_tokens: input,
-            output_tokens: output,
-            requests,
-            limit: limit.clone(),
-            resets_at_ms: budget.window.end(now_ms),
-        })
-        .collect();
-    out.sort_by(|a, b| a.scope.cmp(&b.scope));
-    out
-}
-
-/// Budget states as an aligned table.
-pub fn render(states: &[BudgetState]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::from("\n");
-    let _ = writeln!(
-        s,
-        "{:<20} {:<32} {:<7} {:>9} {:>9} {:>8}  {:<28} RESETS AT (UTC)",
-        "BUDGET", "SCOPE", "WINDOW", "INPUT", "OUTPUT", "REQUESTS", "LIMIT"
-    );
-    for b in states {
-        let _ = writeln!(
-            s,
-            "{:<20} {:<32} {:<7} {:>9} {:>9} {:>8}  {:<28} {}",
-            b.budget,
-            b.scope,
-            b.window,
-            b.input_tokens,
-            b.output_tokens,
-            b.requests,
-            b.limit,
-            kube_gateway_policy::budget::utc_minute(b.resets_at_ms)
-        );
-    }
-    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::{MAX_MODEL_KEYS, OTHER_MODELS};
     use kube_gateway_policy::budget::{Limits, Scope, Window};
     use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -794,14 +487,14 @@ mod tests {
                 .unwrap_err(),
         );
         assert_eq!(e.budget, "b");
-        assert_eq!(ledger.counts.lock().unwrap().len(), MAX_MODEL_KEYS + 1);
+        assert_eq!(ledger.entries().len(), MAX_MODEL_KEYS + 1);
         assert_eq!(ledger.used(&b[0], &who(OTHER_MODELS)), (1, 1, 1));
         // A new window: a new name clears the ended one's entries, then has its own.
         clock.0.fetch_add(60_000, Ordering::Relaxed);
         ledger
             .admit(&b, &who(&names[MAX_MODEL_KEYS + 2]), 1, Some(1))
             .unwrap();
-        assert_eq!(ledger.counts.lock().unwrap().len(), 1);
+        assert_eq!(ledger.entries().len(), 1);
         assert_eq!(
             ledger.used(&b[0], &who(&names[MAX_MODEL_KEYS + 2])),
             (1, 1, 1)
@@ -843,7 +536,7 @@ mod tests {
         ledger.settle(&late, 1, 3);
         assert_eq!(ledger.used(&b[0], &WHO), (1, 3, 1));
         assert_eq!(
-            ledger.counts.lock().unwrap().len(),
+            ledger.entries().len(),
             1,
             "one entry per key, whatever the windows"
         );
@@ -865,49 +558,6 @@ mod tests {
         assert_eq!(ledger.used(&b[0], &WHO), (20, 0, 2));
         ledger.settle(&first, 10, 70);
         assert_eq!(ledger.used(&b[0], &WHO), (20, 70, 2));
-    }
-
-    #[test]
-    fn state_sums_stored_usage_per_scope_key() {
-        let spent = |ns: &str, pod: &str, model: &str, i, o, r| crate::store::Spent {
-            namespace: ns.into(),
-            pod: pod.into(),
-            model: model.into(),
-            input_tokens: i,
-            output_tokens: o,
-            requests: r,
-        };
-        let rows = [
-            spent("a", "p1", "m1", 1, 10, 1),
-            spent("a", "p2", "m1", 2, 20, 2),
-            spent("b", "p3", "m2", 4, 40, 4),
-        ];
-        let b = Budget {
-            scope: Scope::Namespace,
-            ..budget(Limits {
-                total_tokens: Some(100),
-                ..Default::default()
-            })
-        };
-        let st = state(&b, &rows, 0);
-        assert_eq!(st.len(), 2);
-        assert_eq!(
-            (
-                st[0].scope.as_str(),
-                st[0].input_tokens,
-                st[0].output_tokens,
-                st[0].requests
-            ),
-            ("namespace/a", 3, 30, 3)
-        );
-        assert_eq!(st[0].limit, "total 100");
-        assert_eq!(st[0].resets_at_ms, 60_000);
-        let only_m2 = Budget {
-            models: vec![kube_gateway_policy::ModelPattern::new("m2").unwrap()],
-            ..b
-        };
-        assert_eq!(state(&only_m2, &rows, 0).len(), 1);
-        assert!(render(&st).contains("namespace/a"));
     }
 
     #[test]
@@ -993,7 +643,7 @@ mod tests {
             total_tokens: Some(100),
             ..Default::default()
         });
-        let row = |pod: &str, model: &str| crate::store::Spent {
+        let row = |pod: &str, model: &str| Spent {
             namespace: "ns".into(),
             pod: pod.into(),
             model: model.into(),
@@ -1010,5 +660,24 @@ mod tests {
         assert!(ledger
             .admit(std::slice::from_ref(&b), &WHO, 10, None)
             .is_err());
+    }
+
+    #[test]
+    fn a_poisoned_ledger_still_refuses_what_is_spent() {
+        let ledger = Arc::new(Ledger::new(Arc::new(FakeClock(AtomicI64::new(0)))));
+        let b = [budget(Limits {
+            requests: Some(1),
+            ..Default::default()
+        })];
+        ledger.admit(&b, &WHO, 1, Some(1)).unwrap();
+        let l = ledger.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = l.counts.lock().unwrap();
+            panic!("a bug while the entries are held");
+        })
+        .join();
+        assert!(panicked.is_err() && ledger.counts.is_poisoned());
+        exhausted(ledger.admit(&b, &WHO, 1, Some(1)).unwrap_err());
+        assert_eq!(ledger.used(&b[0], &WHO), (1, 1, 1));
     }
 }

@@ -26,11 +26,10 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{Config as TraceConfig, IdGenerator, ShouldSample};
 use opentelemetry_sdk::Resource;
 
-use crate::metrics::{
-    operation, outcome_name, reached_llm, LiveState, ModelLabels, DURATION_BUCKETS, TOKEN_BUCKETS,
-    TTFT_BUCKETS,
-};
-use crate::usage::{Outcome, UsageRecord};
+use super::labels::{operation, ModelLabels};
+use super::{Gauges, DURATION_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS};
+use crate::api::Endpoint;
+use crate::record::{Outcome, UsageRecord};
 
 mod protobuf;
 mod span_export;
@@ -52,6 +51,12 @@ pub struct Otel {
     traces: Option<Traces>,
     /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
     metrics: Option<(Instruments, SdkMeterProvider)>,
+}
+
+/// A request's span runs from its arrival to the end of its answer. Guardrail events are
+/// stamped at the end: by then every rule that acted has.
+fn span_window(r: &UsageRecord) -> (std::time::SystemTime, std::time::SystemTime) {
+    (r.started_at, r.ended_at())
 }
 
 /// Whether the standard `OTEL_{TRACES,METRICS}_EXPORTER` variable `var` asks for the
@@ -103,12 +108,13 @@ struct Instruments {
     rewrites: Counter<u64>,
     captured: Counter<u64>,
     netflushed: Counter<u64>,
+    records_dropped: Counter<u64>,
     /// Observed at each export from the live state; kept so their callbacks stay.
     _gauges: [ObservableGauge<u64>; 4],
 }
 
 impl Instruments {
-    fn new(meter: &Meter, live: LiveState) -> Self {
+    fn new(meter: &Meter, live: Arc<dyn Gauges>) -> Self {
         let budgets = |name: &'static str, description: &'static str, pick: fn(u64, u64) -> u64| {
             let live = live.clone();
             meter
@@ -190,6 +196,10 @@ impl Instruments {
                 .u64_counter("kube_gateway.netflush_destroyed")
                 .with_description("Workload connections destroyed by netflush so they reconnect through the gateway")
                 .build(),
+            records_dropped: meter
+                .u64_counter("kube_gateway.usage_records_dropped")
+                .with_description("Usage records dropped because the recorder's queue was full (they reach no sink)")
+                .build(),
             _gauges: [
                 budgets(
                     "kube_gateway.budget_used",
@@ -228,7 +238,7 @@ impl Otel {
     pub fn from_env(
         namespace: &str,
         pod: &str,
-        live: LiveState,
+        live: Arc<dyn Gauges>,
     ) -> Result<Option<Self>, OtelError> {
         let Some(endpoint) = std::env::var_os(ENDPOINT).filter(|v| !v.is_empty()) else {
             return Ok(None);
@@ -290,13 +300,18 @@ impl Otel {
     /// copies here (measured: building them was the largest share of the OTLP cost).
     /// The metrics carry the bounded model labels the Prometheus series carry; the span
     /// the names themselves (a span is one request, no series to grow).
-    pub fn attributes(&self, r: &UsageRecord, labels: &ModelLabels) -> SeriesAttributes {
+    pub fn attributes(
+        &self,
+        r: &UsageRecord,
+        endpoint: Endpoint,
+        labels: &ModelLabels,
+    ) -> SeriesAttributes {
         let text = |s: &str| -> Value { Value::String(Arc::<str>::from(s).into()) };
-        let operation = operation(r.endpoint);
+        let operation = operation(endpoint);
         let genai = |used: &str, response: &str| {
             vec![
                 KeyValue::new("gen_ai.operation.name", operation),
-                KeyValue::new("gen_ai.provider.name", r.api),
+                KeyValue::new("gen_ai.provider.name", endpoint.dialect().as_str()),
                 // The model asked of the provider (after any rewrite), as the convention
                 // means.
                 KeyValue::new("gen_ai.request.model", text(used)),
@@ -327,7 +342,7 @@ impl Otel {
         }
         SeriesAttributes {
             requests: vec![
-                KeyValue::new("outcome", outcome_name(r.outcome)),
+                KeyValue::new("outcome", r.outcome.as_str()),
                 KeyValue::new("gen_ai.request.model", text(&labels.requested)),
             ],
             rewrite: labels.rewrite.then(|| {
@@ -357,7 +372,7 @@ impl Otel {
         if let Some(rewrite) = &a.rewrite {
             m.rewrites.add(1, rewrite);
         }
-        if !reached_llm(r.outcome) {
+        if !r.outcome.reached_llm() {
             return;
         }
         m.token_usage.record(r.input_tokens, &a.input);
@@ -386,6 +401,12 @@ impl Otel {
         }
     }
 
+    pub fn record_dropped(&self) {
+        if let Some((m, _)) = &self.metrics {
+            m.records_dropped.add(1, &[]);
+        }
+    }
+
     /// The span of one finished request (on a recognized path), `a` the attributes of its
     /// kind: a root CLIENT span, written straight into the export batch. Namespace and
     /// pod are the resource's attributes, not repeated on every span.
@@ -400,9 +421,8 @@ impl Otel {
         if sampling.decision != SamplingDecision::RecordAndSample {
             return;
         }
-        let end = r.time;
-        let start = end.checked_sub(r.latency).unwrap_or(end);
-        let outcome = outcome_name(r.outcome);
+        let (start, end) = span_window(r);
+        let outcome = r.outcome.as_str();
         let reasons = r.finish_reason.as_deref().map(|f| [f]);
         // Two slots at the end for the optional ones below; never sent as they are.
         let free = ("", Attr::Int(0));
@@ -484,7 +504,45 @@ impl Otel {
 
 #[cfg(test)]
 mod tests {
-    use super::exporter_choice;
+    use super::{exporter_choice, span_window};
+    use crate::record::{Outcome, TokenSource, UsageRecord};
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_span_starts_when_the_request_arrived_and_ends_with_its_answer() {
+        let arrived = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let r = UsageRecord {
+            request_id: "kgw-x-1".into(),
+            started_at: arrived,
+            peer: "10.0.0.7:41000".parse().unwrap(),
+            destination: "10.0.0.9:11434".into(),
+            endpoint: None,
+            method: "POST".into(),
+            path: "/".into(),
+            requested_model: None,
+            used_model: None,
+            response_model: None,
+            status: 200,
+            outcome: Outcome::Allowed,
+            input_tokens: 0,
+            input_source: TokenSource::None,
+            output_tokens: 0,
+            output_source: TokenSource::None,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            finish_reason: None,
+            streamed: false,
+            latency: Duration::from_millis(250),
+            first_chunk: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            rules: vec![],
+        };
+        let (start, end) = span_window(&r);
+        assert_eq!(start, arrived);
+        assert_eq!(end, arrived + Duration::from_millis(250));
+    }
 
     #[test]
     fn an_exporter_is_otlp_unless_none_and_nothing_else_is_accepted() {
