@@ -247,3 +247,66 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
         "request"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::SystemClock;
+
+    fn exchange(seq: u64) -> Exchange {
+        Exchange {
+            seq,
+            started_at: SystemTime::now(),
+            peer: SocketAddr::from(([10, 0, 0, 7], 41_000)),
+            destination: Arc::from("10.0.0.9:11434"),
+            method: http::Method::POST,
+            path: "/api/chat".into(),
+            endpoint: Some(Endpoint::Chat),
+            requested_model: Some("m".into()),
+            used_model: Some("m".into()),
+            request: None,
+            streamed: false,
+            status: 200,
+            outcome: Outcome::Allowed,
+            error: None,
+            bytes_in: 10,
+            bytes_out: 20,
+            latency: Duration::from_millis(5),
+            first_chunk: None,
+            collected: Collected::default(),
+            rules: Vec::new(),
+            encoding: None,
+            reservation: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_dropped_on_a_full_queue_are_counted_where_a_scrape_sees_them() {
+        let telemetry = Telemetry::new("ns", "pod", None);
+        let (recorder, usage, _task) = spawn_recorder(
+            TokenCounter::new(),
+            false,
+            2,
+            None,
+            Arc::new(Ledger::new(Arc::new(SystemClock))),
+            Some(telemetry.clone()),
+        );
+        let mut usage = usage.subscribe();
+        // No await between these: the recorder task cannot drain, the queue holds two.
+        for seq in 0..5 {
+            recorder.record(exchange(seq));
+        }
+        let line = r#"kube_gateway_usage_records_dropped_total{namespace="ns",pod="pod"} 3"#;
+        let text = telemetry.encode();
+        assert!(text.contains(line), "{line} missing:\n{text}");
+        // The two queued ones are recorded as usual.
+        for seq in 0..2 {
+            let r = usage.recv().await.unwrap();
+            assert!(
+                r.request_id.ends_with(&format!("-{seq}")),
+                "{}",
+                r.request_id
+            );
+        }
+    }
+}

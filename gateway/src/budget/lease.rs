@@ -234,3 +234,169 @@ impl Ledger {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use kube_gateway_policy::budget::{Limits, Scope, Window};
+
+    use super::*;
+    use crate::budget::SystemClock;
+
+    /// Leases kept in memory, with the store's rule: the sum of a window's leases never
+    /// passes its limits.
+    #[derive(Default)]
+    struct Memory(Mutex<HashMap<(String, i64), Measures>>);
+
+    impl LeaseBackend for Memory {
+        fn lease<'a>(
+            &'a self,
+            key: &'a str,
+            window_start: i64,
+            want: Measures,
+            limits: [Option<u64>; 4],
+        ) -> LeaseFuture<'a, Grant> {
+            let mut windows = self.0.lock().unwrap();
+            let held = windows.entry((key.to_owned(), window_start)).or_default();
+            let mut granted = [0; 4];
+            for m in 0..4 {
+                if let Some(limit) = limits[m] {
+                    granted[m] = want[m].min(limit.saturating_sub(held[m]));
+                    held[m] += granted[m];
+                }
+            }
+            let leased = *held;
+            Box::pin(async move { Ok(Grant { granted, leased }) })
+        }
+
+        fn give_back<'a>(
+            &'a self,
+            key: &'a str,
+            window_start: i64,
+            unused: Measures,
+        ) -> LeaseFuture<'a, ()> {
+            if let Some(held) = self
+                .0
+                .lock()
+                .unwrap()
+                .get_mut(&(key.to_owned(), window_start))
+            {
+                for m in 0..4 {
+                    held[m] = held[m].saturating_sub(unused[m]);
+                }
+            }
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A backend whose lease task dies.
+    struct Panics;
+
+    impl LeaseBackend for Panics {
+        fn lease<'a>(
+            &'a self,
+            _: &'a str,
+            _: i64,
+            _: Measures,
+            _: [Option<u64>; 4],
+        ) -> LeaseFuture<'a, Grant> {
+            Box::pin(async { panic!("the lease backend crashed") })
+        }
+
+        fn give_back<'a>(&'a self, _: &'a str, _: i64, _: Measures) -> LeaseFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn budget(total: u64) -> Budget {
+        Budget {
+            name: "shared".into(),
+            scope: Scope::Namespace,
+            models: vec![],
+            window: Window::Hour,
+            limits: Limits {
+                total_tokens: Some(total),
+                ..Default::default()
+            },
+            slice_percent: 5,
+        }
+    }
+
+    const WHO: Subject<'static> = Subject {
+        namespace: "ns",
+        pod: "p",
+        model: "m",
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gateways_sharing_a_window_spend_within_limit_plus_one_slice_each() {
+        let backend = Arc::new(Memory::default());
+        let gateways: Vec<Arc<Ledger>> = (0..3)
+            .map(|_| {
+                Arc::new(Ledger::shared(
+                    Arc::new(SystemClock),
+                    backend.clone(),
+                    tokio::runtime::Handle::current(),
+                ))
+            })
+            .collect();
+        let b = [budget(1_000)];
+        let (mut spent, mut refused) = (0, 0);
+        for i in 0..300 {
+            let ledger = &gateways[i % gateways.len()];
+            match ledger.admit_leasing(&b, &WHO, 5, Some(5)).await {
+                Ok(r) => {
+                    ledger.settle(&r, 5, 5);
+                    spent += 10;
+                }
+                Err(AdmitError::Exhausted(e)) => {
+                    assert_eq!(e.budget, "shared");
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let slice = 50;
+        assert!(spent <= 1_000 + 3 * slice, "spent {spent}");
+        assert!(
+            spent >= 1_000 - 3 * slice,
+            "the window was usable: spent {spent}"
+        );
+        assert!(refused > 0);
+        for g in &gateways {
+            g.release().await;
+        }
+        let held = backend
+            .0
+            .lock()
+            .unwrap()
+            .values()
+            .map(|m| m[0])
+            .sum::<u64>();
+        assert!(held <= spent, "held {held} of {spent} after giving back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_lease_task_is_reported_as_such() {
+        let ledger = Arc::new(Ledger::shared(
+            Arc::new(SystemClock),
+            Arc::new(Panics),
+            tokio::runtime::Handle::current(),
+        ));
+        match ledger
+            .admit_leasing(&[budget(1_000)], &WHO, 5, Some(5))
+            .await
+        {
+            Err(AdmitError::Unavailable {
+                budget,
+                error: LeaseError::Task(e),
+            }) => {
+                assert_eq!(budget, "shared");
+                assert!(e.is_panic());
+            }
+            other => panic!("expected a failed lease task, got {other:?}"),
+        }
+    }
+}
