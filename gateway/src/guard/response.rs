@@ -57,6 +57,12 @@ fn set_text(v: &mut Value, text: String) {
     }
 }
 
+/// The Responses API event that ends an answer early, for `reason`.
+fn incomplete(reason: &str) -> Value {
+    json!({"type": "response.incomplete",
+        "response": {"status": "incomplete", "incomplete_details": {"reason": reason}}})
+}
+
 /// Applies the whole-text filter to every generated text of a complete object (a whole
 /// answer, or a Responses API event that repeats the full text). Returns the rules hit
 /// and the blocking rule, if any.
@@ -119,8 +125,7 @@ fn mark_finished(v: &mut Value, reason: &str) {
 /// Responses API a `response.incomplete`.
 pub fn length_cut_event(json: &str, endpoint: Endpoint) -> Option<Value> {
     if endpoint == Endpoint::Responses {
-        return Some(json!({"type": "response.incomplete",
-            "response": {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}}));
+        return Some(incomplete("max_output_tokens"));
     }
     let mut v: Value = serde_json::from_str(json).ok()?;
     set_text(&mut v, String::new());
@@ -210,12 +215,21 @@ impl StreamGuard {
                     extra.push(delta);
                 }
             }
+            // The text these repeat was filtered as it streamed: its hits are counted
+            // there. A block found only here (text no delta carried) still ends the answer.
             let mut hits = Vec::new();
-            filter_whole(&mut v, &self.rules, &mut hits);
+            let blocked = filter_whole(&mut v, &self.rules, &mut hits);
             extra.push(v);
+            if let Some(rule) = blocked {
+                if !self.hits.contains(&rule) {
+                    self.hits.push(rule.clone());
+                }
+                self.blocked = Some(rule);
+                extra.push(incomplete("content_filter"));
+            }
             return Step::Replace {
                 objects: extra,
-                end: false,
+                end: self.blocked.is_some(),
             };
         }
         let fin = is_final(&v);
@@ -234,8 +248,7 @@ impl StreamGuard {
                 self.blocked = Some(rule);
                 let mut objects = vec![v];
                 if responses {
-                    objects.push(json!({"type": "response.incomplete",
-                        "response": {"status": "incomplete", "incomplete_details": {"reason": "content_filter"}}}));
+                    objects.push(incomplete("content_filter"));
                 }
                 Step::Replace { objects, end: true }
             }
@@ -326,5 +339,28 @@ mod tests {
         assert_eq!(v["choices"][0]["message"]["content"], "one ***");
         assert_eq!((hits, blocked), (vec!["rabbits".to_owned()], false));
         assert!(whole(br#"{"response":"clean"}"#, &rules()).is_none());
+    }
+
+    #[test]
+    fn a_block_in_a_responses_event_that_repeats_the_text_ends_the_answer() {
+        // Text no delta carried (here a completed response, straight away) is checked
+        // whole; a block there ends the answer like a block in a delta does.
+        let r = rules();
+        let mut g = StreamGuard::new(&r, Endpoint::Responses);
+        let completed = json!({"type": "response.completed", "response": {"output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "a FORBIDDEN word"}]}]}})
+        .to_string();
+        let Step::Replace { objects, end } = g.event(&completed) else {
+            panic!("the event must be rewritten")
+        };
+        assert!(end, "the answer ends");
+        assert!(g.is_ended());
+        assert_eq!(g.hits, ["stop"]);
+        let text = objects[0].to_string();
+        assert!(
+            !text.contains("FORBIDDEN word") && text.contains(&notice("stop")),
+            "{text}"
+        );
+        assert_eq!(objects.last().unwrap()["type"], "response.incomplete");
     }
 }
