@@ -109,10 +109,17 @@ def test_one_span_per_request_with_the_genai_attributes(tmp_path):
     try:
         wait_listening(gw_port, gw, "gateway")
         oa = openai.OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="x", max_retries=0)
-        answers = [oa.chat.completions.create(model="llama3.2:1b", messages=[
-            {"role": "user", "content": f"{marker} {i}"}]) for i in range(3)]
+        # The wall clock around each request: its span must lie inside.
+        windows, answers = [], []
+        for i in range(3):
+            before = time.time_ns()
+            answers.append(oa.chat.completions.create(model="llama3.2:1b", messages=[
+                {"role": "user", "content": f"{marker} {i}"}]))
+            windows.append((before, time.time_ns()))
+        before = time.time_ns()
         chat = ollama.Client(host=f"http://127.0.0.1:{gw_port}").chat(
             model="llama3.2:1b", messages=[{"role": "user", "content": "mail ops@example.com"}])
+        windows.append((before, time.time_ns()))
     finally:
         stop(gw, demo, server)
     spans = Receiver.spans
@@ -129,6 +136,11 @@ def test_one_span_per_request_with_the_genai_attributes(tmp_path):
     assert a["gen_ai.usage.output_tokens"] == answers[0].usage.completion_tokens
     assert a["gen_ai.response.finish_reasons"] == [answers[0].choices[0].finish_reason]
     assert first.end_time_unix_nano > first.start_time_unix_nano
+    for (_, span), (before, after) in zip(spans, windows):
+        assert before <= span.start_time_unix_nano < span.end_time_unix_nano <= after, \
+            f"span [{span.start_time_unix_nano}, {span.end_time_unix_nano}] outside the request [{before}, {after}]"
+        for e in span.events:
+            assert span.start_time_unix_nano <= e.time_unix_nano <= span.end_time_unix_nano
     assert first.kind == first.SPAN_KIND_CLIENT and not first.parent_span_id
     assert {(len(s.trace_id), len(s.span_id)) for _, s in spans} == {(16, 8)}
     assert len({s.trace_id for _, s in spans}) == 4, "a trace of its own per request"
