@@ -1,22 +1,24 @@
-//! The response meter: sees a recognized response's bytes as they pass, reads what they
-//! report (model, usage, generated text, finish reason, errors), and releases them to
-//! the client at once. Its one rewrite: hiding the usage chunk the gateway asked for.
+//! The response meter: sees a recognized response's bytes as they pass, reads each frame
+//! once (model, usage, generated text, finish reason, errors: [`StreamEvent`]), and
+//! releases the bytes to the client at once. SSE and NDJSON streams go through one loop;
+//! only how a frame's payload is found and how a rewritten frame is written differ
+//! ([`Wire`]). What it may rewrite: the usage chunk the gateway asked for (hidden), text
+//! the response rules change, and the end of an answer cut at its budget.
 
-use bytes::{Bytes, BytesMut};
-use indexmap::IndexMap;
-use serde_json::value::RawValue;
-
-use crate::api::{ollama, openai, Dialect, Endpoint, Observation};
+use std::borrow::Cow;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use kube_gateway_policy::ResponseRules;
+use serde_json::Value;
 
+use crate::api::{self, Endpoint, Observation, StreamEvent};
 use crate::error::stream_error_frame;
-use crate::guard::response::{Step, StreamGuard};
+use crate::guard::response::{self, Step, StreamGuard};
 use crate::record::Collected;
 use crate::stream::ndjson::{line_json, LineBoundary};
 use crate::stream::sse::{self, SseBoundary};
-use crate::stream::Framer;
+use crate::stream::{Framer, Frames};
 
 /// How a response body is framed, from its content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,64 @@ enum Framing {
     Ndjson(Framer<LineBoundary>),
     Whole(BytesMut),
     None,
+}
+
+/// How a stream's frames carry their objects, and how rewritten ones are written.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    Sse,
+    Ndjson,
+}
+
+impl Wire {
+    /// A frame's JSON payload; `None` for frames that carry none (SSE comments and
+    /// `[DONE]`, blank lines).
+    fn payload(self, raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+        match self {
+            Wire::Sse => {
+                let event = sse::parse_event(raw);
+                if event.is_done() {
+                    return None;
+                }
+                event.data.map(|d| Cow::Owned(d.into_bytes()))
+            }
+            Wire::Ndjson => line_json(raw).map(Cow::Borrowed),
+        }
+    }
+
+    /// `json` in place of the frame `raw` (an SSE event keeps its other fields).
+    fn replace(self, out: &mut BytesMut, raw: &[u8], json: &str) {
+        match self {
+            Wire::Sse => out.extend_from_slice(&sse::with_data(raw, json)),
+            Wire::Ndjson => {
+                out.extend_from_slice(json.as_bytes());
+                out.extend_from_slice(b"\n");
+            }
+        }
+    }
+
+    /// An object of the gateway's after the current frame (an SSE event named by the
+    /// object's `type`, as the Responses API names its events).
+    fn append(self, out: &mut BytesMut, v: &Value) {
+        match (self, v.get("type").and_then(Value::as_str)) {
+            (Wire::Sse, Some(kind)) => {
+                out.extend_from_slice(format!("event: {kind}\ndata: {v}\n\n").as_bytes())
+            }
+            (Wire::Sse, None) => out.extend_from_slice(format!("data: {v}\n\n").as_bytes()),
+            (Wire::Ndjson, _) => {
+                out.extend_from_slice(v.to_string().as_bytes());
+                out.extend_from_slice(b"\n");
+            }
+        }
+    }
+
+    /// The end of an answer the gateway ended (OpenAI's `[DONE]`; the Responses API and
+    /// NDJSON end with their last object).
+    fn end(self, out: &mut BytesMut, endpoint: Endpoint) {
+        if matches!(self, Wire::Sse) && endpoint != Endpoint::Responses {
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+    }
 }
 
 /// Meters one response.
@@ -138,20 +198,19 @@ impl Meter {
         self.cut.take().map(|c| c.reservation)
     }
 
-    /// Counts an event's text (as `observe` read it) against the budget; at the line,
-    /// the event that ends the answer (to send after this one).
-    fn budget_step(&mut self, data: &str, text: Option<&str>) -> Option<serde_json::Value> {
+    /// Counts an event's text against the budget; at the line, the event that ends the
+    /// answer (to send after this one).
+    fn budget_step(&mut self, ev: &StreamEvent) -> Option<Value> {
         let cut = self.cut.as_mut()?;
-        if let Some(text) = text.filter(|t| !t.is_empty()) {
-            cut.used += cut.tokens.count(cut.encoding, text).unwrap_or(0);
+        if !ev.obs.text.is_empty() {
+            cut.used += cut.tokens.count(cut.encoding, &ev.obs.text).unwrap_or(0);
         }
         if cut.ledger.draw(&mut cut.reservation, cut.used) {
             return None;
         }
-        let last = crate::guard::response::length_cut_event(data, self.endpoint)?;
         self.ended = true;
         self.collected.budget_cut = true;
-        Some(last)
+        Some(response::length_cut_event(ev, self.endpoint))
     }
 
     /// Whether this meter may change the body's bytes or length (then no
@@ -175,45 +234,30 @@ impl Meter {
         }
     }
 
-    /// Reads an event's model, usage, text, finish reason and error into what the meter
-    /// collected; returns the event's text when a budget is watching (to count it).
-    fn observe(&mut self, json: &[u8]) -> Option<String> {
-        let obs = match self.endpoint.dialect() {
-            Dialect::OpenAi => openai::observe(self.endpoint, json),
-            Dialect::Ollama => ollama::observe(self.endpoint, json),
-        };
-        let obs = obs?;
-        let Observation {
-            model,
-            usage,
-            text,
-            finish_reason,
-            error,
-        } = obs;
-        let counted = self.cut.as_ref().map(|_| text.clone());
+    /// Adds what one object reports to what the meter collected.
+    fn collect(&mut self, obs: &Observation) {
         let c = &mut self.collected;
-        if model.is_some() {
-            c.model = model;
+        if obs.model.is_some() {
+            c.model.clone_from(&obs.model);
         }
-        c.usage.merge(usage);
-        if c.text.len() + text.len() <= self.limit {
-            c.text.push_str(&text);
+        c.usage.merge(obs.usage);
+        if c.text.len() + obs.text.len() <= self.limit {
+            c.text.push_str(&obs.text);
         } else {
             c.truncated = true;
         }
-        if finish_reason.is_some() {
-            c.finish_reason = finish_reason;
+        if obs.finish_reason.is_some() {
+            c.finish_reason.clone_from(&obs.finish_reason);
         }
-        if error.is_some() {
-            c.error = error;
+        if obs.error.is_some() {
+            c.error.clone_from(&obs.error);
         }
-        counted
     }
 
     /// Takes an upstream chunk; returns what to send the client now (maybe nothing yet).
     pub fn on_data(&mut self, chunk: Bytes) -> Bytes {
-        match &mut self.framing {
-            Framing::None => chunk,
+        let (wire, frames) = match &mut self.framing {
+            Framing::None => return chunk,
             Framing::Whole(buf) => {
                 if buf.len() + chunk.len() <= self.limit {
                     buf.extend_from_slice(&chunk);
@@ -221,157 +265,102 @@ impl Meter {
                         // Checked whole: released at the end.
                         return Bytes::new();
                     }
-                    chunk
-                } else {
-                    self.collected.truncated = true;
-                    if self.whole_rules.take().is_some() {
-                        // Too large to hold: what was held goes out unchecked, then the rest.
-                        tracing::warn!(
-                            limit = self.limit,
-                            "answer too large for response rules; forwarded unchecked"
-                        );
-                        let mut out = BytesMut::from(&buf[..]);
-                        out.extend_from_slice(&chunk);
-                        return out.freeze();
-                    }
-                    chunk
+                    return chunk;
                 }
+                self.collected.truncated = true;
+                if self.whole_rules.take().is_some() {
+                    // Too large to hold: what was held goes out unchecked, then the rest.
+                    tracing::warn!(
+                        limit = self.limit,
+                        "answer too large for response rules; forwarded unchecked"
+                    );
+                    let mut out = BytesMut::from(&buf[..]);
+                    out.extend_from_slice(&chunk);
+                    return out.freeze();
+                }
+                return chunk;
             }
-            Framing::Ndjson(framer) => {
-                let frames = framer.push(&chunk);
-                let rewriting = self.guard.is_some() || self.cut.is_some();
-                let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
-                for line in frames.iter() {
-                    let Some(json) = line_json(line) else {
-                        if let Some(out) = out.as_mut() {
-                            out.extend_from_slice(line);
-                        }
-                        continue;
-                    };
+            Framing::Sse(framer) => (Wire::Sse, framer.push(&chunk)),
+            Framing::Ndjson(framer) => (Wire::Ndjson, framer.push(&chunk)),
+        };
+        self.frames(wire, frames)
+    }
+
+    /// The complete frames of a stream: each read once; rewritten only when something
+    /// may change them.
+    fn frames(&mut self, wire: Wire, frames: Frames) -> Bytes {
+        let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
+        if !rewriting {
+            for raw in frames.iter() {
+                if let Some(json) = wire.payload(raw) {
                     self.collected.frames += 1;
-                    let json = json.to_vec();
-                    let text = self.observe(&json);
-                    let Some(out) = out.as_mut() else { continue };
-                    if self.ended {
-                        break;
+                    if let Some(obs) = api::observe(self.endpoint, &json) {
+                        self.collect(&obs);
                     }
-                    let data = String::from_utf8_lossy(&json).into_owned();
-                    let step = match self.guard.as_mut() {
-                        Some(guard) => guard.event(&data),
-                        None => Step::Keep,
-                    };
-                    match step {
-                        Step::Keep => out.extend_from_slice(line),
-                        Step::Replace { objects, end } => {
-                            for o in objects {
-                                out.extend_from_slice(o.to_string().as_bytes());
-                                out.extend_from_slice(b"\n");
-                            }
-                            self.ended |= end;
-                        }
-                    }
-                    if !self.ended {
-                        if let Some(last) = self.budget_step(&data, text.as_deref()) {
-                            out.extend_from_slice(last.to_string().as_bytes());
-                            out.extend_from_slice(b"\n");
-                        }
-                    }
-                }
-                self.note_guard();
-                match out {
-                    Some(out) => out.freeze(),
-                    None => frames.bytes,
                 }
             }
-            Framing::Sse(framer) => {
-                let frames = framer.push(&chunk);
-                let events: Vec<(sse::SseEvent, &[u8])> = frames
-                    .iter()
-                    .map(|raw| (sse::parse_event(raw), raw))
-                    .collect();
-                let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
-                let mut out = rewriting.then(|| BytesMut::with_capacity(frames.bytes.len()));
-                for (event, raw) in events {
-                    let mut text = None;
-                    if let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) {
-                        self.collected.frames += 1;
-                        text = self.observe(data.as_bytes());
+            return frames.bytes;
+        }
+        let mut out = BytesMut::with_capacity(frames.bytes.len());
+        for raw in frames.iter() {
+            let event = wire.payload(raw).and_then(|json| {
+                self.collected.frames += 1;
+                StreamEvent::parse(self.endpoint, &json)
+            });
+            if let Some(ev) = &event {
+                self.collect(&ev.obs);
+            }
+            if self.ended {
+                break;
+            }
+            match event {
+                Some(ev) => self.rewrite(wire, raw, ev, &mut out),
+                // No object, or not JSON: as it came.
+                None => out.extend_from_slice(raw),
+            }
+        }
+        self.note_guard();
+        out.freeze()
+    }
+
+    /// One event of an answer the meter may rewrite.
+    fn rewrite(&mut self, wire: Wire, raw: &[u8], mut ev: StreamEvent, out: &mut BytesMut) {
+        let mut changed = false;
+        if self.hide_usage {
+            match hide_usage(&mut ev.value) {
+                Hidden::Drop => return,
+                Hidden::Changed => changed = true,
+                Hidden::Keep => {}
+            }
+        }
+        let step = match self.guard.as_mut() {
+            Some(guard) => guard.event(&ev),
+            None => Step::Keep,
+        };
+        match step {
+            Step::Keep if !changed => out.extend_from_slice(raw),
+            Step::Keep => wire.replace(out, raw, &ev.value.to_string()),
+            Step::Replace { objects, end } => {
+                for (i, mut o) in objects.into_iter().enumerate() {
+                    if self.hide_usage {
+                        hide_usage(&mut o);
                     }
-                    let Some(out) = out.as_mut() else { continue };
-                    if self.ended {
-                        break;
-                    }
-                    let Some(data) = event.data.as_deref().filter(|_| !event.is_done()) else {
-                        out.extend_from_slice(raw);
-                        continue;
-                    };
-                    let hidden = if self.hide_usage {
-                        without_usage(data)
+                    if i == 0 {
+                        wire.replace(out, raw, &o.to_string());
                     } else {
-                        Hidden::Keep
-                    };
-                    let data = match hidden {
-                        Hidden::Drop => continue,
-                        Hidden::Keep => std::borrow::Cow::Borrowed(data),
-                        Hidden::Rewrite(new) => std::borrow::Cow::Owned(new),
-                    };
-                    let step = match self.guard.as_mut() {
-                        Some(g) => g.event(&data),
-                        None => Step::Keep,
-                    };
-                    match step {
-                        Step::Keep if matches!(data, std::borrow::Cow::Borrowed(_)) => {
-                            out.extend_from_slice(raw)
-                        }
-                        Step::Keep => out.extend_from_slice(&sse::with_data(raw, &data)),
-                        Step::Replace { objects, end } => {
-                            for (i, mut o) in objects.into_iter().enumerate() {
-                                if self.hide_usage
-                                    && o.get("usage").is_some_and(serde_json::Value::is_null)
-                                {
-                                    if let Some(map) = o.as_object_mut() {
-                                        map.shift_remove("usage");
-                                    }
-                                }
-                                let json = o.to_string();
-                                if i == 0 {
-                                    out.extend_from_slice(&sse::with_data(raw, &json));
-                                } else if let Some(kind) =
-                                    o.get("type").and_then(serde_json::Value::as_str)
-                                {
-                                    out.extend_from_slice(
-                                        format!("event: {kind}\ndata: {json}\n\n").as_bytes(),
-                                    );
-                                } else {
-                                    out.extend_from_slice(format!("data: {json}\n\n").as_bytes());
-                                }
-                            }
-                            if end {
-                                self.ended = true;
-                                if self.endpoint != Endpoint::Responses {
-                                    out.extend_from_slice(b"data: [DONE]\n\n");
-                                }
-                            }
-                        }
-                    }
-                    if !self.ended {
-                        if let Some(last) = self.budget_step(&data, text.as_deref()) {
-                            match last.get("type").and_then(serde_json::Value::as_str) {
-                                Some(kind) => out.extend_from_slice(
-                                    format!("event: {kind}\ndata: {last}\n\n").as_bytes(),
-                                ),
-                                None => out.extend_from_slice(
-                                    format!("data: {last}\n\ndata: [DONE]\n\n").as_bytes(),
-                                ),
-                            }
-                        }
+                        wire.append(out, &o);
                     }
                 }
-                self.note_guard();
-                match out {
-                    Some(out) => out.freeze(),
-                    None => frames.bytes,
+                if end {
+                    self.ended = true;
+                    wire.end(out, self.endpoint);
                 }
+            }
+        }
+        if !self.ended {
+            if let Some(last) = self.budget_step(&ev) {
+                wire.append(out, &last);
+                wire.end(out, self.endpoint);
             }
         }
     }
@@ -379,29 +368,37 @@ impl Meter {
     /// The upstream body ended: reads a whole body, releases any incomplete frame.
     pub fn on_end(&mut self) -> Bytes {
         match std::mem::replace(&mut self.framing, Framing::None) {
-            Framing::Whole(buf) => {
-                if !self.collected.truncated {
-                    self.observe(&buf);
-                }
-                match self.whole_rules.take() {
-                    Some(rules) => match crate::guard::response::whole(&buf, &rules) {
-                        Some((body, hits, blocked)) => {
+            Framing::Whole(buf) => match self.whole_rules.take() {
+                // Held for the rules (never truncated then): one parse for both.
+                Some(rules) => {
+                    let Some(mut ev) = StreamEvent::parse(self.endpoint, &buf) else {
+                        return buf.freeze();
+                    };
+                    self.collect(&ev.obs);
+                    match response::whole(&mut ev.value, self.endpoint, &rules) {
+                        Some((hits, blocked)) => {
                             self.collected.policy_hits = hits;
                             self.collected.blocked = blocked;
-                            Bytes::from(body)
+                            Bytes::from(ev.value.to_string())
                         }
                         None => buf.freeze(),
-                    },
-                    None => Bytes::new(),
+                    }
                 }
-            }
+                None => {
+                    if !self.collected.truncated {
+                        if let Some(obs) = api::observe(self.endpoint, &buf) {
+                            self.collect(&obs);
+                        }
+                    }
+                    Bytes::new()
+                }
+            },
             Framing::Sse(mut f) => f.take_rest(),
             Framing::Ndjson(mut f) => {
                 let rest = f.take_rest();
                 // Ollama ends every line; a last line without LF still counts.
-                if let Some(json) = line_json(&rest) {
-                    let json = json.to_vec();
-                    self.observe(&json);
+                if let Some(obs) = line_json(&rest).and_then(|j| api::observe(self.endpoint, j)) {
+                    self.collect(&obs);
                 }
                 rest
             }
@@ -425,32 +422,27 @@ impl Meter {
 enum Hidden {
     Keep,
     Drop,
-    Rewrite(String),
+    Changed,
 }
 
 /// Removes from one chunk what `include_usage` added: the whole usage-only chunk (no
-/// choices), or a `"usage": null` field. Other values keep their exact bytes.
-fn without_usage(data: &str) -> Hidden {
-    let Ok(mut fields) = serde_json::from_str::<IndexMap<String, Box<RawValue>>>(data) else {
+/// choices), or a `"usage": null` field. A changed chunk is written anew from the
+/// parsed object: the same JSON, keys in their order (number and escape spellings are
+/// serde_json's).
+fn hide_usage(v: &mut Value) -> Hidden {
+    let Some(fields) = v.as_object_mut() else {
         return Hidden::Keep;
     };
-    let Some(usage) = fields.get("usage").map(|u| u.get().trim().to_owned()) else {
-        return Hidden::Keep;
-    };
-    if usage == "null" {
-        fields.shift_remove("usage");
-        return serde_json::to_string(&fields).map_or(Hidden::Keep, Hidden::Rewrite);
-    }
-    let no_choices = fields.get("choices").is_some_and(|c| {
-        c.get()
-            .chars()
-            .filter(|ch| !ch.is_whitespace())
-            .eq("[]".chars())
-    });
-    if no_choices {
-        Hidden::Drop
-    } else {
-        Hidden::Keep
+    match fields.get("usage") {
+        None => Hidden::Keep,
+        Some(Value::Null) => {
+            fields.shift_remove("usage");
+            Hidden::Changed
+        }
+        Some(_) => match fields.get("choices") {
+            Some(Value::Array(choices)) if choices.is_empty() => Hidden::Drop,
+            _ => Hidden::Keep,
+        },
     }
 }
 

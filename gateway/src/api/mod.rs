@@ -1,12 +1,14 @@
 //! The LLM APIs the gateway understands: which requests are LLM calls (decided once from
 //! method and path), how their bodies are read, and what their responses report.
 
+pub mod event;
 pub mod ollama;
 pub mod openai;
 pub mod request;
 
 use http::Method;
 
+pub use event::{observe, StreamEvent};
 pub use request::{LlmRequest, ParseError};
 
 /// The API family of a recognized request; errors are answered in its format.

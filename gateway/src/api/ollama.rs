@@ -25,7 +25,19 @@ struct Object {
 
 /// Reads one JSON object of an Ollama response: the whole body, or one NDJSON line.
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
-    let obj: Object = serde_json::from_slice(json).ok()?;
+    serde_json::from_slice(json)
+        .ok()
+        .map(|obj| read(endpoint, obj))
+}
+
+/// [`observe`] of an object already parsed (a frame the gateway may rewrite).
+pub fn observe_value(endpoint: Endpoint, value: &serde_json::Value) -> Option<Observation> {
+    Object::deserialize(value)
+        .ok()
+        .map(|obj| read(endpoint, obj))
+}
+
+fn read(endpoint: Endpoint, obj: Object) -> Observation {
     let mut obs = Observation {
         model: obj.model,
         error: obj.error.filter(|e| !e.is_null()).map(|e| match e {
@@ -53,7 +65,7 @@ pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
         cached: None,
         reasoning: None,
     };
-    Some(obs)
+    obs
 }
 
 /// An error body in Ollama's format.

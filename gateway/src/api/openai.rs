@@ -118,7 +118,19 @@ fn error_message(error: serde_json::Value) -> String {
 
 /// Reads one JSON object of an OpenAI response: the whole body, or one SSE `data`.
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
-    let mut obj: Object = serde_json::from_slice(json).ok()?;
+    serde_json::from_slice(json)
+        .ok()
+        .map(|obj| read(endpoint, obj))
+}
+
+/// [`observe`] of an object already parsed (a frame the gateway may rewrite).
+pub fn observe_value(endpoint: Endpoint, value: &serde_json::Value) -> Option<Observation> {
+    Object::deserialize(value)
+        .ok()
+        .map(|obj| read(endpoint, obj))
+}
+
+fn read(endpoint: Endpoint, mut obj: Object) -> Observation {
     let mut obs = Observation {
         error: obj.error.take().filter(|e| !e.is_null()).map(error_message),
         ..Observation::default()
@@ -169,7 +181,7 @@ pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
             obs.finish_reason = Some(status);
         }
     }
-    Some(obs)
+    obs
 }
 
 /// An error body in OpenAI's format.

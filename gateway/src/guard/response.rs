@@ -1,53 +1,26 @@
 //! Response rules applied to answers in each dialect's shapes. Streams: each event's
-//! text delta goes through the policy's streaming filter and the event carries what it
-//! releases; held text is put into the final event; a block ends the answer with a
-//! notice, `finish_reason: "content_filter"` (Ollama `done_reason`) and a well-formed
-//! end. Whole answers are checked whole.
+//! text (as [`StreamEvent`] read it, once) goes through the policy's streaming filter
+//! and the event carries what it releases; held text is put into the final event; a
+//! block ends the answer with a notice, `finish_reason: "content_filter"` (Ollama
+//! `done_reason`) and a well-formed end. Whole answers are checked whole.
 
 use std::sync::Arc;
 
 use kube_gateway_policy::{ResponseFilter, ResponseRules};
 use serde_json::{json, Value};
 
-use crate::api::Endpoint;
+use crate::api::event::text_pointer;
+use crate::api::{Dialect, Endpoint, StreamEvent};
 
 /// The text that replaces a blocked answer's remainder.
 pub fn notice(rule: &str) -> String {
     format!("[response blocked by policy rule {rule}]")
 }
 
-/// Where a stream event of each shape carries its generated text.
-fn delta_text(v: &mut Value) -> Option<&mut String> {
-    let is_text_delta = v.get("type").and_then(Value::as_str) == Some("response.output_text.delta");
-    let ptr = if is_text_delta {
-        "/delta"
-    } else if v.pointer("/choices/0/delta").is_some() {
-        "/choices/0/delta/content"
-    } else if v.pointer("/choices/0/text").is_some() {
-        "/choices/0/text"
-    } else if v.pointer("/message/content").is_some() {
-        "/message/content"
-    } else {
-        "/response"
-    };
-    match v.pointer_mut(ptr) {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
-    }
-}
-
-/// Whether this event is the one that ends the generated text.
-fn is_final(v: &Value) -> bool {
-    v.pointer("/choices/0/finish_reason")
-        .is_some_and(|f| !f.is_null())
-        || v.get("done").and_then(Value::as_bool) == Some(true)
-        || v.get("type").and_then(Value::as_str) == Some("response.output_text.done")
-}
-
-/// Sets the text of a final or delta event, creating the field where a final OpenAI
-/// chunk has an empty delta.
-fn set_text(v: &mut Value, text: String) {
-    if let Some(s) = delta_text(v) {
+/// Sets an event's generated text where its endpoint carries it, creating the field
+/// where a final chat chunk has an empty delta.
+fn set_text(v: &mut Value, endpoint: Endpoint, text: String) {
+    if let Some(Value::String(s)) = v.pointer_mut(text_pointer(endpoint)) {
         *s = text;
     } else if let Some(delta) = v
         .pointer_mut("/choices/0/delta")
@@ -55,12 +28,6 @@ fn set_text(v: &mut Value, text: String) {
     {
         delta.insert("content".into(), Value::String(text));
     }
-}
-
-/// The Responses API event that ends an answer early, for `reason`.
-fn incomplete(reason: &str) -> Value {
-    json!({"type": "response.incomplete",
-        "response": {"status": "incomplete", "incomplete_details": {"reason": reason}}})
 }
 
 /// Applies the whole-text filter to every generated text of a complete object (a whole
@@ -102,33 +69,38 @@ fn walk_texts(v: &mut Value, f: &mut dyn FnMut(&mut String)) {
     }
 }
 
-fn mark_blocked(v: &mut Value) {
-    mark_finished(v, "content_filter");
+/// Makes an object the last of its answer, ended for `reason`.
+fn mark_finished(v: &mut Value, endpoint: Endpoint, reason: &str) {
+    match endpoint.dialect() {
+        Dialect::OpenAi => {
+            if let Some(choice) = v.pointer_mut("/choices/0").and_then(Value::as_object_mut) {
+                choice.insert("finish_reason".into(), json!(reason));
+            }
+        }
+        Dialect::Ollama => {
+            if let Some(o) = v.as_object_mut() {
+                o.insert("done".into(), json!(true));
+                o.insert("done_reason".into(), json!(reason));
+            }
+        }
+    }
 }
 
-/// Makes an event the last of its answer, ended for `reason`.
-fn mark_finished(v: &mut Value, reason: &str) {
-    if let Some(choice) = v.pointer_mut("/choices/0").and_then(Value::as_object_mut) {
-        choice.insert("finish_reason".into(), json!(reason));
-    }
-    if v.get("done").is_some()
-        || v.get("message").is_some()
-        || v.get("response").is_some_and(Value::is_string)
-    {
-        v["done"] = json!(true);
-        v["done_reason"] = json!(reason);
-    }
+/// The Responses API event that ends an answer early, for `reason`.
+fn incomplete(reason: &str) -> Value {
+    json!({"type": "response.incomplete",
+        "response": {"status": "incomplete", "incomplete_details": {"reason": reason}}})
 }
 
-/// The event that ends an answer cut at a budget: shaped like `json` (the event just
+/// The event that ends an answer cut at a budget: shaped like `ev` (the event just
 /// sent), with no text and `finish_reason: "length"` (Ollama `done_reason`); for the
 /// Responses API a `response.incomplete`.
-pub fn length_cut_event(json: &str, endpoint: Endpoint) -> Option<Value> {
+pub fn length_cut_event(ev: &StreamEvent, endpoint: Endpoint) -> Value {
     if endpoint == Endpoint::Responses {
-        return Some(incomplete("max_output_tokens"));
+        return incomplete("max_output_tokens");
     }
-    let mut v: Value = serde_json::from_str(json).ok()?;
-    set_text(&mut v, String::new());
+    let mut v = ev.value.clone();
+    set_text(&mut v, endpoint, String::new());
     if let Some(delta) = v
         .pointer_mut("/choices/0/delta")
         .and_then(Value::as_object_mut)
@@ -136,28 +108,31 @@ pub fn length_cut_event(json: &str, endpoint: Endpoint) -> Option<Value> {
         delta.remove("content");
         delta.remove("role");
     }
-    mark_finished(&mut v, "length");
-    Some(v)
+    mark_finished(&mut v, endpoint, "length");
+    v
 }
 
-/// A whole (non-streamed) answer through the rules: the new body, the rules hit, and
-/// whether a rule blocked it.
-pub fn whole(body: &[u8], rules: &Arc<ResponseRules>) -> Option<(Vec<u8>, Vec<String>, bool)> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
+/// A whole (non-streamed) answer through the rules, rewritten in place: the rules hit
+/// and whether a rule blocked it; `None` when no rule acted (the original bytes stand).
+pub fn whole(
+    v: &mut Value,
+    endpoint: Endpoint,
+    rules: &Arc<ResponseRules>,
+) -> Option<(Vec<String>, bool)> {
     let mut hits = Vec::new();
-    let blocked = filter_whole(&mut v, rules, &mut hits);
+    let blocked = filter_whole(v, rules, &mut hits);
     if hits.is_empty() {
         return None;
     }
     if blocked.is_some() {
-        mark_blocked(&mut v);
+        mark_finished(v, endpoint, "content_filter");
     }
-    Some((serde_json::to_vec(&v).ok()?, hits, blocked.is_some()))
+    Some((hits, blocked.is_some()))
 }
 
 /// What to send for one stream event.
 pub enum Step {
-    /// Send the event as it came.
+    /// Send the event as it is.
     Keep,
     /// Send these objects instead (in order); with `end`, the answer ends after them.
     Replace { objects: Vec<Value>, end: bool },
@@ -187,26 +162,23 @@ impl StreamGuard {
         self.blocked.is_some()
     }
 
-    /// One event's JSON.
-    pub fn event(&mut self, json: &str) -> Step {
+    /// One event, as the meter parsed it.
+    pub fn event(&mut self, ev: &StreamEvent) -> Step {
         if self.blocked.is_some() {
             return Step::Replace {
                 objects: Vec::new(),
                 end: true,
             };
         }
-        let Ok(mut v) = serde_json::from_str::<Value>(json) else {
-            return Step::Keep;
-        };
         let responses = self.endpoint == Endpoint::Responses;
-        let kind = v.get("type").and_then(Value::as_str).map(str::to_owned);
+        let kind = ev.kind();
         // Responses API events that repeat the full text are checked whole.
-        if responses && kind.as_deref() != Some("response.output_text.delta") {
+        if responses && kind != Some("response.output_text.delta") {
             let mut extra = Vec::new();
-            if kind.as_deref() == Some("response.output_text.done") {
+            if kind == Some("response.output_text.done") {
                 let rest = self.filter.finish();
                 if !rest.text.is_empty() {
-                    let mut delta = v.clone();
+                    let mut delta = ev.value.clone();
                     delta["type"] = json!("response.output_text.delta");
                     if let Some(o) = delta.as_object_mut() {
                         o.remove("text");
@@ -217,6 +189,7 @@ impl StreamGuard {
             }
             // The text these repeat was filtered as it streamed: its hits are counted
             // there. A block found only here (text no delta carried) still ends the answer.
+            let mut v = ev.value.clone();
             let mut hits = Vec::new();
             let blocked = filter_whole(&mut v, &self.rules, &mut hits);
             extra.push(v);
@@ -232,10 +205,9 @@ impl StreamGuard {
                 end: self.blocked.is_some(),
             };
         }
-        let fin = is_final(&v);
-        let text = delta_text(&mut v).map(std::mem::take).unwrap_or_default();
-        let mut emit = self.filter.push(&text);
-        if fin && emit.blocked.is_none() {
+        let text = ev.obs.text.as_str();
+        let mut emit = self.filter.push(text);
+        if ev.obs.finish_reason.is_some() && emit.blocked.is_none() {
             let rest = self.filter.finish();
             emit.text.push_str(&rest.text);
             emit.blocked = rest.blocked;
@@ -243,8 +215,13 @@ impl StreamGuard {
         self.hits = self.filter.hits();
         match emit.blocked {
             Some(rule) => {
-                set_text(&mut v, format!("{}{}", emit.text, notice(&rule)));
-                mark_blocked(&mut v);
+                let mut v = ev.value.clone();
+                set_text(
+                    &mut v,
+                    self.endpoint,
+                    format!("{}{}", emit.text, notice(&rule)),
+                );
+                mark_finished(&mut v, self.endpoint, "content_filter");
                 self.blocked = Some(rule);
                 let mut objects = vec![v];
                 if responses {
@@ -252,12 +229,11 @@ impl StreamGuard {
                 }
                 Step::Replace { objects, end: true }
             }
-            None if emit.text == text => {
-                // Nothing changed: put the text back and keep the original bytes.
-                Step::Keep
-            }
+            // Nothing changed: the event goes as it is.
+            None if emit.text == text => Step::Keep,
             None => {
-                set_text(&mut v, emit.text);
+                let mut v = ev.value.clone();
+                set_text(&mut v, self.endpoint, emit.text);
                 Step::Replace {
                     objects: vec![v],
                     end: false,
@@ -279,20 +255,29 @@ mod tests {
             .clone()
     }
 
-    fn chat(content: &str) -> String {
-        json!({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]})
-            .to_string()
+    fn event(endpoint: Endpoint, v: Value) -> StreamEvent {
+        StreamEvent::parse(endpoint, v.to_string().as_bytes()).unwrap()
     }
 
-    fn texts(steps: Vec<Step>, originals: &[String]) -> String {
+    fn chat(content: &str) -> StreamEvent {
+        event(
+            Endpoint::ChatCompletions,
+            json!({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]}),
+        )
+    }
+
+    fn texts(steps: Vec<Step>, originals: &[StreamEvent]) -> String {
         let mut out = String::new();
         for (step, orig) in steps.into_iter().zip(originals) {
             let objs = match step {
-                Step::Keep => vec![serde_json::from_str::<Value>(orig).unwrap()],
+                Step::Keep => vec![orig.value.clone()],
                 Step::Replace { objects, .. } => objects,
             };
-            for mut o in objs {
-                if let Some(t) = delta_text(&mut o) {
+            for o in objs {
+                if let Some(t) = o
+                    .pointer(text_pointer(Endpoint::ChatCompletions))
+                    .and_then(Value::as_str)
+                {
                     out.push_str(t);
                 }
             }
@@ -307,7 +292,10 @@ mod tests {
         let events = vec![
             chat("a rab"),
             chat("bit ran"),
-            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).to_string(),
+            event(
+                Endpoint::ChatCompletions,
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            ),
         ];
         let steps: Vec<Step> = events.iter().map(|e| g.event(e)).collect();
         assert_eq!(texts(steps, &events), "a *** ran");
@@ -318,7 +306,10 @@ mod tests {
     fn block_ends_an_ollama_stream_with_done_reason() {
         let r = rules();
         let mut g = StreamGuard::new(&r, Endpoint::Chat);
-        let line = json!({"model": "m", "message": {"role": "assistant", "content": "this is FORBIDDEN text"}, "done": false}).to_string();
+        let line = event(
+            Endpoint::Chat,
+            json!({"model": "m", "message": {"role": "assistant", "content": "this is FORBIDDEN text"}, "done": false}),
+        );
         let Step::Replace { objects, end } = g.event(&line) else {
             panic!("not replaced")
         };
@@ -334,11 +325,12 @@ mod tests {
     #[test]
     fn whole_answers_are_rewritten() {
         let body = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "one rabbit"}, "finish_reason": "stop"}]});
-        let (out, hits, blocked) = whole(body.to_string().as_bytes(), &rules()).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
+        let mut v = body;
+        let (hits, blocked) = whole(&mut v, Endpoint::ChatCompletions, &rules()).unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], "one ***");
         assert_eq!((hits, blocked), (vec!["rabbits".to_owned()], false));
-        assert!(whole(br#"{"response":"clean"}"#, &rules()).is_none());
+        let mut clean = json!({"response": "clean"});
+        assert!(whole(&mut clean, Endpoint::Generate, &rules()).is_none());
     }
 
     #[test]
@@ -347,9 +339,11 @@ mod tests {
         // whole; a block there ends the answer like a block in a delta does.
         let r = rules();
         let mut g = StreamGuard::new(&r, Endpoint::Responses);
-        let completed = json!({"type": "response.completed", "response": {"output": [
-            {"type": "message", "content": [{"type": "output_text", "text": "a FORBIDDEN word"}]}]}})
-        .to_string();
+        let completed = event(
+            Endpoint::Responses,
+            json!({"type": "response.completed", "response": {"output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "a FORBIDDEN word"}]}]}}),
+        );
         let Step::Replace { objects, end } = g.event(&completed) else {
             panic!("the event must be rewritten")
         };
