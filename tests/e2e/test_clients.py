@@ -95,7 +95,7 @@ def test_openai_chat(oa, servers):
     assert rec["requested_model"] == "gpt-4o-mini" and rec["used_model"] == REWRITTEN
     assert rec["input_tokens"] == got.usage.prompt_tokens
     assert rec["output_tokens"] == got.usage.completion_tokens
-    assert rec["input_source"] == "Provider"
+    assert rec["input_source"] == "provider"
 
 
 def test_openai_chat_stream(oa, servers):
@@ -110,7 +110,7 @@ def test_openai_chat_stream(oa, servers):
     text = "".join(c.choices[0].delta.content or "" for c in got_chunks if c.choices)
     rec = new.record
     assert rec["streamed"] is True
-    assert rec["output_source"] == "Provider", "exact usage although the client asked none"
+    assert rec["output_source"] == "provider", "exact usage although the client asked none"
     assert rec["output_tokens"] == 12 and text
 
 

@@ -117,7 +117,7 @@ def test_captured_workload_is_rewritten_and_reaches_its_original_destination(net
     records = wait_access(netns, before + 2)[before:]
     assert {r["destination"] for r in records} == {dest}, "SO_ORIGINAL_DST gave the LLM's address"
     assert {r["used_model"] for r in records} == {REWRITTEN}
-    assert all(r["input_source"] == "Provider" for r in records)
+    assert all(r["input_source"] == "provider" for r in records)
 
 
 def test_connections_outside_the_capture_are_not_touched(netns):
