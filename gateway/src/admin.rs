@@ -92,6 +92,10 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
     loop {
         let (stream, _) = accept::next("admin", || listener.accept()).await;
         let state = state.clone();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "one admin connection: it ends when its client closes it"
+        )]
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let resp = answer(&req, &state);
@@ -111,6 +115,10 @@ pub async fn serve_not_ready(listener: TcpListener, reason: Arc<std::sync::Mutex
     loop {
         let (stream, _) = accept::next("admin", || listener.accept()).await;
         let reason = reason.clone();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "one not-ready answer: its connection closes after it"
+        )]
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (status, body) = match req.uri().path() {

@@ -78,6 +78,10 @@ impl Shared {
         ));
         if let Some(path) = &config.policy {
             tracing::info!(path = %path.display(), hash = %policy.info().hash, "policy loaded");
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "the policy watcher lives as long as the background runtime it runs on, which stops at shutdown"
+            )]
             tokio::spawn(crate::policy::watch(
                 policy.clone(),
                 path.clone(),

@@ -67,6 +67,7 @@ mod tests {
     async fn waits_for_every_connection() {
         let drain = Drain::default();
         let mut w = drain.watch();
+        #[expect(clippy::disallowed_methods, reason = "awaited by the test")]
         let conn = tokio::spawn(async move {
             w.signaled().await;
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -104,7 +104,11 @@ impl Gateway {
     /// Serves until `shutdown` completes, then drains in-flight connections.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let config = self.shared.config.clone();
-        if let Some(admin) = self.admin {
+        let admin = self.admin.map(|admin| {
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "the admin server: aborted when this gateway stops serving"
+            )]
             tokio::spawn(admin::serve(
                 admin,
                 admin::AdminState {
@@ -112,8 +116,8 @@ impl Gateway {
                     telemetry: self.shared.telemetry.clone(),
                     live: self.shared.live.clone(),
                 },
-            ));
-        }
+            ))
+        });
         let drain = Drain::default();
         self.shared.ready.store(true, Ordering::Release);
         tracing::debug!(listen = %config.listen, "serving thread ready");
@@ -124,6 +128,7 @@ impl Gateway {
                 (stream, peer) = accept::next("gateway", || self.listener.accept()) => {
                     let (config, proxy, watcher) = (config.clone(), self.proxy.clone(), drain.watch());
                     let telemetry = self.shared.telemetry.clone();
+                    #[expect(clippy::disallowed_methods, reason = "a client connection: the drain watch it holds makes shutdown wait for it")]
                     tokio::spawn(connection(stream, peer, config, proxy, watcher, telemetry));
                 }
             }
@@ -133,6 +138,9 @@ impl Gateway {
         tracing::info!("shutting down: draining connections");
         if tokio::time::timeout(DRAIN, drain.drain()).await.is_err() {
             tracing::warn!("drain deadline passed; closing remaining connections");
+        }
+        if let Some(admin) = admin {
+            admin.abort();
         }
     }
 }

@@ -169,6 +169,10 @@ pub fn spawn_recorder(
     // Unique across restarts and pods (the store keys on request ids; pids repeat in
     // containers).
     let id_prefix = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the recorder: its handle goes to the caller, which awaits it at shutdown"
+    )]
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(DRAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -133,10 +133,12 @@ async fn wait_for_policy(
         Some(l) => {
             let l = l.try_clone().map_err(StartError::Runtime)?;
             let l = tokio::net::TcpListener::from_std(l).map_err(StartError::Runtime)?;
-            Some(tokio::spawn(crate::admin::serve_not_ready(
-                l,
-                reason.clone(),
-            )))
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "aborted below, once the policy loads or the gateway stops"
+            )]
+            let responder = tokio::spawn(crate::admin::serve_not_ready(l, reason.clone()));
+            Some(responder)
         }
         None => None,
     };
@@ -194,6 +196,7 @@ where
         let capture = config.capture.as_ref().map(|c| attach_capture(c, addr)).transpose()?;
         let bg = background()?;
         // Started on the background runtime: the tasks it spawns live there.
+        #[expect(clippy::disallowed_methods, reason = "awaited right here")]
         let shared = bg
             .handle
             .spawn(Shared::start(config))
@@ -240,6 +243,7 @@ where
             }
         }
         // Leases are given back on the runtime their store connections belong to.
+        #[expect(clippy::disallowed_methods, reason = "awaited right here")]
         let _ = bg.handle.spawn(async move { ledger.release().await }).await;
         if let Some(r) = recorder {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), r).await;

@@ -109,6 +109,10 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(root_cause(&e)))?;
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the connection's driver: it ends with the connection, when the pool drops its sender"
+        )]
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

@@ -5,6 +5,8 @@
 //! Needs `KGW_TEST_POSTGRES_URL` (CI starts a private cluster and sets it); without it
 //! the tests skip, saying so, except under CI=true where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Test tasks end with the test's runtime.
+#![allow(clippy::disallowed_methods)]
 
 use std::sync::Arc;
 

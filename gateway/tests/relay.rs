@@ -1,5 +1,7 @@
 //! Bytes that are not HTTP/1.x cross the gateway unchanged, both ways, with half-close.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Test tasks end with the test's runtime.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -154,6 +154,10 @@ impl Ledger {
             return;
         }
         let this = self.clone();
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a background refill: at most one a window at a time (refilling), bounded by the store's timeouts"
+        )]
         shared.runtime.spawn(async move {
             if let Err(e) = this.lease_now(asks).await {
                 tracing::warn!(error = %e, "budget lease failed; serving from the slices in hand");
@@ -162,6 +166,10 @@ impl Ledger {
     }
 
     /// Leases what `asks` name from the shared store (on the store's runtime).
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "awaited right here, on the runtime the store's connections belong to"
+    )]
     pub async fn lease(self: &Arc<Self>, asks: Vec<Ask>) -> Result<(), LeaseError> {
         let Some(shared) = &self.shared else {
             return Ok(());

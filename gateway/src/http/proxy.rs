@@ -385,6 +385,10 @@ impl Proxy {
             (client_upgrade, resp.status())
         {
             let upstream_up = hyper::upgrade::on(&mut resp);
+            #[expect(
+                clippy::disallowed_methods,
+                reason = "an upgraded connection's relay: it ends when either side closes"
+            )]
             tokio::spawn(async move {
                 match tokio::try_join!(client_up, upstream_up) {
                     Ok((client, upstream)) => {

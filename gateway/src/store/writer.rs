@@ -171,6 +171,10 @@ pub fn spawn(
         who,
         stats: stats.clone(),
     };
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the writer: its handle goes to the caller, which awaits it at shutdown"
+    )]
     let handle = tokio::spawn(async move {
         let mut retry = tokio::time::interval(config.retry_every);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,8 @@
 //! Shared set-up for the integration tests: a real demo LLM server, a real gateway on
 //! loopback sockets, and a small HTTP/1.1 client that records when each chunk arrived.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+// Test fixtures: their tasks end with the test's runtime.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
