@@ -4,6 +4,7 @@
 # model rewrite and the usage it recorded. Extra arguments go to `ai-demo local`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash bpf/toolchain.sh
-cargo build --quiet --bins
-exec target/debug/ai-demo local "$@"
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+build_bins debug
+exec "$bin/ai-demo" local "$@"

@@ -1,26 +1,25 @@
+# shellcheck shell=bash
 # Sourced by ai-demo/transparent.sh and gateway/benches/capture.sh (root): an "app host"
 # and an "LLM host" as network namespaces joined by a veth pair (10.77.0.1 <-> 10.77.0.2),
 # and cgroups for the app and the gateway. `hosts_up ID` creates them and sets $app,
 # $llm, $cg; `in_ns NS CGROUP|- CMD...` runs a command there. On exit (Ctrl-C included)
-# the processes listed in $pids are stopped, and the hosts and $work removed.
+# the processes listed in $pids are stopped, and the hosts and $work removed
+# (scripts/common.sh's start_work and cleanup).
 
-pids=()
-work=$(mktemp -d)
-hosts_cleanup() {
-    set +e
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-    # Everything started in the namespaces or cgroups, whatever its parent: a background
-    # `in_ns` is a subshell, so the server it started is a grandchild of this script.
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+start_work
+at_exit hosts_stop
+
+# Everything started in the namespaces or cgroups, whatever its parent: a background
+# `in_ns` is a subshell, so the server it started is a grandchild of this script.
+hosts_stop() {
     if [ -n "${llm:-}" ]; then
         for ns in "$llm" "$app"; do ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null; done
         for d in "$cg"/*/; do [ -f "$d/cgroup.kill" ] && echo 1 >"$d/cgroup.kill"; done
     fi
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
     hosts_down
-    rm -rf "$work"
 }
-trap hosts_cleanup EXIT
-trap 'exit 130' INT TERM
 
 hosts_up() {
     local id=$1

@@ -6,24 +6,14 @@
 # query (http://127.0.0.1:9090) until Ctrl-C; OBSERVE_SECONDS=N stops it after N s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v prometheus >/dev/null || { echo "missing prometheus: apt-get install prometheus" >&2; exit 1; }
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
+need_tools "apt-get install prometheus" prometheus
 PROM_PORT=${PROM_PORT:-9090}
 
-bash bpf/toolchain.sh
-cargo build --quiet --bins
-venv=${KGW_VENV:-.venv}
-if ! "$venv/bin/python" -c 'import openai, ollama' 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
-fi
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+build_bins debug
+python_venv "openai, ollama"
+start_work
 
 cat >"$work/policy.yaml" <<'EOF'
 apiVersion: kube-gateway.io/v1alpha1
@@ -42,18 +32,16 @@ scrape_configs:
   - job_name: kube-gateway
     static_configs: [ { targets: ['127.0.0.1:15020'] } ]
 EOF
-target/debug/ai-demo serve --listen 127.0.0.1:11434 >"$work/llm.log" 2>&1 & pids+=($!)
-target/debug/kube-gateway run --listen 127.0.0.1:18000 --upstream 127.0.0.1:11434 \
+"$bin/ai-demo" serve --listen 127.0.0.1:11434 >"$work/llm.log" 2>&1 & pids+=($!)
+"$bin/kube-gateway" run --listen 127.0.0.1:18000 --upstream 127.0.0.1:11434 \
     --admin 127.0.0.1:15020 --policy "$work/policy.yaml" --store "sqlite://$work/usage.db" \
     --spool "$work/usage.spool" --pod-namespace demo --pod-name app >"$work/gateway.log" 2>&1 & pids+=($!)
 prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
     --web.listen-address="127.0.0.1:$PROM_PORT" >"$work/prometheus.log" 2>&1 & pids+=($!)
-for port in 11434 18000 15020 "$PROM_PORT"; do
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-done
+wait_ports 11434 18000 15020 "$PROM_PORT"
 echo "==> Prometheus on http://127.0.0.1:$PROM_PORT scrapes kube-gateway's /metrics (127.0.0.1:15020)"
 echo "==> sending calls through the gateway (openai and ollama clients) for ~20 s"
-"$venv/bin/python" - <<'EOF'
+"$python" - <<'EOF'
 import time, ollama, openai
 oa = openai.OpenAI(base_url="http://127.0.0.1:18000/v1", api_key="demo", max_retries=0)
 ol = ollama.Client(host="http://127.0.0.1:18000")
@@ -71,7 +59,7 @@ EOF
 sleep 4
 query() {
     printf '\n  %s\n' "$1"
-    curl -s "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" | "$venv/bin/python" -c '
+    curl -s "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" | "$python" -c '
 import json, sys
 for r in json.load(sys.stdin)["data"]["result"]:
     labels = ",".join(k + "=" + v for k, v in r["metric"].items()) or "(total)"

@@ -8,8 +8,8 @@
 # runs the explicit-mode demo (ai-demo/demo.sh) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 
 if [ "$(id -u)" != 0 ]; then
     cat >&2 <<'EOF'
@@ -19,25 +19,15 @@ Running the explicit-mode demo instead (the client is pointed at the gateway):
 EOF
     exec bash ai-demo/demo.sh "$@"
 fi
-for tool in ip nsenter python3; do
-    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install iproute2 util-linux python3-venv)" >&2; exit 1; }
-done
+need_tools "apt-get install iproute2 util-linux python3-venv" ip nsenter python3
 
 say "building (the eBPF programs, the gateway, the demo LLM)"
-bash bpf/toolchain.sh
-cargo build --quiet --bins
-venv=${KGW_VENV:-.venv}
-if ! "$venv/bin/python" -c 'import ollama' 2>/dev/null; then
-    say "installing the official ollama Python client into $venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
-fi
-python=$(cd "$venv" && pwd)/bin/python  # not resolved: the symlink would lose the venv
-bin=$(pwd)/target/debug
+build_bins debug
+python_venv ollama "installing the official ollama Python client into ${KGW_VENV:-.venv}"
 
 # shellcheck source=ai-demo/hosts.sh
 . ai-demo/hosts.sh
-trap 'hosts_cleanup; echo "(removed the namespaces, cgroups and files the demo created)"' EXIT
+trap 'cleanup; echo "(removed the namespaces, cgroups and files the demo created)"' EXIT
 
 say "network: app host 10.77.0.1 <-> LLM host 10.77.0.2, a cgroup for the app"
 hosts_up "kgwdemo$$"

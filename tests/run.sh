@@ -3,6 +3,8 @@
 # end-to-end tests with the official Python clients (in a venv this script sets up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 
 # PostgreSQL for the store tests: a private throw-away cluster, when this machine can
 # start one (root and the server package; CI installs it). Otherwise those parts skip.
@@ -34,10 +36,6 @@ cargo +nightly clippy --quiet -p kube-gateway-bpf-ebpf --target bpfel-unknown-no
 cargo build "${host[@]}" --all-targets --quiet
 cargo test "${host[@]}"
 
-venv=${KGW_VENV:-.venv}
-if ! "$venv/bin/python" -c 'import openai, ollama, pytest' 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
-fi
+python_venv "openai, ollama, pytest"
 # -rs prints why a privileged test skipped (never in CI: there they must run).
-"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider tests/e2e
+"$python" -m pytest -q -rs -p no:cacheprovider tests/e2e

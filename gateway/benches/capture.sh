@@ -8,11 +8,11 @@
 # lookup are in every sample); reported: connect time and whole-request time, p50/p99.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 N=${N:-2000}
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces, cgroups, eBPF)" >&2; exit 1; }
-bash bpf/toolchain.sh
-cargo build --quiet --release --bins
-bin=$(pwd)/target/release
+build_bins release
 # shellcheck source=ai-demo/hosts.sh
 . ai-demo/hosts.sh
 hosts_up "kgwbench$$"

@@ -7,46 +7,20 @@
 # Needs: nginx (Debian nginx-light), wrk, and for PostgreSQL root and the server package.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/common.sh
+. scripts/common.sh
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 ROUNDS=${ROUNDS:-3}
-for tool in nginx wrk; do
-    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install nginx-light wrk" >&2; exit 1; }
-done
-cargo build --quiet --release --bins
-bin=target/release
-
-work=$(mktemp -d)
+need_tools "apt-get install nginx-light wrk" nginx wrk
+build_bins release
+start_work
 chmod 755 "$work"
-pids=()
 gw_pids=()
-pg_dir=
-cleanup() {
-    for p in "${pids[@]}" "${gw_pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$work/up/nginx.pid" ] && kill "$(cat "$work/up/nginx.pid")" 2>/dev/null || true
-    [ -n "$pg_dir" ] && bash tests/postgres.sh stop "$pg_dir"
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
 
-canned='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gemma2:2b","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":9,"total_tokens":30}}'
-mkdir -p "$work/up"
-cat > "$work/up/nginx.conf" <<CONF
-user root;
-worker_processes 2;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work/up/body;
-    keepalive_requests 1000000;
-    server { listen 127.0.0.1:18081; location / { default_type application/json; return 200 '$canned'; } }
-    # An OTLP/HTTP sink for COMPARE=metrics (an empty body is an empty export response).
-    server { listen 127.0.0.1:18089; location / { return 200; } }
-}
-CONF
-nginx -p "$work/up" -c "$work/up/nginx.conf"
+# The canned upstream, and an OTLP/HTTP sink for COMPARE=metrics (an empty body is an
+# empty export response).
+nginx_start "$work/up" 2 "$(canned_server 18081)" "server { listen 127.0.0.1:18089; location / { return 200; } }"
 
 extra=("" "")
 envs=("" "")
@@ -72,7 +46,7 @@ stores=("none" "sqlite://$work/usage.db")
 labels=("store off" "sqlite")
 if [ -z "${KGW_TEST_POSTGRES_URL:-}" ] && [ "$(id -u)" = 0 ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     eval "$(KGW_PG_PORT=54339 bash tests/postgres.sh start)"
-    pg_dir=$KGW_PG_DIR
+    at_exit bash tests/postgres.sh stop "$KGW_PG_DIR"
 fi
 if [ -n "${KGW_TEST_POSTGRES_URL:-}" ]; then
     stores+=("$KGW_TEST_POSTGRES_URL")
@@ -87,17 +61,11 @@ fi
 for i in "${!stores[@]}"; do
     env ${envs[$i]} RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$((18100 + i))" \
         --upstream 127.0.0.1:18081 --model gemma2:2b --store "${stores[$i]}" \
-        --spool "$work/spool-$i" ${extra[$i]} >/dev/null & gw_pids+=($!)
+        --spool "$work/spool-$i" ${extra[$i]} >/dev/null & gw_pids+=($!) pids+=($!)
 done
-for port in 18081 $(for i in "${!stores[@]}"; do echo $((18100 + i)); done); do
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
-done
-
-cat > "$work/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"llama3.2:1b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the platform team, briefly."}],"max_tokens":32}'
-LUA
+wait_ports 18081
+for i in "${!stores[@]}"; do wait_ports $((18100 + i)); done
+write_post_lua "$work/post.lua"
 
 declare -A sent rps_sum cpu_sum pg_sum ratios
 # CPU ticks (user + system) of a process, or of every postgres server process.
