@@ -318,7 +318,7 @@ pub async fn run(demo: LocalDemo) -> anyhow::Result<()> {
             outcome,
             r["rules"].as_str().unwrap_or_default()
         );
-        if outcome != "Denied" && r["input_source"] != "Provider" {
+        if outcome != "denied" && r["input_source"] != "provider" {
             failures.push(format!("{label}: usage was not the provider's"));
         }
     }
