@@ -141,6 +141,8 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// A meter without response rules.
+    #[cfg(test)]
     pub fn new(endpoint: Endpoint, format: Format, hide_usage: bool, limit: usize) -> Self {
         Self::with_rules(endpoint, format, hide_usage, limit, None)
     }

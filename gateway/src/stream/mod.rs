@@ -72,6 +72,7 @@ impl<B: Boundary> Framer<B> {
     }
 
     /// Bytes held for an incomplete frame.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
