@@ -19,6 +19,8 @@ bash bpf/toolchain.sh
 # bpf/ebpf builds for the kernel only (bpf/loader's build script does it), not the host.
 host=(--workspace --exclude kube-gateway-bpf-ebpf)
 cargo fmt --all --check
+# The gateway crate's modules import each other in one direction only.
+python3 tests/lint/module_cycles.py gateway/src
 cargo clippy "${host[@]}" --all-targets --quiet -- -D warnings
 # The dependency policy (deny.toml): licenses, duplicate versions (warnings), crates.io
 # only. Not `advisories`: its database is on a git host these machines cannot reach.
