@@ -268,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
 
         expired = None
         try:
-            cursor, initial = store.watch_start(resource, self.query.get(
+            cursor, initial, mark = store.watch_start(resource, self.query.get(
                 "resourceVersion", ""), initial_end)
         except Expired as exc:
             expired = str(exc)
@@ -287,14 +287,14 @@ class Handler(BaseHTTPRequestHandler):
                 if initial_end and bookmarks:
                     bookmark(cursor, {"k8s.io/initial-events-end": "true"})
                 expired = self.stream(resource, match, out, bookmark, bookmarks,
-                                      cursor, time.monotonic() + timeout)
+                                      cursor, mark, time.monotonic() + timeout)
             if expired:
                 self.send_event("ERROR", m.ApiError(410, "Expired", expired).status())
             self.chunk(b"")  # the zero-length chunk ends the stream cleanly
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
 
-    def stream(self, resource, match, out, bookmark, bookmarks, cursor, deadline):
+    def stream(self, resource, match, out, bookmark, bookmarks, cursor, mark, deadline):
         """Sends the changes after cursor until the deadline; the expiry message if the
         history dropped changes this watch had not sent yet."""
         interval = self.fake.bookmark_interval
@@ -305,7 +305,8 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             wake = min(deadline, next_bookmark if bookmarks else deadline, now + 0.5)
             try:
-                entries, current = self.fake.store.wait_events(cursor, max(wake - now, 0))
+                entries, current, ended = self.fake.store.wait_events(
+                    cursor, max(wake - now, 0), mark)
             except Expired as exc:
                 return str(exc)
             for _rv, res, type_, new, old in entries:
@@ -323,6 +324,8 @@ class Handler(BaseHTTPRequestHandler):
                 if kind:
                     self.send_event(kind, out(new))
             cursor = current
+            if ended:
+                return None
             if bookmarks and time.monotonic() >= next_bookmark:
                 bookmark(cursor)
                 next_bookmark = time.monotonic() + interval
@@ -381,17 +384,19 @@ class FakeApiServer:
     def url(self):
         return f"http://{self.address}"
 
-    def write_kubeconfig(self, path, namespace="default", token=None):
+    def write_kubeconfig(self, path, namespace="default", token=None, skip_tls_verify=False):
         """A kubeconfig for this server (plain http; kubectl, kube-rs and the Python
-        client all take one). No credentials unless a dummy token is asked for."""
+        client all take one). No credentials unless a dummy token is asked for.
+        skip_tls_verify: the JavaScript client refuses http without it."""
         user = f"\n    token: {token}" if token else " {}"
+        skip = "\n    insecure-skip-tls-verify: true" if skip_tls_verify else ""
         with open(path, "w") as f:
             f.write(f"""apiVersion: v1
 kind: Config
 clusters:
 - name: fake
   cluster:
-    server: {self.url}
+    server: {self.url}{skip}
 users:
 - name: fake
   user:{user}
@@ -451,9 +456,22 @@ current-context: fake
         return copy.deepcopy(self.store.delete(resource_of(kind), ns, name))
 
     def compact(self):
-        """Drop the watch history, as etcd compaction does: watches and continue tokens
-        from before now get 410 Expired, and clients must list again."""
+        """As etcd compaction: watches starting from an older resourceVersion, and
+        continue tokens from before now, get 410 Expired (clients must list again).
+        Running watches go on, as on a real server."""
         self.store.compact()
+
+    def end_watches(self):
+        """End every running watch cleanly, as a server does at timeoutSeconds or when
+        it restarts: clients watch again from the last resourceVersion they saw."""
+        self.store.end_watches(expire=False)
+
+    def expire_watches(self):
+        """compact(), then end every running watch with the 410 ERROR event: what a
+        client sees when its watch drops and the history it would resume from is gone
+        (so it must relist; kube-rs's watcher does). Deterministic, unlike a race."""
+        self.compact()
+        self.store.end_watches(expire=True)
 
     def events(self, api="events.k8s.io/v1", namespace=None):
         """The stored Events (posted through either group), as `api` shows them."""

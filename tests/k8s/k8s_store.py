@@ -52,11 +52,14 @@ class Store:
         self.cond = threading.Condition()
         self.rv = 0
         self.objects = {r: {} for r in STORED}
-        # (rv, resource, type, new object, previous object); every change with an rv
-        # above `floor` is in here, so a watch from rv >= floor can be served.
+        # (rv, resource, type, new object, previous object), the newest history_limit
+        # changes: those above `evicted`. A new watch may start from rv >= floor (which
+        # compaction raises); a running one is lost once it falls behind `evicted`.
         self.history = collections.deque()
         self.history_limit = history_limit
-        self.floor = 0
+        self.floor = self.evicted = 0
+        # Bumped to end every running watch: cleanly ("end") or with a 410 ("expire").
+        self.generation = {"end": 0, "expire": 0}
         self.snapshots = collections.OrderedDict()  # continue-token id -> (rv, items)
         self.stopping = False
 
@@ -71,7 +74,8 @@ class Store:
             self.objects[resource][key] = obj
         self.history.append((self.rv, resource, type_, obj, old))
         while len(self.history) > self.history_limit:
-            self.floor = self.history.popleft()[0]
+            self.evicted = self.history.popleft()[0]
+            self.floor = max(self.floor, self.evicted)
         self.cond.notify_all()
         return obj
 
@@ -161,11 +165,15 @@ class Store:
             return self._commit(resource, "DELETED", old, old)
 
     def compact(self):
-        """Forget every change so far: older resourceVersions now answer 410."""
+        """As etcd compaction: new watches from an older resourceVersion and continue
+        tokens get 410; running watches go on (the real server's watch cache feeds them)."""
         with self.cond:
-            self.history.clear()
             self.floor = self.rv
             self.snapshots.clear()
+
+    def end_watches(self, expire):
+        with self.cond:
+            self.generation["expire" if expire else "end"] += 1
             self.cond.notify_all()
 
     def list(self, resource, match, limit, token):
@@ -199,32 +207,34 @@ class Store:
             return rv, page, more, len(items) - start - len(page)
 
     def watch_start(self, resource, rv_param, initial_events):
-        """(cursor, objects to send first as ADDED). A watch without a resourceVersion
-        (or 0) starts with the current state, as the real server's does."""
+        """(cursor, objects to send first as ADDED, generation mark). A watch without a
+        resourceVersion (or 0) starts with the current state, as the real server's does."""
         with self.cond:
+            mark = dict(self.generation)
             if rv_param in ("", "0") or initial_events:
                 objs = [o for _, o in sorted(self.objects[resource].items(),
                                              key=lambda kv: (kv[0][0] or "", kv[0][1]))]
-                return self.rv, objs
+                return self.rv, objs, mark
             try:
                 cursor = int(rv_param)
             except ValueError:
                 raise m.ApiError(400, "BadRequest", f"invalid resource version {rv_param!r}")
             if cursor < self.floor:
                 raise Expired(f"too old resource version: {cursor} ({self.floor})")
-            return cursor, []
+            return cursor, [], mark
 
-    def wait_events(self, cursor, timeout):
-        """The changes after the cursor (waiting up to timeout for one) and the current
-        resourceVersion; Expired if they have left the history."""
+    def wait_events(self, cursor, timeout, mark):
+        """(the changes after the cursor, waiting up to timeout for one; the current
+        resourceVersion; whether end_watches ended this watch). Expired when the
+        changes have left the history or end_watches expired this watch."""
         with self.cond:
-            if self.rv <= cursor and not self.stopping:
+            if self.rv <= cursor and not self.stopping and mark == self.generation:
                 self.cond.wait(timeout)
-            if cursor < self.floor:
+            if cursor < self.evicted or mark["expire"] != self.generation["expire"]:
                 raise Expired(f"too old resource version: {cursor} ({self.floor})")
             new = []
             for entry in reversed(self.history):
                 if entry[0] <= cursor:
                     break
                 new.append(entry)
-            return new[::-1], self.rv
+            return new[::-1], self.rv, mark["end"] != self.generation["end"]

@@ -229,6 +229,38 @@ def test_compaction_and_history_limit_answer_410(api):
         small.stop()
 
 
+def test_running_watches_survive_compaction_until_ended(api):
+    results, path = {}, "/api/v1/namespaces/ai/pods?watch=true&timeoutSeconds=8&resourceVersion="
+
+    def watch_in_background(key):
+        count = len(api.requests(verb="watch"))
+        thread = threading.Thread(target=lambda: results.update(
+            {key: watch_lines(api, path + api.resource_version)}))
+        thread.start()
+        while len(api.requests(verb="watch")) == count:
+            time.sleep(0.02)
+        return thread
+
+    thread = watch_in_background("expired")
+    api.patch_annotations("pod", "ai", "chat-1", {"n": "1"})
+    api.compact()
+    api.patch_annotations("pod", "ai", "chat-1", {"n": "2"})
+    time.sleep(0.3)
+    api.expire_watches()
+    thread.join(5)
+    assert [e["type"] for e in results["expired"]] == ["MODIFIED", "MODIFIED", "ERROR"]
+    assert results["expired"][-1]["object"]["code"] == 410
+
+    thread = watch_in_background("ended")
+    api.patch_annotations("pod", "ai", "chat-1", {"n": "3"})
+    time.sleep(0.3)
+    start = time.monotonic()
+    api.end_watches()
+    thread.join(5)
+    assert time.monotonic() - start < 2, "end_watches ends the stream at once"
+    assert [e["type"] for e in results["ended"]] == ["MODIFIED"]
+
+
 def test_writes_patches_and_errors(api):
     status, cm = call(api, "GET", "/api/v1/namespaces/ai/configmaps/policy")
     assert status == 200 and cm["kind"] == "ConfigMap"
