@@ -32,6 +32,11 @@ fn nobody() -> SocketAddr {
 fn record(i: u64) -> UsageRecord {
     UsageRecord {
         request_id: format!("kgw-5f5831a7c9a54957-{i}"),
+        workload: Arc::new(kube_gateway::record::Identity {
+            namespace: "team-a".into(),
+            pod: "chat-7d9f-abcde".into(),
+            ..Default::default()
+        }),
         started_at: SystemTime::now(),
         peer: SocketAddr::from(([10, 0, 3, 17], 40_000)),
         destination: "10.96.0.12:11434".into(),

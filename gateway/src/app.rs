@@ -14,7 +14,7 @@ use crate::budget::{Ledger, SystemClock};
 use crate::config::Config;
 use crate::live::Live;
 use crate::policy::PolicyStore;
-use crate::record::UsageRecord;
+use crate::record::{Identity, UsageRecord};
 use crate::recorder::{self, Recorder};
 use crate::store::spool::Spool;
 use crate::store::writer::WriterConfig;
@@ -56,6 +56,8 @@ pub struct Shared {
     pub(crate) recorder: Recorder,
     usage: broadcast::Sender<Arc<UsageRecord>>,
     pub(crate) ready: Arc<AtomicBool>,
+    /// Whose traffic `run` serves (node mode gives each pod its own).
+    pub(crate) identity: Arc<Identity>,
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) live: Live,
 }
@@ -108,7 +110,6 @@ impl Shared {
                     sc.url.clone(),
                     store,
                     Spool::new(&sc.spool),
-                    config.identity.clone(),
                     WriterConfig::default(),
                     rx,
                 );
@@ -143,6 +144,7 @@ impl Shared {
             // is recorded.
             (config.admin.is_some() || otel.is_some()).then(|| telemetry.clone()),
         );
+        let identity = Arc::new(config.identity.clone());
         Ok(Self {
             config: Arc::new(config),
             policy,
@@ -151,6 +153,7 @@ impl Shared {
             recorder,
             usage,
             ready: Arc::new(AtomicBool::new(false)),
+            identity,
             writer: Arc::new(std::sync::Mutex::new(writer)),
             recorder_task: Arc::new(std::sync::Mutex::new(Some(recorder_task))),
             telemetry,

@@ -33,6 +33,7 @@ pub mod env {
     pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
     pub const POD_NAME: &str = "POD_NAME";
     pub const CONTAINER_NAME: &str = "CONTAINER_NAME";
+    pub const SERVICE_ACCOUNT: &str = "POD_SERVICE_ACCOUNT";
     pub const CAPTURE_CGROUP: &str = "CAPTURE_CGROUP";
     pub const GATEWAY_CGROUP: &str = "GATEWAY_CGROUP";
     pub const CAPTURE_CIDRS: &str = "CAPTURE_CIDRS";
@@ -136,6 +137,8 @@ pub struct RunArgs {
     pub pod_name: String,
     #[arg(long, env = env::CONTAINER_NAME, default_value = "")]
     pub container_name: String,
+    #[arg(long, env = env::SERVICE_ACCOUNT, default_value = "")]
+    pub service_account: String,
     /// Longest silence between two chunks of an answer, in milliseconds; past it the
     /// answer ends with an error in the caller's format.
     #[arg(long, env = env::IDLE_TIMEOUT_MS, default_value_t = 300_000)]
@@ -255,10 +258,11 @@ impl TryFrom<RunArgs> for Config {
                     spool: a.spool,
                 }),
             },
-            identity: crate::store::Identity {
+            identity: crate::record::Identity {
                 namespace: a.pod_namespace,
                 pod: a.pod_name,
                 container: a.container_name,
+                service_account: a.service_account,
             },
             capture,
         })

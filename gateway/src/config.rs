@@ -107,7 +107,7 @@ pub struct Config {
     /// The usage store and its spool; `None`: usage goes to the access log only.
     pub store: Option<StoreConfig>,
     /// Who this gateway serves (labels of every usage row).
-    pub identity: crate::store::Identity,
+    pub identity: crate::record::Identity,
     /// eBPF capture of a workload cgroup's connections (transparent mode).
     pub capture: Option<CaptureSettings>,
 }
@@ -145,7 +145,7 @@ impl Config {
             policy: None,
             policy_reload: Duration::from_secs(1),
             store: None,
-            identity: crate::store::Identity::default(),
+            identity: crate::record::Identity::default(),
             capture: None,
         }
     }

@@ -24,6 +24,7 @@ pub mod live;
 pub mod logging;
 pub mod meter;
 pub mod netflush;
+pub mod netns;
 pub mod orig_dst;
 pub mod policy;
 pub mod record;

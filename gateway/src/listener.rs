@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,10 @@ use crate::app::{Shared, StartError};
 use crate::config::{Config, Destination, UpstreamMode};
 use crate::drain::{Drain, DrainWatch};
 use crate::http::{self, Proxy};
+use crate::netns::NetNs;
+use crate::policy::PolicyStore;
+use crate::record::Identity;
+use crate::upstream::Upstream;
 use crate::record::UsageRecord;
 use crate::sniff::{self, Protocol};
 use crate::telemetry::Telemetry;
@@ -49,6 +53,8 @@ pub fn bind_listener(
 /// One serving thread's gateway: a listener and its own upstream pool.
 pub struct Gateway {
     shared: Shared,
+    /// Set while serving (`None`: a pod's gateway, whose readiness is the agent's).
+    ready: Option<Arc<AtomicBool>>,
     listener: TcpListener,
     admin: Option<TcpListener>,
     proxy: Arc<Proxy>,
@@ -77,19 +83,41 @@ impl Gateway {
         let listener = to_tokio(listener)?;
         let admin = admin.map(to_tokio).transpose()?;
         let proxy = Arc::new(Proxy::new(
-            shared.config.clone(),
+            &shared,
             shared.policy.clone(),
-            shared.recorder.clone(),
+            shared.identity.clone(),
+            Upstream::new(&shared.config.limits, None),
             worker,
-            shared.ledger.clone(),
-            shared.tokens.clone(),
         ));
         Ok(Self {
+            ready: Some(shared.ready.clone()),
             shared,
             listener,
             admin,
             proxy,
         })
+    }
+
+    /// One pod's gateway in node mode: a listener bound in the pod's network namespace,
+    /// the pod's policy and identity, upstream connections made from its namespace.
+    /// It reports no readiness of its own (the agent's is the node's).
+    pub fn for_pod(
+        shared: Shared,
+        listener: TcpListener,
+        policy: Arc<PolicyStore>,
+        identity: Arc<Identity>,
+        netns: Arc<NetNs>,
+        worker: u16,
+    ) -> Self {
+        let upstream = Upstream::new(&shared.config.limits, Some(netns));
+        let proxy = Arc::new(Proxy::new(&shared, policy, identity, upstream, worker));
+        Self {
+            ready: None,
+            shared,
+            listener,
+            admin: None,
+            proxy,
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -119,7 +147,9 @@ impl Gateway {
             ))
         });
         let drain = Drain::default();
-        self.shared.ready.store(true, Ordering::Release);
+        if let Some(ready) = &self.ready {
+            ready.store(true, Ordering::Release);
+        }
         tracing::debug!(listen = %config.listen, "serving thread ready");
         tokio::pin!(shutdown);
         loop {
@@ -133,7 +163,9 @@ impl Gateway {
                 }
             }
         }
-        self.shared.ready.store(false, Ordering::Release);
+        if let Some(ready) = &self.ready {
+            ready.store(false, Ordering::Release);
+        }
         drop(self.listener);
         tracing::info!("shutting down: draining connections");
         if tokio::time::timeout(DRAIN, drain.drain()).await.is_err() {
@@ -178,7 +210,7 @@ async fn connection(
             let conn = proxy.connection(peer, destination);
             http::serve(stream, conn, proxy, drain).await
         }
-        Protocol::Opaque => match relay::relay(stream, &destination, &config.limits).await {
+        Protocol::Opaque => match relay::relay(stream, &destination, &config.limits, proxy.dialer()).await {
             Ok((up, down)) => tracing::debug!(%peer, %destination, up, down, "relayed"),
             Err(e) => tracing::debug!(%peer, %destination, error = %e, "relay ended"),
         },

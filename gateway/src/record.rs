@@ -4,6 +4,7 @@
 //! here, once, from the enums.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -146,10 +147,23 @@ pub fn endpoint_name(endpoint: Option<Endpoint>) -> &'static str {
     endpoint.map_or("other", Endpoint::as_str)
 }
 
+/// Whose traffic a record is: the labels of its usage row, metric series and log line.
+/// One per gateway in `kube-gateway run` (from the pod's environment); one per served
+/// pod in `kube-gateway node`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Identity {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub service_account: String,
+}
+
 /// A finished usage record: what the access log shows and the store keeps.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UsageRecord {
     pub request_id: String,
+    /// Whose traffic this was.
+    pub workload: Arc<Identity>,
     /// When the request arrived (its span starts here and ends `latency` later).
     pub started_at: SystemTime,
     pub peer: SocketAddr,

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::api::{Endpoint, LlmRequest};
 use crate::budget::{Ledger, Reservation};
-use crate::record::{Collected, Outcome, TokenSource, UsageRecord};
+use crate::record::{Collected, Identity, Outcome, TokenSource, UsageRecord};
 use crate::telemetry::Telemetry;
 
 /// What the request path knows when an exchange ends.
@@ -20,6 +20,8 @@ use crate::telemetry::Telemetry;
 pub struct Exchange {
     /// Sequence number; the recorder turns it into the request id.
     pub seq: u64,
+    /// Whose traffic this is.
+    pub workload: Arc<Identity>,
     pub started_at: SystemTime,
     pub peer: SocketAddr,
     /// Shared by every request of a connection.
@@ -89,6 +91,7 @@ impl Exchange {
             .map(|p| format!("prompt={p:?} completion={:?}", c.text));
         let record = UsageRecord {
             request_id: format!("kgw-{id_prefix}-{}", self.seq),
+            workload: self.workload,
             started_at: self.started_at,
             peer: self.peer,
             destination: self.destination.to_string(),
@@ -260,6 +263,7 @@ mod tests {
     fn exchange(seq: u64) -> Exchange {
         Exchange {
             seq,
+            workload: std::sync::Arc::new(crate::record::Identity { namespace: "ns".into(), pod: "pod".into(), ..Default::default() }),
             started_at: SystemTime::now(),
             peer: SocketAddr::from(([10, 0, 0, 7], 41_000)),
             destination: Arc::from("10.0.0.9:11434"),

@@ -6,14 +6,16 @@ use std::io;
 use tokio::net::TcpStream;
 
 use crate::config::{Destination, Limits};
+use crate::upstream::Dialer;
 
 /// Relays until both directions have ended. Returns bytes sent (to upstream, to client).
 pub async fn relay(
     mut client: TcpStream,
     dest: &Destination,
     limits: &Limits,
+    dialer: &Dialer,
 ) -> io::Result<(u64, u64)> {
-    let connect = crate::upstream::dial(dest, limits.upstream_mark);
+    let connect = dialer.dial(dest);
     let mut upstream = tokio::time::timeout(limits.connect_timeout, connect)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect to upstream timed out"))??;

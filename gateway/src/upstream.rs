@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{Destination, Limits};
 use crate::error::GatewayError;
+use crate::netns::NetNs;
 
 /// A request body going upstream: rewritten bytes, or the client's own stream.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
@@ -30,7 +31,7 @@ const MAX_IDLE_PER_DESTINATION: usize = 64;
 /// Connects and pools upstream connections for one serving thread.
 pub struct Upstream {
     connect_timeout: Duration,
-    mark: Option<u32>,
+    dialer: Dialer,
     response_timeout: Duration,
     idle: Mutex<HashMap<Destination, Vec<Sender>>>,
 }
@@ -43,13 +44,22 @@ pub struct Affinity {
 }
 
 impl Upstream {
-    pub fn new(limits: &Limits) -> Arc<Self> {
+    /// Upstream connections with `limits`, made in `netns` when given (node mode).
+    pub fn new(limits: &Limits, netns: Option<Arc<NetNs>>) -> Arc<Self> {
         Arc::new(Self {
             connect_timeout: limits.connect_timeout,
-            mark: limits.upstream_mark,
+            dialer: Dialer {
+                mark: limits.upstream_mark,
+                netns,
+            },
             response_timeout: limits.response_timeout,
             idle: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How this pool connects (the opaque relay dials the same way).
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     /// The upstream side of a new client connection to `destination` (connects lazily).
@@ -90,7 +100,7 @@ impl Upstream {
             upstream: dest.to_string(),
             reason,
         };
-        let stream = match tokio::time::timeout(self.connect_timeout, dial(dest, self.mark)).await {
+        let stream = match tokio::time::timeout(self.connect_timeout, self.dialer.dial(dest)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Err(_) => {
@@ -213,26 +223,38 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// Connects to `dest` (each resolved address in turn); with `mark`, the socket carries
-/// that `SO_MARK` before it connects, so the eBPF capture never redirects it.
-pub async fn dial(dest: &Destination, mark: Option<u32>) -> std::io::Result<TcpStream> {
-    let Some(mark) = mark else {
-        return TcpStream::connect(dest.as_str()).await;
-    };
-    let mut last = None;
-    for addr in tokio::net::lookup_host(dest.as_str()).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket2::SockRef::from(&socket).set_mark(mark)?;
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+/// Makes upstream connections: marked so the capture never redirects them, and in
+/// node mode from the served pod's network namespace (the LLM sees the pod's address;
+/// its NetworkPolicies apply).
+#[derive(Debug, Clone, Default)]
+pub struct Dialer {
+    pub mark: Option<u32>,
+    pub netns: Option<Arc<NetNs>>,
+}
+
+impl Dialer {
+    /// Connects to `dest`, trying each address it resolves to.
+    pub async fn dial(&self, dest: &Destination) -> std::io::Result<TcpStream> {
+        if self.mark.is_none() && self.netns.is_none() {
+            return TcpStream::connect(dest.as_str()).await;
         }
+        let mut last = None;
+        for addr in tokio::net::lookup_host(dest.as_str()).await? {
+            let socket = match &self.netns {
+                Some(ns) => tokio::net::TcpSocket::from_std_stream(ns.socket_for(addr).await?.into()),
+                None if addr.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
+                None => tokio::net::TcpSocket::new_v6()?,
+            };
+            if let Some(mark) = self.mark {
+                socket2::SockRef::from(&socket).set_mark(mark)?;
+            }
+            match socket.connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the upstream")
+        }))
     }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, "no address for the upstream")
-    }))
 }

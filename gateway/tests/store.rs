@@ -15,12 +15,14 @@ use std::time::{Duration, SystemTime};
 
 use kube_gateway::store::spool::Spool;
 use kube_gateway::store::writer::{self, WriterConfig};
-use kube_gateway::store::{Identity, Store, StoreUrl, UsageRow};
+use kube_gateway::record::Identity;
+use kube_gateway::store::{Store, StoreUrl, UsageRow};
 use kube_gateway::{Outcome, TokenSource, UsageRecord};
 
 fn record(i: u64, model: &str, input: u64, output: u64) -> UsageRecord {
     UsageRecord {
         request_id: format!("test-{i}"),
+        workload: std::sync::Arc::new(who()),
         started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + i * 600),
         peer: "10.0.0.7:41000".parse::<SocketAddr>().unwrap(),
         destination: "10.0.0.9:11434".into(),
@@ -54,6 +56,7 @@ fn who() -> Identity {
         namespace: "team-a".into(),
         pod: "app-1".into(),
         container: "app".into(),
+        service_account: String::new(),
     }
 }
 
@@ -130,7 +133,6 @@ async fn exercise(url: StoreUrl) {
                     10 + i,
                     5,
                 ),
-                &who(),
             )
         })
         .collect();
@@ -142,14 +144,14 @@ async fn exercise(url: StoreUrl) {
     );
     // Stored rows, new rows and one id twice in one batch: the new ones count, once.
     let fresh: Vec<UsageRow> = (20..23)
-        .map(|i| UsageRow::new(&record(i, "gemma2:2b", 10 + i, 5), &who()))
+        .map(|i| UsageRow::new(&record(i, "gemma2:2b", 10 + i, 5)))
         .collect();
     let mut mixed = rows[15..].to_vec();
     mixed.extend(fresh.iter().cloned());
     mixed.push(fresh[1].clone());
     assert_eq!(store.write(&mixed).await.unwrap(), 3);
     // Every column round-trips with its type, absent values included.
-    let mut odd = UsageRow::new(&record(23, "qwen2.5", 33, 5), &who());
+    let mut odd = UsageRow::new(&record(23, "qwen2.5", 33, 5));
     odd.requested_model = None;
     odd.cached_tokens = Some(3);
     odd.reasoning_tokens = Some(2);
@@ -222,7 +224,7 @@ async fn the_writer_spools_while_the_store_is_away_and_replays_exactly_once() {
         flush_every: Duration::from_millis(20),
         retry_every: Duration::from_millis(50),
     };
-    let (handle, stats) = writer::spawn(url.clone(), None, Spool::new(&spool_path), who(), cfg, rx);
+    let (handle, stats) = writer::spawn(url.clone(), None, Spool::new(&spool_path), cfg, rx);
     for i in 0..30 {
         tx.send(Arc::new(record(i, "m", 1, 1))).await.unwrap();
     }

@@ -24,7 +24,8 @@ use crate::error::GatewayError;
 use crate::guard;
 use crate::meter::{BudgetCut, Format, Meter};
 use crate::policy::PolicyStore;
-use crate::record::Outcome;
+use crate::app::Shared;
+use crate::record::{Identity, Outcome};
 use crate::recorder::{Exchange, Recorder};
 use crate::upstream::Affinity;
 use crate::upstream::{Upstream, UpstreamBody};
@@ -34,6 +35,8 @@ use kube_gateway_policy::{Policy, TokenCounter};
 /// Shared by every connection of a gateway.
 pub struct Proxy {
     config: Arc<Config>,
+    /// Whose traffic this proxy serves (one pod's, in node mode).
+    identity: Arc<Identity>,
     policy: Arc<PolicyStore>,
     ledger: Arc<Ledger>,
     tokens: TokenCounter,
@@ -52,6 +55,11 @@ pub struct ConnInfo {
 }
 
 impl Proxy {
+    /// How this proxy connects upstream.
+    pub fn dialer(&self) -> &crate::upstream::Dialer {
+        self.upstream.dialer()
+    }
+
     /// The state of a new client connection to `destination`.
     pub fn connection(&self, peer: SocketAddr, destination: Destination) -> ConnInfo {
         ConnInfo {
@@ -61,24 +69,24 @@ impl Proxy {
         }
     }
 
-    /// A proxy for serving thread `worker`. Request ids carry the worker in their top
-    /// bits: threads share one id prefix and must never hand out the same id.
+    /// A proxy for serving thread `worker` of a gateway, serving `identity` under
+    /// `policy` through `upstream`. Request ids carry the worker in their top bits:
+    /// threads (and pods) share one id prefix and must never hand out the same id.
     pub fn new(
-        config: Arc<Config>,
+        shared: &Shared,
         policy: Arc<PolicyStore>,
-        recorder: Recorder,
+        identity: Arc<Identity>,
+        upstream: Arc<Upstream>,
         worker: u16,
-        ledger: Arc<Ledger>,
-        tokens: TokenCounter,
     ) -> Self {
-        let upstream = Upstream::new(&config.limits);
         Self {
-            config,
+            config: shared.config.clone(),
+            identity,
             policy,
-            ledger,
-            tokens,
+            ledger: shared.ledger.clone(),
+            tokens: shared.tokens.clone(),
             upstream,
-            recorder,
+            recorder: shared.recorder.clone(),
             next_seq: AtomicU64::new(u64::from(worker) << 48),
         }
     }
@@ -86,6 +94,7 @@ impl Proxy {
     fn exchange(&self, parts: &Parts, conn: &ConnInfo, endpoint: Option<Endpoint>) -> Exchange {
         Exchange {
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            workload: self.identity.clone(),
             started_at: SystemTime::now(),
             peer: conn.peer,
             destination: conn.destination_name.clone(),
@@ -167,7 +176,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<(), GatewayError> {
         let model = req.model.clone().unwrap_or_default();
-        let id = &self.config.identity;
+        let id = &self.identity;
         let who = Subject {
             namespace: &id.namespace,
             pod: &id.pod,

@@ -27,7 +27,7 @@ use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
 pub use query::UsageTotal;
-pub use row::{Identity, UsageRow};
+pub use row::UsageRow;
 pub use sqlite::SqliteWriter;
 
 /// Where usage goes.

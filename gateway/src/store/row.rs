@@ -5,14 +5,6 @@ use std::collections::BTreeMap;
 
 use crate::record::UsageRecord;
 
-/// Who this gateway serves: the labels every row carries (from the pod's environment).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identity {
-    pub namespace: String,
-    pub pod: String,
-    pub container: String,
-}
-
 /// One `usage_events` row.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRow {
@@ -41,7 +33,8 @@ pub struct UsageRow {
 }
 
 impl UsageRow {
-    pub fn new(r: &UsageRecord, who: &Identity) -> Self {
+    pub fn new(r: &UsageRecord) -> Self {
+        let who = &r.workload;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         Self {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::spool::Spool;
-use super::{Identity, Store, StoreUrl, UsageRow};
+use super::{Store, StoreUrl, UsageRow};
 use crate::record::UsageRecord;
 
 /// How the writer batches and retries.
@@ -47,7 +47,6 @@ struct Writer {
     url: StoreUrl,
     store: Option<Store>,
     spool: Arc<Spool>,
-    who: Identity,
     stats: Arc<WriterStats>,
 }
 
@@ -158,7 +157,6 @@ pub fn spawn(
     url: StoreUrl,
     store: Option<Store>,
     spool: Spool,
-    who: Identity,
     config: WriterConfig,
     mut rx: mpsc::Receiver<Arc<UsageRecord>>,
 ) -> (JoinHandle<()>, Arc<WriterStats>) {
@@ -168,7 +166,6 @@ pub fn spawn(
         url,
         store,
         spool: Arc::new(spool),
-        who,
         stats: stats.clone(),
     };
     #[expect(
@@ -187,11 +184,11 @@ pub fn spawn(
                 }
             };
             let Some(first) = first else { break };
-            let mut batch = vec![UsageRow::new(&first, &w.who)];
+            let mut batch = vec![UsageRow::new(&first)];
             let deadline = tokio::time::Instant::now() + config.flush_every;
             while batch.len() < config.batch_rows {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(r)) => batch.push(UsageRow::new(&r, &w.who)),
+                    Ok(Some(r)) => batch.push(UsageRow::new(&r)),
                     Ok(None) | Err(_) => break,
                 }
             }

@@ -12,7 +12,7 @@ mod prometheus;
 use std::sync::{Arc, Mutex};
 
 use crate::api::Endpoint;
-use crate::record::{Outcome, UsageRecord};
+use crate::record::{Identity, Outcome, UsageRecord};
 
 pub use labels::{ModelLabels, MAX_MODEL_LABELS};
 pub use otel::{Otel, OtelError};
@@ -32,6 +32,7 @@ pub trait Gauges: Send + Sync {
 
 /// The series handles and OTLP attributes of one kind of request, resolved once.
 struct Series {
+    workload: Arc<Identity>,
     endpoint: Endpoint,
     outcome: Outcome,
     requested: Option<String>,
@@ -81,6 +82,7 @@ impl Telemetry {
         let same = |s: &Series| {
             s.endpoint == endpoint
                 && s.outcome == r.outcome
+                && (Arc::ptr_eq(&s.workload, &r.workload) || s.workload == r.workload)
                 && s.requested.as_deref() == r.requested_model.as_deref()
                 && s.used.as_deref() == r.used_model.as_deref()
                 && s.response.as_deref() == r.response_model.as_deref()
@@ -88,6 +90,7 @@ impl Telemetry {
         let resolve = || {
             let labels = self.models.labels(r);
             Series {
+                workload: r.workload.clone(),
                 endpoint,
                 outcome: r.outcome,
                 requested: r.requested_model.clone(),

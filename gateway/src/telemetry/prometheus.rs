@@ -254,15 +254,15 @@ impl Prometheus {
     /// The series of one kind of request (`labels` its bounded model names).
     pub(super) fn series(&self, r: &UsageRecord, labels: &ModelLabels) -> PromSeries {
         let requests = self.requests.get_or_create_owned(&Requests {
-            namespace: self.who.namespace.clone(),
-            pod: self.who.pod.clone(),
+            namespace: r.workload.namespace.clone(),
+            pod: r.workload.pod.clone(),
             outcome: r.outcome.as_str(),
             gen_ai_request_model: labels.requested.clone(),
         });
         let rewrite = labels.rewrite.then(|| {
             self.rewrites.get_or_create_owned(&Rewrite {
-                namespace: self.who.namespace.clone(),
-                pod: self.who.pod.clone(),
+                namespace: r.workload.namespace.clone(),
+                pod: r.workload.pod.clone(),
                 from: labels.requested.clone(),
                 to: labels.used.clone(),
             })
@@ -272,8 +272,8 @@ impl Prometheus {
             .filter(|_| r.outcome.reached_llm())
             .map(|endpoint| {
                 let genai = GenAi {
-                    namespace: self.who.namespace.clone(),
-                    pod: self.who.pod.clone(),
+                    namespace: r.workload.namespace.clone(),
+                    pod: r.workload.pod.clone(),
                     gen_ai_operation_name: operation(endpoint),
                     gen_ai_provider_name: endpoint.dialect().as_str(),
                     // The model asked of the provider (after any rewrite), as the convention
@@ -308,8 +308,8 @@ impl Prometheus {
         for rule in &r.rules {
             self.rule_hits
                 .get_or_create(&Rule {
-                    namespace: self.who.namespace.clone(),
-                    pod: self.who.pod.clone(),
+                    namespace: r.workload.namespace.clone(),
+                    pod: r.workload.pod.clone(),
                     rule: rule.clone(),
                 })
                 .inc();
