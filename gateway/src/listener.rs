@@ -18,10 +18,10 @@ use crate::http::{self, Proxy};
 use crate::netns::NetNs;
 use crate::policy::PolicyStore;
 use crate::record::Identity;
-use crate::upstream::Upstream;
 use crate::record::UsageRecord;
 use crate::sniff::{self, Protocol};
 use crate::telemetry::Telemetry;
+use crate::upstream::Upstream;
 use crate::{accept, orig_dst, relay};
 
 /// How long in-flight connections get to finish on shutdown.
@@ -210,9 +210,11 @@ async fn connection(
             let conn = proxy.connection(peer, destination);
             http::serve(stream, conn, proxy, drain).await
         }
-        Protocol::Opaque => match relay::relay(stream, &destination, &config.limits, proxy.dialer()).await {
-            Ok((up, down)) => tracing::debug!(%peer, %destination, up, down, "relayed"),
-            Err(e) => tracing::debug!(%peer, %destination, error = %e, "relay ended"),
-        },
+        Protocol::Opaque => {
+            match relay::relay(stream, &destination, &config.limits, proxy.dialer()).await {
+                Ok((up, down)) => tracing::debug!(%peer, %destination, up, down, "relayed"),
+                Err(e) => tracing::debug!(%peer, %destination, error = %e, "relay ended"),
+            }
+        }
     }
 }

@@ -263,7 +263,11 @@ mod tests {
     fn exchange(seq: u64) -> Exchange {
         Exchange {
             seq,
-            workload: std::sync::Arc::new(crate::record::Identity { namespace: "ns".into(), pod: "pod".into(), ..Default::default() }),
+            workload: std::sync::Arc::new(crate::record::Identity {
+                namespace: "ns".into(),
+                pod: "pod".into(),
+                ..Default::default()
+            }),
             started_at: SystemTime::now(),
             peer: SocketAddr::from(([10, 0, 0, 7], 41_000)),
             destination: Arc::from("10.0.0.9:11434"),

@@ -100,7 +100,8 @@ impl Upstream {
             upstream: dest.to_string(),
             reason,
         };
-        let stream = match tokio::time::timeout(self.connect_timeout, self.dialer.dial(dest)).await {
+        let stream = match tokio::time::timeout(self.connect_timeout, self.dialer.dial(dest)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Err(_) => {
@@ -241,7 +242,9 @@ impl Dialer {
         let mut last = None;
         for addr in tokio::net::lookup_host(dest.as_str()).await? {
             let socket = match &self.netns {
-                Some(ns) => tokio::net::TcpSocket::from_std_stream(ns.socket_for(addr).await?.into()),
+                Some(ns) => {
+                    tokio::net::TcpSocket::from_std_stream(ns.socket_for(addr).await?.into())
+                }
                 None if addr.is_ipv4() => tokio::net::TcpSocket::new_v4()?,
                 None => tokio::net::TcpSocket::new_v6()?,
             };

@@ -513,7 +513,11 @@ mod tests {
         let arrived = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let r = UsageRecord {
             request_id: "kgw-x-1".into(),
-            workload: std::sync::Arc::new(crate::record::Identity { namespace: "ns".into(), pod: "pod".into(), ..Default::default() }),
+            workload: std::sync::Arc::new(crate::record::Identity {
+                namespace: "ns".into(),
+                pod: "pod".into(),
+                ..Default::default()
+            }),
             started_at: arrived,
             peer: "10.0.0.7:41000".parse().unwrap(),
             destination: "10.0.0.9:11434".into(),

@@ -9,7 +9,11 @@ use crate::record::TokenSource;
 fn record(outcome: Outcome, rules: &[&str]) -> UsageRecord {
     UsageRecord {
         request_id: "kgw-x-1".into(),
-        workload: std::sync::Arc::new(crate::record::Identity { namespace: "ns".into(), pod: "pod".into(), ..Default::default() }),
+        workload: std::sync::Arc::new(crate::record::Identity {
+            namespace: "ns".into(),
+            pod: "pod".into(),
+            ..Default::default()
+        }),
         started_at: std::time::SystemTime::UNIX_EPOCH,
         peer: "10.0.0.7:41000".parse().unwrap(),
         destination: "10.0.0.9:11434".into(),
