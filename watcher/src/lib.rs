@@ -6,9 +6,13 @@
 
 pub mod annotations;
 pub mod config;
+pub mod events;
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod mock_api;
 pub mod resolve;
+mod run;
 pub mod selector;
 pub mod sources;
 
@@ -21,6 +25,8 @@ use kube::Resource;
 use kube_gateway_policy::Policy;
 
 pub use config::{WatcherConfig, DEFAULT_DEBOUNCE, REPORTING_CONTROLLER};
+pub use events::{EventError, PodEvents, Reporter};
+pub use run::{run, WatcherError};
 
 /// Who a workload is: the identity every usage row, metric label and log line of its
 /// traffic carries.
