@@ -116,6 +116,8 @@ pub fn choose<'a>(pod: &Pod, sources: &'a Sources) -> Option<&'a PolicySource> {
 #[derive(Debug, Default)]
 pub struct Finals {
     memo: HashMap<(String, String), Arc<Policy>>,
+    /// The policy of pods without any source: one, shared.
+    empty: Arc<Policy>,
 }
 
 impl Finals {
@@ -132,7 +134,7 @@ impl Finals {
         used: &mut HashSet<(String, String)>,
     ) -> Arc<Policy> {
         let Some(model) = model else {
-            return source.map_or_else(|| Arc::new(Policy::default()), |s| s.policy.clone());
+            return source.map_or_else(|| self.empty.clone(), |s| s.policy.clone());
         };
         let version = source.map_or(String::new(), |s| {
             format!("{}@{}", s.uid, s.resource_version)
@@ -149,7 +151,7 @@ impl Finals {
             Some(s) => load(&s.text).ok(),
         };
         let (Some(mut policy), Ok(fallback)) = (base, ModelRewrite::everything_to(model)) else {
-            return source.map_or_else(|| Arc::new(Policy::default()), |s| s.policy.clone());
+            return source.map_or_else(|| self.empty.clone(), |s| s.policy.clone());
         };
         policy.models.rewrite = std::mem::take(&mut policy.models.rewrite).then(&fallback);
         let policy = Arc::new(policy);

@@ -259,6 +259,16 @@ fn unchanged_pods_keep_the_same_compiled_policy() {
     let mut finals = Finals::new();
     let first = desired(&pods, NODE, &s, |_| true, &mut finals);
     let second = desired(&pods, NODE, &s, |_| true, &mut finals);
+    let bare = [ai_pod("chat", "c", &[])];
+    let none = Sources::new();
+    let (x, y) = (
+        desired(&bare, NODE, &none, |_| true, &mut finals),
+        desired(&bare, NODE, &none, |_| true, &mut finals),
+    );
+    assert!(
+        Arc::ptr_eq(&x["uid-c"].policy, &y["uid-c"].policy),
+        "one empty policy"
+    );
     for uid in ["uid-a", "uid-b"] {
         assert!(
             Arc::ptr_eq(&first[uid].policy, &second[uid].policy),

@@ -214,7 +214,15 @@ impl State {
             if !first && resolve::same_set(current, &desired) {
                 return false;
             }
-            *current = Arc::new(desired);
+            // Workloads that did not change stay the same `Arc`s, for cheap comparisons.
+            let next = desired
+                .into_iter()
+                .map(|(uid, w)| match current.get(&uid) {
+                    Some(old) if old.same_as(&w) => (uid, old.clone()),
+                    _ => (uid, w),
+                })
+                .collect();
+            *current = Arc::new(next);
             true
         });
         if changed {

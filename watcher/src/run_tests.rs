@@ -258,6 +258,7 @@ async fn run_publishes_annotated_pods_and_follows_their_annotation() {
             ["bot"],
             "annotated in, not annotated out"
         );
+        let bot = rx.borrow()["uid-bot"].clone();
         until("the pod watch is open", || fake.watching(PODS)).await;
 
         // A change that alters nothing served publishes nothing.
@@ -276,6 +277,10 @@ async fn run_publishes_annotated_pods_and_follows_their_annotation() {
             pod_json("chat", "plain", "10.0.0.8", &[(AI, "true")], &[]),
         );
         assert_eq!(next_set(&mut rx).await, ["bot", "plain"]);
+        assert!(
+            Arc::ptr_eq(&bot, &rx.borrow()["uid-bot"]),
+            "an unchanged workload is kept"
+        );
         fake.push(
             PODS,
             "ADDED",
