@@ -38,6 +38,6 @@ cargo +nightly clippy --quiet -p kube-gateway-bpf-ebpf --target bpfel-unknown-no
 cargo build "${host[@]}" --all-targets --quiet
 cargo test "${host[@]}"
 
-python_venv "openai, ollama, pytest"
+python_venv "openai, ollama, pytest, kubernetes"
 # -rs prints why a privileged test skipped (never in CI: there they must run).
-"$python" -m pytest -q -rs -p no:cacheprovider tests/e2e
+"$python" -m pytest -q -rs -p no:cacheprovider tests/e2e tests/k8s

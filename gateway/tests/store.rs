@@ -13,9 +13,9 @@ mod common;
 use common::postgres_url;
 use std::time::{Duration, SystemTime};
 
+use kube_gateway::record::Identity;
 use kube_gateway::store::spool::Spool;
 use kube_gateway::store::writer::{self, WriterConfig};
-use kube_gateway::record::Identity;
 use kube_gateway::store::{Store, StoreUrl, UsageRow};
 use kube_gateway::{Outcome, TokenSource, UsageRecord};
 
@@ -126,14 +126,12 @@ async fn exercise(url: StoreUrl) {
     drop(store2);
     let rows: Vec<UsageRow> = (0..20)
         .map(|i| {
-            UsageRow::new(
-                &record(
-                    i,
-                    if i % 2 == 0 { "gemma2:2b" } else { "qwen2.5" },
-                    10 + i,
-                    5,
-                ),
-            )
+            UsageRow::new(&record(
+                i,
+                if i % 2 == 0 { "gemma2:2b" } else { "qwen2.5" },
+                10 + i,
+                5,
+            ))
         })
         .collect();
     assert_eq!(store.write(&rows).await.unwrap(), 20);

@@ -1,14 +1,21 @@
 //! Loads kube-gateway's eBPF capture (built from `bpf/ebpf` and embedded here) and
-//! attaches it: the connect and sockops hooks to the workload's cgroup, the getsockopt
-//! hook to the gateway's own. Dropping the [`Capture`] detaches everything.
+//! attaches it: the getsockopt hook to the gateway's own cgroup once, the connect and
+//! sockops hooks to each workload's cgroup. One loaded capture serves many workloads
+//! (a node agent's pods): their records are keyed by network-namespace cookie, and every
+//! workload's connects go to the same listener address, which each workload's own
+//! network namespace has. Dropping the [`Capture`] detaches everything;
+//! [`Capture::detach_workload`] one workload.
 
 mod cgroup;
 mod filter;
 
+use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 
 use aya::maps::Array;
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::sock_ops::SockOpsLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::Ebpf;
 use kube_gateway_bpf_common::Config;
@@ -48,7 +55,18 @@ pub enum CaptureError {
     Map(&'static str, String),
 }
 
-/// What to capture and where.
+/// What to capture and where to send it, for every workload a capture serves.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The gateway's own cgroup: its accepted sockets answer `SO_ORIGINAL_DST`.
+    pub gateway_cgroup: PathBuf,
+    /// The listener address connects go to (in each workload's network namespace;
+    /// IPv4, IPv6 connects go to its v4-mapped address).
+    pub gateway: SocketAddrV4,
+    pub filter: CaptureFilter,
+}
+
+/// What to capture and where, for one workload.
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {
     /// The workload's cgroup (v2 directory): its connects are redirected.
@@ -60,14 +78,25 @@ pub struct CaptureConfig {
     pub filter: CaptureFilter,
 }
 
-/// The attached capture. Dropping it detaches every program.
+/// The hooks attached to one workload's cgroup: dropping them detaches them.
+struct WorkloadHooks {
+    _connect: Vec<CgroupSockAddrLink>,
+    _sockops: SockOpsLink,
+}
+
+/// The loaded capture and the workloads it is attached to. Dropping it detaches every
+/// program.
 pub struct Capture {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    root: PathBuf,
+    workloads: HashMap<PathBuf, WorkloadHooks>,
 }
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").finish_non_exhaustive()
+        f.debug_struct("Capture")
+            .field("workloads", &self.workloads.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,11 +124,27 @@ fn program<'a>(
         .ok_or_else(|| CaptureError::Map(name, "program missing".into()))
 }
 
+fn attach_err(
+    program: &'static str,
+    cgroup: &Path,
+) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
+    let cgroup = cgroup.to_owned();
+    move |e| CaptureError::Attach {
+        program,
+        cgroup: cgroup.clone(),
+        source: Box::new(e),
+    }
+}
+
+// aya attaches through BPF links where the kernel has them, and cgroup links already
+// stack with other programs; their create call refuses the multi flag.
+const MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 impl Capture {
-    /// Loads the programs, writes the configuration, attaches.
-    pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+    /// Loads the programs, writes the configuration, attaches the getsockopt hook to
+    /// the gateway's cgroup. No workload is captured yet.
+    pub fn load(cfg: &LoadConfig) -> Result<Self, CaptureError> {
         let root = cgroup_v2_root()?;
-        let workload = open_cgroup(&cfg.workload_cgroup, &root)?;
         let gateway = open_cgroup(&cfg.gateway_cgroup, &root)?;
         let config: Config = cfg.filter.config(cfg.gateway)?;
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
@@ -119,41 +164,88 @@ impl Capture {
                 .set(0, config, 0)
                 .map_err(|e| CaptureError::Map("CONFIG", e.to_string()))?;
         }
-        let attach_err = |program: &'static str, cgroup: &Path| {
-            let cgroup = cgroup.to_owned();
-            move |e: aya::programs::ProgramError| CaptureError::Attach {
-                program,
-                cgroup: cgroup.clone(),
-                source: Box::new(e),
-            }
-        };
-        // aya attaches through BPF links where the kernel has them, and cgroup links
-        // already stack with other programs; their create call refuses the multi flag.
-        let mode = CgroupAttachMode::Single;
         for name in ["connect4", "connect6"] {
-            let err = attach_err(name, &cfg.workload_cgroup);
+            let err = attach_err(name, &cfg.gateway_cgroup);
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into().map_err(&err)?;
             p.load().map_err(&err)?;
-            p.attach(&workload, mode).map_err(&err)?;
         }
-        let err = attach_err("kgw_sockops", &cfg.workload_cgroup);
+        let err = attach_err("kgw_sockops", &cfg.gateway_cgroup);
         let p: &mut SockOps = program(&mut ebpf, "kgw_sockops")?
             .try_into()
             .map_err(&err)?;
         p.load().map_err(&err)?;
-        p.attach(&workload, mode).map_err(&err)?;
         let err = attach_err("kgw_getsockopt", &cfg.gateway_cgroup);
         let p: &mut CgroupSockopt = program(&mut ebpf, "kgw_getsockopt")?
             .try_into()
             .map_err(&err)?;
         p.load().map_err(&err)?;
-        p.attach(&gateway, mode).map_err(&err)?;
+        p.attach(&gateway, MODE).map_err(&err)?;
         tracing::info!(
-            workload = %cfg.workload_cgroup.display(),
             gateway_cgroup = %cfg.gateway_cgroup.display(),
             listener = %cfg.gateway,
-            "eBPF capture attached"
+            "eBPF capture loaded"
         );
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self {
+            ebpf,
+            root,
+            workloads: HashMap::new(),
+        })
+    }
+
+    /// Loads the programs and attaches them to one workload (`kube-gateway run
+    /// --cgroup`).
+    pub fn attach(cfg: &CaptureConfig) -> Result<Self, CaptureError> {
+        let mut capture = Self::load(&LoadConfig {
+            gateway_cgroup: cfg.gateway_cgroup.clone(),
+            gateway: cfg.gateway,
+            filter: cfg.filter.clone(),
+        })?;
+        capture.attach_workload(&cfg.workload_cgroup)?;
+        Ok(capture)
+    }
+
+    /// Captures the connects of a workload's cgroup. Attaching a cgroup already
+    /// attached changes nothing (never two sets of hooks on one cgroup).
+    pub fn attach_workload(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
+        if self.workloads.contains_key(cgroup) {
+            return Ok(());
+        }
+        let fd = open_cgroup(cgroup, &self.root)?;
+        let mut connect = Vec::with_capacity(2);
+        for name in ["connect4", "connect6"] {
+            let err = attach_err(name, cgroup);
+            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into().map_err(&err)?;
+            let id = p.attach(&fd, MODE).map_err(&err)?;
+            connect.push(p.take_link(id).map_err(&err)?);
+        }
+        let err = attach_err("kgw_sockops", cgroup);
+        let p: &mut SockOps = program(&mut self.ebpf, "kgw_sockops")?
+            .try_into()
+            .map_err(&err)?;
+        let id = p.attach(&fd, MODE).map_err(&err)?;
+        let sockops = p.take_link(id).map_err(&err)?;
+        self.workloads.insert(
+            cgroup.to_owned(),
+            WorkloadHooks {
+                _connect: connect,
+                _sockops: sockops,
+            },
+        );
+        tracing::info!(workload = %cgroup.display(), "eBPF capture attached");
+        Ok(())
+    }
+
+    /// Stops capturing a workload's cgroup; `false` when it was not attached.
+    pub fn detach_workload(&mut self, cgroup: &Path) -> bool {
+        let found = self.workloads.remove(cgroup).is_some();
+        if found {
+            tracing::info!(workload = %cgroup.display(), "eBPF capture detached");
+        }
+        found
+    }
+
+    /// The cgroups captured now.
+    pub fn workloads(&self) -> impl Iterator<Item = &Path> {
+        self.workloads.keys().map(PathBuf::as_path)
     }
 }

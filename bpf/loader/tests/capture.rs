@@ -12,7 +12,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kube_gateway_bpf::{cgroup_of, cgroup_v2_root, Capture, CaptureConfig, CaptureFilter};
+use kube_gateway_bpf::{
+    cgroup_of, cgroup_v2_root, Capture, CaptureConfig, CaptureFilter, LoadConfig,
+};
+
+/// One test at a time: each moves this process into a gateway cgroup of its own, and a
+/// listener belongs to the cgroup its process was in when it was made.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn privileged() -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -37,11 +47,11 @@ struct Cgroups {
 }
 
 impl Cgroups {
-    fn new() -> Self {
+    fn new(tag: &str) -> Self {
         let base = cgroup_v2_root()
             .unwrap()
-            .join(format!("kgw-test-{}", std::process::id()));
-        for d in ["workload", "gateway"] {
+            .join(format!("kgw-test-{}-{tag}", std::process::id()));
+        for d in ["workload", "gateway", "other"] {
             std::fs::create_dir_all(base.join(d)).unwrap();
         }
         let home = cgroup_of(None).unwrap();
@@ -61,7 +71,7 @@ impl Drop for Cgroups {
             self.home.join("cgroup.procs"),
             std::process::id().to_string(),
         );
-        for d in ["workload", "gateway", ""] {
+        for d in ["workload", "gateway", "other", ""] {
             let _ = std::fs::remove_dir(self.base.join(d));
         }
     }
@@ -108,7 +118,8 @@ fn connects_in_the_cgroup_land_on_the_gateway_with_their_original_destination() 
     if !privileged() {
         return;
     }
-    let cg = Cgroups::new();
+    let _serial = serial();
+    let cg = Cgroups::new("one");
     // This process is the gateway: its listener, created in its cgroup, answers.
     Cgroups::enter(&cg.dir("gateway"), std::process::id());
     let gateway = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -175,6 +186,7 @@ fn the_node_root_cgroup_is_refused() {
     if !privileged() {
         return;
     }
+    let _serial = serial();
     let root = cgroup_v2_root().unwrap();
     let err = Capture::attach(&CaptureConfig {
         workload_cgroup: root.clone(),
@@ -184,4 +196,67 @@ fn the_node_root_cgroup_is_refused() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("root cgroup"), "{err}");
+}
+
+/// The programs attached to a cgroup, as bpftool lists them (its own, not inherited).
+fn programs_on(cgroup: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool (Debian package bpftool)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .count()
+}
+
+#[test]
+fn one_capture_serves_several_workloads_and_detaches_each_alone() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    // A node agent's shape: one loaded capture, pods attached and detached one by one.
+    let cg = Cgroups::new("multi");
+    Cgroups::enter(&cg.dir("gateway"), std::process::id());
+    let gateway = TcpListener::bind("127.0.0.1:0").unwrap();
+    let SocketAddr::V4(gw_addr) = gateway.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut capture = Capture::load(&LoadConfig {
+        gateway_cgroup: cg.dir("gateway"),
+        gateway: gw_addr,
+        filter: CaptureFilter::default(),
+    })
+    .expect("capture loaded");
+    let (a, b) = (cg.dir("workload"), cg.dir("other"));
+    capture.attach_workload(&a).unwrap();
+    capture.attach_workload(&b).unwrap();
+    // Attaching again is a no-op: never two sets of hooks on one cgroup.
+    capture.attach_workload(&b).unwrap();
+    assert_eq!(programs_on(&b), 3, "connect4, connect6, sockops once");
+    for dir in [&a, &b] {
+        let mut c = client(Some(dir), "10.213.7.10:11434");
+        let (_s, orig) = accept_one(&gateway);
+        assert_eq!(orig, "10.213.7.10:11434".parse().unwrap());
+        assert!(c.wait().unwrap().success());
+    }
+    assert!(capture.detach_workload(&a));
+    assert!(!capture.detach_workload(&a), "already detached");
+    assert_eq!(programs_on(&a), 0);
+    assert_eq!(programs_on(&b), 3);
+    // b is still captured.
+    let mut c = client(Some(&b), "10.213.7.11:11434");
+    let (_s, orig) = accept_one(&gateway);
+    assert_eq!(orig, "10.213.7.11:11434".parse().unwrap());
+    assert!(c.wait().unwrap().success());
+    drop(capture);
+    assert_eq!(programs_on(&b), 0, "nothing left behind");
 }
