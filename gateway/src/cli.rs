@@ -34,6 +34,8 @@ pub mod env {
     pub const POD_NAME: &str = "POD_NAME";
     pub const CONTAINER_NAME: &str = "CONTAINER_NAME";
     pub const SERVICE_ACCOUNT: &str = "POD_SERVICE_ACCOUNT";
+    pub const NODE_NAME: &str = "NODE_NAME";
+    pub const HOST_CGROUP_ROOT: &str = "HOST_CGROUP_ROOT";
     pub const CAPTURE_CGROUP: &str = "CAPTURE_CGROUP";
     pub const GATEWAY_CGROUP: &str = "GATEWAY_CGROUP";
     pub const CAPTURE_CIDRS: &str = "CAPTURE_CIDRS";
@@ -65,6 +67,9 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Print usage by namespace, pod and model from the usage store.
     Usage(UsageArgs),
+    /// The node agent (a DaemonSet): serve every pod of this node annotated
+    /// kube-gateway.io/ai=true, each with its own identity and policy.
+    Node(Box<NodeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +89,20 @@ pub struct UsageArgs {
     /// Also print the state of this policy's budgets (used, limit, reset time).
     #[arg(long, env = env::POLICY)]
     pub policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Everything `run` takes; --listen is the address each pod's listener binds inside
+    /// the pod's network namespace. --upstream, --cgroup and --model do not apply.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// This node's name (the downward API's spec.nodeName): only its pods are served.
+    #[arg(long, env = env::NODE_NAME)]
+    pub node_name: String,
+    /// The host's cgroup v2 tree, where the kubelet puts pods.
+    #[arg(long, env = env::HOST_CGROUP_ROOT, default_value = "/sys/fs/cgroup")]
+    pub host_cgroup_root: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +198,10 @@ pub struct RunArgs {
 pub enum ConfigError {
     #[error(transparent)]
     Upstream(#[from] BadDestination),
+    #[error("kube-gateway node: {0} does not apply (each pod's connections go to their original destination, its policy comes from its annotations and ConfigMaps)")]
+    NotForNode(&'static str),
+    #[error("kube-gateway node: --node-name (NODE_NAME) is required")]
+    NoNodeName,
     #[error("--model: {0}")]
     Model(#[from] ModelRewriteError),
     #[error("--body-limit must be at least 1 byte")]
@@ -265,6 +288,55 @@ impl TryFrom<RunArgs> for Config {
                 service_account: a.service_account,
             },
             capture,
+        })
+    }
+}
+
+impl TryFrom<NodeArgs> for crate::node::NodeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: NodeArgs) -> Result<Self, ConfigError> {
+        let NodeArgs {
+            run,
+            node_name,
+            host_cgroup_root,
+        } = a;
+        for (given, flag) in [
+            (run.upstream.is_some(), "--upstream"),
+            (run.cgroup.is_some(), "--cgroup"),
+            (run.model.is_some(), "--model"),
+            (run.policy.is_some(), "--policy"),
+            (run.netflush, "--netflush (annotate the pod instead)"),
+        ] {
+            if given {
+                return Err(ConfigError::NotForNode(flag));
+            }
+        }
+        if node_name.is_empty() {
+            return Err(ConfigError::NoNodeName);
+        }
+        if !run.listen.is_ipv4() {
+            return Err(ConfigError::CaptureListen);
+        }
+        let filter = kube_gateway_bpf::CaptureFilter {
+            cidrs: run.capture_cidr.clone(),
+            ports: run.capture_port.clone(),
+            skip_ports: [Some(run.listen.port()), run.admin.map(|x| x.port())]
+                .into_iter()
+                .flatten()
+                .collect(),
+            include_local: run.capture_local,
+        };
+        let gateway_cgroup = run.gateway_cgroup.clone();
+        let mut base = Config::try_from(run)?;
+        // The pods' traffic is captured: the agent's upstream sockets carry the mark.
+        base.limits.upstream_mark = Some(kube_gateway_bpf::GATEWAY_MARK);
+        Ok(crate::node::NodeConfig {
+            base,
+            node_name,
+            cgroup_root: host_cgroup_root,
+            gateway_cgroup,
+            filter,
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod logging;
 pub mod meter;
 pub mod netflush;
 pub mod netns;
+pub mod node;
 pub mod orig_dst;
 pub mod policy;
 pub mod record;

@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let to = match cli.command {
-        Command::Run(_) => kube_gateway::logging::LogTo::Stdout,
+        Command::Run(_) | Command::Node(_) => kube_gateway::logging::LogTo::Stdout,
         _ => kube_gateway::logging::LogTo::Stderr,
     };
     let _log = kube_gateway::logging::init(cli.log_format, to);
@@ -27,6 +27,11 @@ fn main() -> anyhow::Result<()> {
             kube_gateway::runtime::serve(config, threads, shutdown_signal())?;
         }
         Command::Usage(args) => usage(args)?,
+        Command::Node(args) => {
+            let config =
+                kube_gateway::node::NodeConfig::try_from(*args).context("invalid configuration")?;
+            kube_gateway::node::serve(config, shutdown_signal())?;
+        }
         Command::Policy(PolicyCommand::Check { file }) => {
             use std::io::Write as _;
             match kube_gateway::policy::load_file(&file) {

@@ -91,6 +91,27 @@ impl PolicyStore {
         self.info.load_full()
     }
 
+    /// A store of a policy compiled and resolved elsewhere (a pod's, from the watcher:
+    /// final as it is, no fallback to add), shared rather than copied.
+    pub fn resolved(policy: Arc<Policy>, source: String) -> Self {
+        let store = Self::new(Policy::default(), None, ModelRewrite::default());
+        store.install_resolved(policy, source);
+        store
+    }
+
+    /// Puts a resolved policy (see [`PolicyStore::resolved`]) in force for every request
+    /// that starts from now on.
+    pub fn install_resolved(&self, policy: Arc<Policy>, source: String) {
+        let info = PolicyInfo {
+            hash: policy.hash.clone(),
+            loaded_at: SystemTime::now(),
+            source: Some(PathBuf::from(source)),
+            format: format_name(&policy),
+        };
+        self.current.store(policy);
+        self.info.store(Arc::new(info));
+    }
+
     /// Puts `policy` in force for every request that starts from now on.
     pub fn install(&self, policy: Policy) {
         let source = self.info().source.clone();

@@ -263,3 +263,22 @@ where
         Ok(())
     })
 }
+
+/// The end of a gateway's shared parts, on the runtime they were started on (node mode):
+/// leases given back, every record finished, every row stored or spooled, spans sent.
+pub async fn finish(shared: &Shared) {
+    shared.ledger().release().await;
+    if let Some(r) = shared.take_recorder() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), r).await;
+    }
+    if let Some(w) = shared.take_writer() {
+        if tokio::time::timeout(std::time::Duration::from_secs(30), w)
+            .await
+            .is_err()
+        {
+            tracing::error!("usage writer did not finish in 30 s; unwritten rows may be lost");
+        }
+    }
+    let telemetry = shared.telemetry().clone();
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+}

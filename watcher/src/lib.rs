@@ -24,8 +24,10 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Resource;
 use kube_gateway_policy::Policy;
 
+// The client the agent builds and hands in: the same kube the watcher was built with.
 pub use config::{WatcherConfig, DEFAULT_DEBOUNCE, REPORTING_CONTROLLER};
 pub use events::{EventError, PodEvents, Reporter};
+pub use kube;
 pub use run::{run, WatcherError};
 
 /// Who a workload is: the identity every usage row, metric label and log line of its
