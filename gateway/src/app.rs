@@ -122,6 +122,7 @@ impl Shared {
             policy: policy.clone(),
             ledger: ledger.clone(),
             store: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
+            attached_pods: Arc::default(),
         };
         let otel = Otel::from_env(
             &config.identity.namespace,

@@ -3,7 +3,7 @@
 //! from it, and it answers telemetry's gauges (so telemetry imports neither the ledger
 //! nor the store).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::WeakSender;
@@ -22,6 +22,8 @@ pub struct Live {
     /// Weak: the writer ends (at shutdown) when the last sender is gone, and a reader of
     /// gauges must not be one.
     pub store: Option<(Arc<WriterStats>, WeakSender<Arc<UsageRecord>>)>,
+    /// Pods the node agent serves now (`kube-gateway node`; 0 in `run`).
+    pub attached_pods: Arc<AtomicUsize>,
 }
 
 impl Live {
@@ -36,6 +38,10 @@ impl Live {
 impl Gauges for Live {
     fn budgets(&self) -> Vec<BudgetReading> {
         self.ledger.gauges(&self.policy.current().budgets)
+    }
+
+    fn attached_pods(&self) -> usize {
+        self.attached_pods.load(Ordering::Relaxed)
     }
 
     /// Records waiting for the writer, and rows spooled and not yet replayed.

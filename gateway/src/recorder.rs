@@ -227,6 +227,9 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
     tracing::info!(
         target: "access",
         request_id = %r.request_id,
+        namespace = %r.workload.namespace,
+        pod = %r.workload.pod,
+        service_account = %r.workload.service_account,
         api = r.api_name(),
         endpoint = r.endpoint_name(),
         method = %r.method,

@@ -10,6 +10,7 @@ Needs root, `ip` and `bpftool`: CI has them; elsewhere the test skips, saying wh
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -264,6 +265,13 @@ def test_annotate_attach_policy_and_detach_on_a_simulated_node(node):
     assert node.call("chat-b")["model"] == ASKED, "the other pod is untouched"
     assert node.programs_on("chat-a") == 3 and node.programs_on("chat-b") == 0
     until("GatewayAttached", lambda: "GatewayAttached" in event_reasons(node, "chat-a"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert re.search(r"^kube_gateway_attached_pods\{[^}]*\} 1$", metrics, re.M), metrics
+    access = [json.loads(line) for line in node.agent_log.read_text().splitlines()
+              if '"message":"request"' in line]
+    assert access and all(a["pod"] == "chat-a" and a["namespace"] == NAMESPACE
+                          and a["service_account"] == "sa-chat-a" for a in access), access[-1:]
 
     # A policy ConfigMap selecting chat-a: its next request obeys it.
     node.api.put(policy_configmap("guard", "apiVersion: kube-gateway.io/v1alpha1\n"

@@ -152,6 +152,7 @@ where
                 }
                 let set = desired.borrow_and_update().clone();
                 let pass = reconciler.reconcile(&set).await;
+                shared.live.attached_pods.store(reconciler.attached().len(), Ordering::Relaxed);
                 report(&events, &pass).await;
                 // Ready once the first set (the watcher's caches are synced) is served.
                 shared.ready.store(true, Ordering::Release);

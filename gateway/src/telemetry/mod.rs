@@ -28,6 +28,8 @@ pub trait Gauges: Send + Sync {
     /// Records waiting for the store writer, and rows spooled and not yet replayed;
     /// `None` without a store.
     fn store(&self) -> Option<(usize, usize)>;
+    /// Pods the node agent serves now.
+    fn attached_pods(&self) -> usize;
 }
 
 /// The series handles and OTLP attributes of one kind of request, resolved once.

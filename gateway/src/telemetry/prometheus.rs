@@ -117,6 +117,7 @@ pub(super) struct Prometheus {
     captured: Family<Pod, Counter>,
     netflushed: Family<Pod, Counter<u64, AtomicU64>>,
     records_dropped: Family<Pod, Counter>,
+    attached_pods: Family<Pod, Gauge>,
 }
 
 /// The convention's advised buckets (shared with the OTLP instruments).
@@ -169,6 +170,7 @@ impl Prometheus {
             captured: Family::default(),
             netflushed: Family::default(),
             records_dropped: Family::default(),
+            attached_pods: Family::default(),
             registry: Registry::default(),
         };
         // First in the exposition, and counted last by `record`: a scrape that counts a
@@ -242,6 +244,11 @@ impl Prometheus {
             "kube_gateway_netflush_destroyed",
             "Workload connections destroyed by netflush so they reconnect through the gateway",
             m.netflushed.clone(),
+        );
+        registry.register(
+            "kube_gateway_attached_pods",
+            "Pods the node agent serves now (kube-gateway node)",
+            m.attached_pods.clone(),
         );
         registry.register(
             "kube_gateway_usage_records_dropped",
@@ -354,6 +361,9 @@ impl Prometheus {
         for (budget, scope, measure, used, limit) in live.budgets() {
             self.budget(&budget, &scope, measure, used, limit);
         }
+        self.attached_pods
+            .get_or_create(&self.who)
+            .set(i64::try_from(live.attached_pods()).unwrap_or(i64::MAX));
         if let Some((depth, spooled)) = live.store() {
             self.store_state(depth, spooled);
         }
