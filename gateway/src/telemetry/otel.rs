@@ -47,6 +47,8 @@ pub struct OtelError(String);
 
 /// The span and metric exporters of this gateway.
 pub struct Otel {
+    /// The namespace and pod on the resource (`run`: the one it serves; `node`: none).
+    resource_pod: (String, String),
     /// Spans, unless `OTEL_TRACES_EXPORTER=none`.
     traces: Option<Traces>,
     /// Metrics, unless `OTEL_METRICS_EXPORTER=none`.
@@ -292,7 +294,11 @@ impl Otel {
             metrics = metrics_on,
             "OpenTelemetry: export over OTLP/HTTP (one span per LLM request; the metrics)"
         );
-        Ok(Some(Self { traces, metrics }))
+        Ok(Some(Self {
+            resource_pod: (namespace.to_owned(), pod.to_owned()),
+            traces,
+            metrics,
+        }))
     }
 
     /// The attribute sets of one kind of request, built once: the metrics' recorder keeps
@@ -318,7 +324,21 @@ impl Otel {
                 KeyValue::new("gen_ai.response.model", text(response)),
             ]
         };
-        let metric = genai(&labels.used, &labels.response);
+        // A record of another pod than the resource's (the node agent serves many) names
+        // its pod on every series and span; the resource's own pod is not repeated.
+        let w = &r.workload;
+        let who: Vec<KeyValue> = if (w.namespace.as_str(), w.pod.as_str())
+            == (self.resource_pod.0.as_str(), self.resource_pod.1.as_str())
+        {
+            Vec::new()
+        } else {
+            vec![
+                KeyValue::new("k8s.namespace.name", text(&w.namespace)),
+                KeyValue::new("k8s.pod.name", text(&w.pod)),
+            ]
+        };
+        let mut metric = genai(&labels.used, &labels.response);
+        metric.extend(who.iter().cloned());
         let with_type = |kind: &'static str| {
             let mut a = metric.clone();
             a.push(KeyValue::new("gen_ai.token.type", kind));
@@ -331,6 +351,7 @@ impl Otel {
         if r.response_model.is_none() {
             span.pop();
         }
+        span.extend(who.iter().cloned());
         // Not `labels.rewrite` on purpose: that counts a change *to* a model (from ""
         // when the request named none); the span names the model asked for whenever one
         // was and the model used differs.
@@ -341,15 +362,21 @@ impl Otel {
             ));
         }
         SeriesAttributes {
-            requests: vec![
+            requests: [
                 KeyValue::new("outcome", r.outcome.as_str()),
                 KeyValue::new("gen_ai.request.model", text(&labels.requested)),
-            ],
+            ]
+            .into_iter()
+            .chain(who.iter().cloned())
+            .collect(),
             rewrite: labels.rewrite.then(|| {
-                vec![
+                [
                     KeyValue::new("from", text(&labels.requested)),
                     KeyValue::new("to", text(&labels.used)),
                 ]
+                .into_iter()
+                .chain(who.iter().cloned())
+                .collect()
             }),
             input: with_type("input"),
             output: with_type("output"),
@@ -558,5 +585,72 @@ mod tests {
         assert!(!exporter_choice(v, Some("none")).unwrap());
         let e = exporter_choice(v, Some("jaeger")).unwrap_err().to_string();
         assert!(e.contains("OTEL_TRACES_EXPORTER=jaeger"), "{e}");
+    }
+
+    #[test]
+    fn another_pods_series_name_the_pod_and_the_resources_own_do_not() {
+        let otel = super::Otel {
+            resource_pod: ("team-a".into(), "app-1".into()),
+            traces: None,
+            metrics: None,
+        };
+        let labels = crate::telemetry::ModelLabels {
+            requested: "m".into(),
+            used: "m".into(),
+            response: "m".into(),
+            rewrite: false,
+        };
+        let record = |ns: &str, pod: &str| UsageRecord {
+            request_id: "kgw-x-1".into(),
+            workload: std::sync::Arc::new(crate::record::Identity {
+                namespace: ns.into(),
+                pod: pod.into(),
+                ..Default::default()
+            }),
+            started_at: SystemTime::UNIX_EPOCH,
+            peer: "10.0.0.7:41000".parse().unwrap(),
+            destination: "10.0.0.9:11434".into(),
+            endpoint: Some(crate::api::Endpoint::Chat),
+            method: "POST".into(),
+            path: "/api/chat".into(),
+            requested_model: Some("m".into()),
+            used_model: Some("m".into()),
+            response_model: Some("m".into()),
+            status: 200,
+            outcome: Outcome::Allowed,
+            input_tokens: 1,
+            input_source: TokenSource::Provider,
+            output_tokens: 1,
+            output_source: TokenSource::Provider,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            finish_reason: None,
+            streamed: false,
+            latency: Duration::from_millis(1),
+            first_chunk: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            error: None,
+            rules: vec![],
+        };
+        let keys = |a: &super::SeriesAttributes| -> Vec<String> {
+            a.requests.iter().map(|kv| kv.key.to_string()).collect()
+        };
+        let own = otel.attributes(
+            &record("team-a", "app-1"),
+            crate::api::Endpoint::Chat,
+            &labels,
+        );
+        assert!(!keys(&own).contains(&"k8s.pod.name".to_owned()));
+        let other = otel.attributes(
+            &record("team-b", "chat-7"),
+            crate::api::Endpoint::Chat,
+            &labels,
+        );
+        assert!(keys(&other).contains(&"k8s.pod.name".to_owned()));
+        assert!(other
+            .genai
+            .iter()
+            .any(|kv| kv.key.as_str() == "k8s.namespace.name" && kv.value.as_str() == "team-b"));
     }
 }
