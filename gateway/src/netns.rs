@@ -78,13 +78,8 @@ impl NetNs {
     /// A listening socket bound to `addr` inside the namespace (non-blocking).
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         self.run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
+            let socket = tcp_socket(addr)?;
             socket.set_reuse_address(true)?;
-            socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
             socket.listen(1024)?;
             Ok(socket.into())
@@ -95,15 +90,17 @@ impl NetNs {
     /// A TCP socket for a connection to `addr`, made inside the namespace
     /// (non-blocking, not connected).
     pub async fn socket_for(&self, addr: SocketAddr) -> io::Result<socket2::Socket> {
-        self.run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .await
+        self.run(move || tcp_socket(addr)).await
     }
+}
+
+/// A non-blocking TCP socket of `addr`'s family, in the calling thread's namespace.
+fn tcp_socket(addr: SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
