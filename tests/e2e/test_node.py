@@ -311,3 +311,31 @@ def test_annotate_attach_policy_and_detach_on_a_simulated_node(node):
     until("chat-a detached", lambda: node.programs_on("chat-a") == 0)
     assert node.call("chat-a")["model"] == ASKED, "its next connection goes direct"
     until("GatewayDetached", lambda: "GatewayDetached" in event_reasons(node, "chat-a"))
+
+
+def test_a_pod_without_its_cgroup_yet_is_retried_and_a_deleted_pod_detached(node):
+    # The API says the pod runs before the kubelet made its cgroup: AttachFailed, then
+    # the agent tries again and attaches once the cgroup has a process.
+    obj = pod_object("chat-b", {"kube-gateway.io/ai": "true"})
+    obj["metadata"].update(name="chat-c", labels={"app": "chat-c"})
+    obj["metadata"].pop("uid")
+    obj["status"]["podIP"] = "10.78.2.3"
+    obj["status"]["podIPs"] = [{"ip": "10.78.2.3"}]
+    node.api.put(obj)
+    uid = node.api.get("pod", NAMESPACE, "chat-c")["metadata"]["uid"]
+    until("AttachFailed", lambda: "AttachFailed" in event_reasons(node, "chat-c"))
+    pod_cg = (node.base / "kubepods.slice" / "kubepods-besteffort.slice"
+              / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice")
+    container = pod_cg / "cri-containerd-c.scope"
+    container.mkdir(parents=True)
+    node.cgroups["chat-c"] = container
+    # Its process lives in chat-b's network namespace (unattached: the port is free).
+    node.procs.append(subprocess.Popen(
+        ["bash", "-c", f"echo $$ > {container}/cgroup.procs; "
+                       f"exec nsenter --net=/run/netns/{node.ns('chat-b')} sleep infinity"]))
+    until("chat-c attached on a retry", lambda: node.programs_on("chat-c") == 3)
+    until("GatewayAttached", lambda: "GatewayAttached" in event_reasons(node, "chat-c"))
+    # kubectl delete pod chat-c: the agent detaches and forgets it.
+    node.api.delete("pod", NAMESPACE, "chat-c")
+    until("chat-c detached", lambda: node.programs_on("chat-c") == 0)
+    until("GatewayDetached", lambda: "GatewayDetached" in event_reasons(node, "chat-c"))

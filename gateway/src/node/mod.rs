@@ -57,6 +57,10 @@ pub enum NodeError {
 /// How long the watcher's errors wait before it is started again.
 const WATCHER_RESTART: Duration = Duration::from_secs(2);
 
+/// How long a pass that could not attach every pod waits before it tries again (a pod
+/// just started may have no process in its cgroup yet).
+const RETRY: Duration = Duration::from_secs(2);
+
 /// Runs the node agent until `shutdown` completes.
 pub fn serve<F>(config: NodeConfig, shutdown: F) -> Result<(), NodeError>
 where
@@ -142,6 +146,9 @@ where
     let mut reconciler = Reconciler::new(settings, shared.clone(), capture);
     tracing::info!(node = %config.node_name, listen = %listen, "node agent started; waiting for the watcher's first set");
     tokio::pin!(shutdown);
+    // Level-triggered: a pass runs on every new set, and again while a pod of the
+    // current set could not be attached.
+    let mut retry = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
@@ -150,14 +157,19 @@ where
                     tracing::error!("the watcher is gone; stopping");
                     break;
                 }
-                let set = desired.borrow_and_update().clone();
-                let pass = reconciler.reconcile(&set).await;
-                shared.live.attached_pods.store(reconciler.attached().len(), Ordering::Relaxed);
-                report(&events, &pass).await;
-                // Ready once the first set (the watcher's caches are synced) is served.
-                shared.ready.store(true, Ordering::Release);
             }
+            () = tokio::time::sleep(RETRY), if retry => {}
         }
+        let set = desired.borrow_and_update().clone();
+        let pass = reconciler.reconcile(&set).await;
+        retry = !pass.failed.is_empty();
+        shared
+            .live
+            .attached_pods
+            .store(reconciler.attached().len(), Ordering::Relaxed);
+        report(&events, &pass).await;
+        // Ready once the first set (the watcher's caches are synced) is served.
+        shared.ready.store(true, Ordering::Release);
     }
     shared.ready.store(false, Ordering::Release);
     watcher.abort();
