@@ -94,7 +94,8 @@ pub struct UsageArgs {
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// Everything `run` takes; --listen is the address each pod's listener binds inside
-    /// the pod's network namespace. --upstream, --cgroup and --model do not apply.
+    /// the pod's network namespace. --upstream, --cgroup, --model, --policy and
+    /// --netflush do not apply (annotations and policy ConfigMaps say that per pod).
     #[command(flatten)]
     pub run: RunArgs,
     /// This node's name (the downward API's spec.nodeName): only its pods are served.
@@ -202,6 +203,8 @@ pub enum ConfigError {
     NotForNode(&'static str),
     #[error("kube-gateway node: --node-name (NODE_NAME) is required")]
     NoNodeName,
+    #[error("kube-gateway node: --listen must be an IPv4 address (each pod's IPv6 connects reach it v4-mapped)")]
+    NodeListen,
     #[error("--model: {0}")]
     Model(#[from] ModelRewriteError),
     #[error("--body-limit must be at least 1 byte")]
@@ -316,7 +319,7 @@ impl TryFrom<NodeArgs> for crate::node::NodeConfig {
             return Err(ConfigError::NoNodeName);
         }
         if !run.listen.is_ipv4() {
-            return Err(ConfigError::CaptureListen);
+            return Err(ConfigError::NodeListen);
         }
         let filter = kube_gateway_bpf::CaptureFilter {
             cidrs: run.capture_cidr.clone(),

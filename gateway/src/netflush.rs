@@ -156,18 +156,38 @@ fn cgroup_id(r: &InetResponse) -> Option<u64> {
     })
 }
 
-/// Destroys the established connections of `workload_cgroup` that `filter` captures.
+/// The ids of a cgroup and of every cgroup below it: a pod's sockets belong to its
+/// containers' cgroups, which sit below the pod's (where the hooks are attached).
+fn cgroup_ids(top: &Path) -> Result<std::collections::HashSet<u64>, NetflushError> {
+    let err = |e| NetflushError::Cgroup(top.display().to_string(), e);
+    let mut ids = std::collections::HashSet::new();
+    let mut dirs = vec![top.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        ids.insert(std::fs::metadata(&dir).map_err(err)?.ino());
+        // A cgroup removed meanwhile has no sockets left to flush.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Ok(ids)
+}
+
+/// Destroys the established connections of `workload_cgroup` (and the cgroups below
+/// it) that `filter` captures.
 pub fn flush(workload_cgroup: &Path, filter: &CaptureFilter) -> Result<Flushed, NetflushError> {
-    let id = std::fs::metadata(workload_cgroup)
-        .map_err(|e| NetflushError::Cgroup(workload_cgroup.display().to_string(), e))?
-        .ino();
+    let ids = cgroup_ids(workload_cgroup)?;
     let s = socket()?;
     let mut flushed = Flushed::default();
     for family in [AF_INET, AF_INET6] {
         for r in dump(&s, family)? {
             let sid = &r.header.socket_id;
             let dest = SocketAddr::new(sid.destination_address, sid.destination_port);
-            if cgroup_id(&r) != Some(id) || !filter.matches(dest) {
+            if !cgroup_id(&r).is_some_and(|id| ids.contains(&id)) || !filter.matches(dest) {
                 continue;
             }
             flushed.matched += 1;

@@ -339,3 +339,43 @@ def test_a_pod_without_its_cgroup_yet_is_retried_and_a_deleted_pod_detached(node
     node.api.delete("pod", NAMESPACE, "chat-c")
     until("chat-c detached", lambda: node.programs_on("chat-c") == 0)
     until("GatewayDetached", lambda: "GatewayDetached" in event_reasons(node, "chat-c"))
+
+
+HOLDER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 11434), timeout=5)
+print("connected", flush=True)
+s.settimeout(30)
+try:
+    data = s.recv(1)
+    print("closed" if not data else "data", flush=True)
+except socket.timeout:
+    print("timeout", flush=True)
+except OSError as e:
+    print("destroyed", e.errno, flush=True)
+"""
+
+
+def test_the_netflush_annotation_destroys_connections_that_predate_the_capture(node):
+    # A keep-alive client's connection, open before the pod is annotated, would bypass
+    # the gateway until it closes; netflush destroys it so the client reconnects.
+    _, _, llm_ip = PODS["chat-b"]
+    holder = subprocess.Popen(
+        ["bash", "-c", f'echo $$ > {node.cgroups["chat-b"]}/cgroup.procs; exec "$@"', "holder",
+         "nsenter", f"--net=/run/netns/{node.ns('chat-b')}", sys.executable, "-c", HOLDER, llm_ip],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "connected"
+        node.api.patch_annotations("pod", NAMESPACE, "chat-b", {
+            "kube-gateway.io/ai": "true", "kube-gateway.io/netflush": "true"})
+        until("chat-b attached", lambda: node.programs_on("chat-b") == 3)
+        out, _ = holder.communicate(timeout=20)
+        assert out.startswith("destroyed"), out
+        # The client's next connection goes through the gateway.
+        assert node.call("chat-b")["model"] == ASKED, "no ai-model: the model is kept"
+        assert "chat-b" in attached_pods(node)
+    finally:
+        holder.kill()
+        node.api.patch_annotations("pod", NAMESPACE, "chat-b", {
+            "kube-gateway.io/ai": None, "kube-gateway.io/netflush": None})
+    until("chat-b detached", lambda: node.programs_on("chat-b") == 0)
