@@ -198,6 +198,7 @@ impl Reconciler {
                 .await
             {
                 Ok(f) => {
+                    self.shared.telemetry().netflushed(f.destroyed as u64);
                     tracing::info!(pod = %w.id.name, matched = f.matched, destroyed = f.destroyed, "netflush")
                 }
                 Err(e) => tracing::warn!(pod = %w.id.name, error = %e, "netflush failed"),
