@@ -49,7 +49,7 @@ def test_the_daemonset_has_the_privileges_the_agent_needs_and_no_more():
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"],
-                                  "add": ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]}
+                                  "add": ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"]}
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert set(mounts) == set(volumes) == {"host-cgroup", "state"}
