@@ -123,6 +123,7 @@ impl Shared {
             ledger: ledger.clone(),
             store: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
             attached_pods: Arc::default(),
+            pod_policies: Arc::default(),
         };
         let otel = Otel::from_env(
             &config.identity.namespace,

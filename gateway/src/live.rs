@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use kube_gateway_policy::Policy;
 use tokio::sync::mpsc::WeakSender;
 
 use crate::budget::Ledger;
@@ -24,6 +26,9 @@ pub struct Live {
     pub store: Option<(Arc<WriterStats>, WeakSender<Arc<UsageRecord>>)>,
     /// Pods the node agent serves now (`kube-gateway node`; 0 in `run`).
     pub attached_pods: Arc<AtomicUsize>,
+    /// The policies of the pods the node agent serves (their budgets are gauged too),
+    /// swapped whole after each pass.
+    pub pod_policies: Arc<ArcSwap<Vec<Arc<Policy>>>>,
 }
 
 impl Live {
@@ -37,7 +42,14 @@ impl Live {
 
 impl Gauges for Live {
     fn budgets(&self) -> Vec<BudgetReading> {
-        self.ledger.gauges(&self.policy.current().budgets)
+        let mut readings = self.ledger.gauges(&self.policy.current().budgets);
+        for p in self.pod_policies.load().iter() {
+            readings.extend(self.ledger.gauges(&p.budgets));
+        }
+        // Pods sharing a policy (or a budget) would read it twice.
+        readings.sort();
+        readings.dedup();
+        readings
     }
 
     fn attached_pods(&self) -> usize {

@@ -276,10 +276,18 @@ def test_annotate_attach_policy_and_detach_on_a_simulated_node(node):
     # A policy ConfigMap selecting chat-a: its next request obeys it.
     node.api.put(policy_configmap("guard", "apiVersion: kube-gateway.io/v1alpha1\n"
                                   "promptRules:\n  - name: no-secrets\n"
-                                  "    match: { literals: [launch codes] }\n    action: deny\n",
+                                  "    match: { literals: [launch codes] }\n    action: deny\n"
+                                  "budgets:\n  - { name: pod-hourly, scope: pod, window: hour,"
+                                  " limits: { totalTokens: 100000 } }\n",
                                   selector="app=chat-a"))
     until("the prompt rule", lambda: node.call("chat-a", "the launch codes please").get("status") == 403)
     assert node.call("chat-a")["model"] == REWRITTEN, "the ai-model annotation still applies"
+    # The pod's budget is counted, by the pod's scope, and gauged.
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    used = re.findall(r'^kube_gateway_budget_used\{[^}]*budget="pod-hourly"[^}]*scope="([^"]*)"[^}]*\} (\d+)$',
+                      metrics, re.M)
+    assert any("chat-a" in scope and int(v) > 0 for scope, v in used), metrics
 
     # A broken version: an Event says why, the last good policy stays.
     node.api.put(policy_configmap("guard", "apiVersion: kube-gateway.io/v1alpha1\n"

@@ -167,6 +167,13 @@ where
             .live
             .attached_pods
             .store(reconciler.attached().len(), Ordering::Relaxed);
+        shared.live.pod_policies.store(Arc::new(
+            reconciler
+                .attached()
+                .values()
+                .map(|a| a.workload.policy.clone())
+                .collect(),
+        ));
         report(&events, &pass).await;
         // Ready once the first set (the watcher's caches are synced) is served.
         shared.ready.store(true, Ordering::Release);
