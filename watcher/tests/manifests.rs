@@ -1,4 +1,4 @@
-//! The install manifests (`deploy/`) against the Kubernetes API types this project
+//! The install manifests (`deploy/`) and the Kubernetes examples (`ai-demo/k8s/`) against the Kubernetes API types this project
 //! compiles with (k8s-openapi, the oldest Kubernetes it supports): `kubectl kustomize`
 //! renders the base and each overlay, and every object must deserialize into its typed
 //! struct and serialize back to exactly what was rendered. k8s-openapi ignores unknown
@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::serde::de::DeserializeOwned;
 use k8s_openapi::serde::Serialize;
@@ -83,6 +83,9 @@ fn check(dir: &str) -> Option<Vec<String>> {
             ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(obj),
             ("v1", "Service") => round_trip::<Service>(obj),
             ("v1", "Secret") => round_trip::<Secret>(obj),
+            ("v1", "ConfigMap") => round_trip::<ConfigMap>(obj),
+            ("v1", "Pod") => round_trip::<Pod>(obj),
+            ("apps/v1", "Deployment") => round_trip::<Deployment>(obj),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(obj),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                 round_trip::<ClusterRoleBinding>(obj)
@@ -124,6 +127,16 @@ fn the_overlays_parse_into_their_api_types() {
         return;
     };
     assert!(kinds.iter().all(|k| k != "ServiceMonitor"));
+}
+
+#[test]
+fn the_ai_demo_examples_parse_into_their_api_types() {
+    let Some(kinds) = check("ai-demo/k8s") else {
+        return;
+    };
+    for kind in ["Namespace", "ConfigMap", "Service", "Deployment"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in ai-demo/k8s");
+    }
 }
 
 #[test]
