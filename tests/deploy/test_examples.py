@@ -8,10 +8,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import ROOT, render, skip_or_fail
+from deploy_helpers import ROOT, render, skip_or_fail
 
 
 def kube_gateway():

@@ -6,7 +6,7 @@ test_rbac.py."""
 
 import re
 
-from conftest import ROOT, cluster_role_rules, render
+from deploy_helpers import ROOT, cluster_role_rules, render
 
 # Where the agent's Kubernetes calls are made (the node agent uses the watcher's client).
 API_SOURCES = ["watcher/src/run.rs", "watcher/src/events.rs", "gateway/src/node/mod.rs"]

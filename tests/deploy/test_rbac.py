@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, ROOT, cluster_role_rules, render, skip_or_fail
+from deploy_helpers import ROOT, cluster_role_rules, render, skip_or_fail
 
 sys.path.insert(0, str(ROOT / "tests" / "k8s"))
 from fake_apiserver import FakeApiServer  # noqa: E402

@@ -152,10 +152,7 @@ fn the_daemonset_is_the_least_privilege_node_agent() {
     assert_eq!(sc.privileged, Some(false));
     let caps = sc.capabilities.unwrap();
     assert_eq!(caps.drop.unwrap(), ["ALL"]);
-    assert_eq!(
-        caps.add.unwrap(),
-        ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"]
-    );
+    assert_eq!(caps.add.unwrap(), ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"]);
     let env = c.env.clone().unwrap();
     let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     let field = node.value_from.clone().unwrap().field_ref.unwrap();

@@ -1,4 +1,5 @@
-"""Shared by the deploy tests: rendering the kustomize directories with kubectl."""
+"""Shared by the deploy tests (not a conftest.py: tests/e2e has one, and the test files
+import their helpers by module name): rendering the kustomize directories with kubectl."""
 
 import os
 import shutil
