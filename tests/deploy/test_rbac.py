@@ -341,8 +341,8 @@ def test_so_mark_needs_net_admin():
     assert mark("+sys_admin,+sys_ptrace,+net_admin") == "ok"
 
 
-@pytest.mark.xfail(reason="kube-gateway node did not exit on SIGTERM within 30 s here once "
-                          "it had attached a pod (reported); the kubelet SIGKILLs it after "
+@pytest.mark.xfail(reason="kube-gateway node did not exit on SIGTERM within 30 s here "
+                          "(docs/deploy.md, known problems); the kubelet SIGKILLs it after "
                           "terminationGracePeriodSeconds", strict=False)
 def test_the_agent_stops_on_sigterm(node):
     proc, admin, log = node.agent(manifest_capabilities(), "sigterm")
