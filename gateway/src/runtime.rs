@@ -266,12 +266,17 @@ where
 
 /// The end of a gateway's shared parts, on the runtime they were started on (node mode):
 /// leases given back, every record finished, every row stored or spooled, spans sent.
-pub async fn finish(shared: &Shared) {
-    shared.ledger().release().await;
-    if let Some(r) = shared.take_recorder() {
+/// Takes the last handle: the recorder ends only once every sender is gone (a handle
+/// kept here would hold it, and the writer behind it, until their timeouts).
+pub async fn finish(shared: Shared) {
+    let (recorder, writer) = (shared.take_recorder(), shared.take_writer());
+    let (ledger, telemetry) = (shared.ledger(), shared.telemetry().clone());
+    drop(shared);
+    ledger.release().await;
+    if let Some(r) = recorder {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), r).await;
     }
-    if let Some(w) = shared.take_writer() {
+    if let Some(w) = writer {
         if tokio::time::timeout(std::time::Duration::from_secs(30), w)
             .await
             .is_err()
@@ -279,6 +284,5 @@ pub async fn finish(shared: &Shared) {
             tracing::error!("usage writer did not finish in 30 s; unwritten rows may be lost");
         }
     }
-    let telemetry = shared.telemetry().clone();
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
 }

@@ -387,3 +387,22 @@ def test_the_netflush_annotation_destroys_connections_that_predate_the_capture(n
         node.api.patch_annotations("pod", NAMESPACE, "chat-b", {
             "kube-gateway.io/ai": None, "kube-gateway.io/netflush": None})
     until("chat-b detached", lambda: node.programs_on("chat-b") == 0)
+
+
+def test_sigterm_detaches_and_exits_promptly(node):
+    # A DaemonSet rollout sends SIGTERM: the agent detaches its pods, says so, and exits
+    # well within the kubelet's 30 s grace period.
+    node.api.patch_annotations("pod", NAMESPACE, "chat-a", {"kube-gateway.io/ai": "true"})
+    until("chat-a attached", lambda: node.programs_on("chat-a") == 3)
+    def event_writes():
+        return len(node.api.requests(resource="events", verb="create")) + \
+            len(node.api.requests(resource="events", verb="patch"))
+    writes_before = event_writes()
+    started = time.monotonic()
+    node.agent.send_signal(signal.SIGTERM)
+    assert node.agent.wait(timeout=15) == 0
+    assert time.monotonic() - started < 10, "exited, but slowly"
+    assert node.programs_on("chat-a") == 0
+    # GatewayDetached was posted (a repeat of an earlier one is counted on it, a PATCH).
+    assert event_writes() > writes_before
+    assert "GatewayDetached" in event_reasons(node, "chat-a")

@@ -188,7 +188,9 @@ where
     if let Some(t) = admin_task {
         t.abort();
     }
-    crate::runtime::finish(&shared).await;
+    // Every handle of the shared parts but the one `finish` takes goes first.
+    drop(reconciler);
+    crate::runtime::finish(shared).await;
     Ok(())
 }
 
