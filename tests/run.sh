@@ -40,4 +40,4 @@ cargo test "${host[@]}"
 
 python_venv "openai, ollama, pytest, kubernetes"
 # -rs prints why a privileged test skipped (never in CI: there they must run).
-"$python" -m pytest -q -rs -p no:cacheprovider tests/e2e tests/k8s
+"$python" -m pytest -q -rs -p no:cacheprovider tests/e2e tests/k8s tests/deploy

@@ -341,9 +341,6 @@ def test_so_mark_needs_net_admin():
     assert mark("+sys_admin,+sys_ptrace,+net_admin") == "ok"
 
 
-@pytest.mark.xfail(reason="kube-gateway node did not exit on SIGTERM within 30 s here "
-                          "(docs/deploy.md, known problems); the kubelet SIGKILLs it after "
-                          "terminationGracePeriodSeconds", strict=False)
 def test_the_agent_stops_on_sigterm(node):
     proc, admin, log = node.agent(manifest_capabilities(), "sigterm")
     until("ready", lambda: ready(admin), proc, log)
