@@ -346,5 +346,8 @@ def test_the_agent_stops_on_sigterm(node):
     until("ready", lambda: ready(admin), proc, log)
     node.api.patch_annotations("pod", NAMESPACE, "served", {"kube-gateway.io/ai": "true"})
     until("attached", lambda: "GatewayAttached" in reasons(node.api, "served"), proc, log)
+    started = time.monotonic()
     stop(proc, timeout=30)
     assert proc.returncode == 0, log.read_text()[-2000:]
+    assert time.monotonic() - started < 30
+    assert "GatewayDetached" in reasons(node.api, "served")
