@@ -80,19 +80,33 @@ pub fn processes(cgroup: &Path) -> io::Result<Vec<u32>> {
 
 /// The network namespace of a process of the pod.
 pub fn pod_netns(cgroup: &Path) -> io::Result<PathBuf> {
-    processes(cgroup)?
-        .into_iter()
-        .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "no process in {} (the pod is starting or gone)",
-                    cgroup.display()
-                ),
-            )
-        })
+    let mut denied = None;
+    for pid in processes(cgroup)? {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        match std::fs::metadata(&path) {
+            Ok(_) => return Ok(path),
+            // Another user's process: opening its namespace is a ptrace-mode access
+            // check, which needs CAP_SYS_PTRACE. Said as such, not as "no process".
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => denied = Some(e),
+            Err(_) => {} // gone meanwhile
+        }
+    }
+    Err(match denied {
+        Some(e) => io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the pod's processes in {} are not readable ({e}): the agent needs CAP_SYS_PTRACE",
+                cgroup.display()
+            ),
+        ),
+        None => io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no process in {} (the pod is starting or gone)",
+                cgroup.display()
+            ),
+        ),
+    })
 }
 
 /// This process's cgroup in the host tree at `root`: the one named in
