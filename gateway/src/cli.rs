@@ -170,7 +170,7 @@ pub struct RunArgs {
     #[arg(long, env = env::RESPONSE_TIMEOUT_MS, default_value_t = 600_000)]
     pub response_timeout_ms: u64,
     /// Capture the TCP connects of the processes in this cgroup (v2 directory) with
-    /// eBPF: they land here, and go on to where they were going. Needs root (or CAP_BPF
+    /// eBPF: they land here, and go on to where they were going. Needs root (or CAP_SYS_ADMIN
     /// and CAP_NET_ADMIN) and an IPv4 --listen; excludes --upstream.
     #[arg(long, env = env::CAPTURE_CGROUP, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,

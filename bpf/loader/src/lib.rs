@@ -37,12 +37,12 @@ pub enum CaptureError {
     },
     #[error("{path} is the root cgroup: capture attaches to the workload's own cgroup, never the whole node")]
     RootCgroup { path: PathBuf },
-    #[error("cannot load the eBPF programs ({source}): this needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BPF cgroup hooks (5.10+)")]
+    #[error("cannot load the eBPF programs ({source}): this needs root, or CAP_SYS_ADMIN + CAP_NET_ADMIN (CAP_BPF alone is refused by the verifier), and a kernel with BPF cgroup hooks (5.10+)")]
     Load {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    #[error("cannot load or attach {program} to {cgroup}: {source}; the kernel must allow this hook and you need CAP_BPF + CAP_NET_ADMIN")]
+    #[error("cannot load or attach {program} to {cgroup}: {source}; the kernel must allow this hook and you need CAP_SYS_ADMIN + CAP_NET_ADMIN")]
     Attach {
         program: &'static str,
         cgroup: PathBuf,
