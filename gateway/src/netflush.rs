@@ -159,22 +159,13 @@ fn cgroup_id(r: &InetResponse) -> Option<u64> {
 /// The ids of a cgroup and of every cgroup below it: a pod's sockets belong to its
 /// containers' cgroups, which sit below the pod's (where the hooks are attached).
 fn cgroup_ids(top: &Path) -> Result<std::collections::HashSet<u64>, NetflushError> {
-    let err = |e| NetflushError::Cgroup(top.display().to_string(), e);
-    let mut ids = std::collections::HashSet::new();
-    let mut dirs = vec![top.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        ids.insert(std::fs::metadata(&dir).map_err(err)?.ino());
+    std::fs::metadata(top).map_err(|e| NetflushError::Cgroup(top.display().to_string(), e))?;
+    Ok(kube_gateway_bpf::cgroup_subtree(top)
+        .iter()
         // A cgroup removed meanwhile has no sockets left to flush.
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    Ok(ids)
+        .filter_map(|dir| std::fs::metadata(dir).ok())
+        .map(|m| m.ino())
+        .collect())
 }
 
 /// Destroys the established connections of `workload_cgroup` (and the cgroups below

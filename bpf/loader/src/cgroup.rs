@@ -2,7 +2,7 @@
 //! `/sys/fs/cgroup` on most nodes, `/sys/fs/cgroup/unified` on hybrid ones) and which
 //! cgroup a process is in.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::CaptureError;
 
@@ -21,6 +21,25 @@ pub fn cgroup_v2_root() -> Result<PathBuf, CaptureError> {
             (post.split(' ').next()? == "cgroup2").then(|| PathBuf::from(mount))
         })
         .ok_or(CaptureError::NoCgroupV2)
+}
+
+/// A cgroup directory and every cgroup below it (a pod's and its containers'). A
+/// directory removed while it is walked is left out.
+pub fn cgroup_subtree(top: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![top.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        found.push(dir);
+    }
+    found
 }
 
 /// The cgroup v2 directory of a process (`None`: this process).

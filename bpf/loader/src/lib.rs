@@ -20,7 +20,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps};
 use aya::Ebpf;
 use kube_gateway_bpf_common::Config;
 
-pub use cgroup::{cgroup_of, cgroup_v2_root};
+pub use cgroup::{cgroup_of, cgroup_subtree, cgroup_v2_root};
 pub use filter::{CaptureFilter, Cidr};
 pub use kube_gateway_bpf_common::GATEWAY_MARK;
 

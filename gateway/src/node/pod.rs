@@ -61,18 +61,9 @@ pub fn pod_cgroup(root: &Path, uid: &str) -> io::Result<Option<PathBuf>> {
 /// The PIDs in a cgroup and the cgroups below it.
 pub fn processes(cgroup: &Path) -> io::Result<Vec<u32>> {
     let mut pids = Vec::new();
-    let mut dirs = vec![cgroup.to_owned()];
-    while let Some(dir) = dirs.pop() {
+    for dir in kube_gateway_bpf::cgroup_subtree(cgroup) {
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            dirs.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
         }
     }
     Ok(pids)
