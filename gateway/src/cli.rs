@@ -19,6 +19,7 @@ pub mod env {
     pub const MODEL: &str = "MODEL";
     pub const ADMIN: &str = "ADMIN";
     pub const BODY_LIMIT: &str = "BODY_LIMIT";
+    pub const MAX_EVENT_BYTES: &str = "MAX_EVENT_BYTES";
     pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
     pub const LOG_BODIES: &str = "LOG_BODIES";
@@ -134,6 +135,11 @@ pub struct RunArgs {
     /// Largest request body read on a recognized path, in bytes; larger gets 413.
     #[arg(long, env = env::BODY_LIMIT, default_value_t = 8 * 1024 * 1024)]
     pub body_limit: usize,
+    /// Largest SSE event or NDJSON line of an answer held to read it, in bytes. A larger
+    /// one is forwarded unread (its tokens estimated from the rest), or, under response
+    /// rules or a budget, ends the answer with an error event.
+    #[arg(long, env = env::MAX_EVENT_BYTES, default_value_t = 4 * 1024 * 1024)]
+    pub max_event_bytes: usize,
     /// Answer 400 to malformed JSON on a recognized path instead of forwarding it.
     #[arg(long, env = env::FAIL_CLOSED)]
     pub fail_closed: bool,
@@ -209,6 +215,8 @@ pub enum ConfigError {
     Model(#[from] ModelRewriteError),
     #[error("--body-limit must be at least 1 byte")]
     BodyLimit,
+    #[error("--max-event-bytes must be at least 1")]
+    EventLimit,
     #[error(transparent)]
     Store(#[from] crate::store::BadStoreUrl),
     #[error("--cgroup captures connections for transparent mode: drop --upstream")]
@@ -225,6 +233,9 @@ impl TryFrom<RunArgs> for Config {
     fn try_from(a: RunArgs) -> Result<Self, ConfigError> {
         if a.body_limit == 0 {
             return Err(ConfigError::BodyLimit);
+        }
+        if a.max_event_bytes == 0 {
+            return Err(ConfigError::EventLimit);
         }
         let upstream = match a.upstream.as_deref() {
             Some(u) => UpstreamMode::Fixed(Destination::parse(u)?),
@@ -261,6 +272,7 @@ impl TryFrom<RunArgs> for Config {
         };
         let limits = Limits {
             body_bytes: a.body_limit,
+            event_bytes: a.max_event_bytes,
             connect_timeout: std::time::Duration::from_millis(a.connect_timeout_ms),
             upstream_mark: capture.as_ref().map(|_| kube_gateway_bpf::GATEWAY_MARK),
             response_timeout: std::time::Duration::from_millis(a.response_timeout_ms),

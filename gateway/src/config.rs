@@ -62,6 +62,8 @@ pub struct Limits {
     pub body_bytes: usize,
     /// Largest response body kept aside to read its usage (it is forwarded regardless).
     pub response_bytes: usize,
+    /// Largest stream event (SSE) or line (NDJSON) held to read it.
+    pub event_bytes: usize,
     pub connect_timeout: Duration,
     /// Until the upstream's response headers arrive.
     pub response_timeout: Duration,
@@ -79,6 +81,7 @@ impl Default for Limits {
         Self {
             body_bytes: 8 * 1024 * 1024,
             response_bytes: 16 * 1024 * 1024,
+            event_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(600),
             sniff_timeout: Duration::from_millis(500),

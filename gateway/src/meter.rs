@@ -18,7 +18,7 @@ use crate::guard::response::{self, Step, StreamGuard};
 use crate::record::Collected;
 use crate::stream::ndjson::{line_json, LineBoundary};
 use crate::stream::sse::{self, SseBoundary};
-use crate::stream::{Framer, Frames};
+use crate::stream::{Framer, Frames, Piece};
 
 /// How a response body is framed, from its content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,33 @@ impl Format {
 
     pub fn is_stream(self) -> bool {
         matches!(self, Format::Sse | Format::Ndjson)
+    }
+}
+
+/// The text of an answer kept for a token estimate when the provider reports none.
+/// Beyond it only the length is kept, and the estimate scales the kept part's tokens
+/// by length: a 20 MB answer costs 1 MiB here, and its estimate stays linear.
+pub const ESTIMATE_TEXT_BYTES: usize = 1 << 20;
+
+/// How much a meter holds of one answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The largest whole (non-streamed) body kept aside to read it.
+    pub body: usize,
+    /// The largest SSE event or NDJSON line held to read it (`--max-event-bytes`).
+    pub event: usize,
+    /// The answer's text kept for a token estimate; past it only its length counts.
+    pub text: usize,
+}
+
+impl Bounds {
+    /// The same bound for all three (tests).
+    pub fn all(n: usize) -> Self {
+        Self {
+            body: n,
+            event: n,
+            text: n,
+        }
     }
 }
 
@@ -128,7 +155,7 @@ pub struct Meter {
     framing: Framing,
     /// Drop the usage-only chunk and `"usage":null` fields the client did not ask for.
     hide_usage: bool,
-    limit: usize,
+    bounds: Bounds,
     /// The policy's response rules, for this answer.
     guard: Option<StreamGuard>,
     /// Rules for a whole (non-streamed) answer, checked at its end.
@@ -144,7 +171,7 @@ impl Meter {
     /// A meter without response rules.
     #[cfg(test)]
     pub fn new(endpoint: Endpoint, format: Format, hide_usage: bool, limit: usize) -> Self {
-        Self::with_rules(endpoint, format, hide_usage, limit, None)
+        Self::with_rules(endpoint, format, hide_usage, Bounds::all(limit), None)
     }
 
     /// A meter that also applies response rules (`None` or empty rules: none).
@@ -152,7 +179,7 @@ impl Meter {
         endpoint: Endpoint,
         format: Format,
         hide_usage: bool,
-        limit: usize,
+        bounds: Bounds,
         rules: Option<Arc<ResponseRules>>,
     ) -> Self {
         let rules = rules.filter(|r| !r.is_empty() && !endpoint.is_embedding());
@@ -162,8 +189,8 @@ impl Meter {
             .map(|r| StreamGuard::new(r, endpoint));
         let whole_rules = rules.filter(|_| format == Format::Json);
         let framing = match format {
-            Format::Sse => Framing::Sse(Framer::new()),
-            Format::Ndjson => Framing::Ndjson(Framer::new()),
+            Format::Sse => Framing::Sse(Framer::with_max(bounds.event)),
+            Format::Ndjson => Framing::Ndjson(Framer::with_max(bounds.event)),
             Format::Json => Framing::Whole(BytesMut::new()),
             Format::Opaque => Framing::None,
         };
@@ -171,7 +198,7 @@ impl Meter {
             endpoint,
             framing,
             hide_usage: hide_usage && format == Format::Sse,
-            limit,
+            bounds,
             guard,
             whole_rules,
             ended: false,
@@ -243,10 +270,17 @@ impl Meter {
             c.model.clone_from(&obs.model);
         }
         c.usage.merge(obs.usage);
-        if c.text.len() + obs.text.len() <= self.limit {
+        c.text_bytes += obs.text.len() as u64;
+        if c.text.len() + obs.text.len() <= self.bounds.text {
             c.text.push_str(&obs.text);
         } else {
-            c.truncated = true;
+            // Whole characters only, up to the bound: the rest is counted by length.
+            let room = self.bounds.text.saturating_sub(c.text.len());
+            let mut end = room.min(obs.text.len());
+            while !obs.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            c.text.push_str(&obs.text[..end]);
         }
         if obs.finish_reason.is_some() {
             c.finish_reason.clone_from(&obs.finish_reason);
@@ -258,10 +292,14 @@ impl Meter {
 
     /// Takes an upstream chunk; returns what to send the client now (maybe nothing yet).
     pub fn on_data(&mut self, chunk: Bytes) -> Bytes {
+        if self.ended {
+            // The answer was ended here: nothing more of it goes out.
+            return Bytes::new();
+        }
         let (wire, frames) = match &mut self.framing {
             Framing::None => return chunk,
             Framing::Whole(buf) => {
-                if buf.len() + chunk.len() <= self.limit {
+                if buf.len() + chunk.len() <= self.bounds.body {
                     buf.extend_from_slice(&chunk);
                     if self.whole_rules.is_some() {
                         // Checked whole: released at the end.
@@ -273,7 +311,7 @@ impl Meter {
                 if self.whole_rules.take().is_some() {
                     // Too large to hold: what was held goes out unchecked, then the rest.
                     tracing::warn!(
-                        limit = self.limit,
+                        limit = self.bounds.body,
                         "answer too large for response rules; forwarded unchecked"
                     );
                     let mut out = BytesMut::from(&buf[..]);
@@ -293,18 +331,47 @@ impl Meter {
     fn frames(&mut self, wire: Wire, frames: Frames) -> Bytes {
         let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
         if !rewriting {
-            for raw in frames.iter() {
-                if let Some(json) = wire.payload(raw) {
-                    self.collected.frames += 1;
-                    if let Some(obs) = api::observe(self.endpoint, &json) {
-                        self.collect(&obs);
+            for piece in frames.iter() {
+                match piece {
+                    Piece::Frame(raw) => {
+                        if let Some(json) = wire.payload(raw) {
+                            self.collected.frames += 1;
+                            if let Some(obs) = api::observe(self.endpoint, &json) {
+                                self.collect(&obs);
+                            }
+                        }
                     }
+                    Piece::Oversize { first, .. } => self.oversize(first),
                 }
             }
             return frames.bytes;
         }
         let mut out = BytesMut::with_capacity(frames.bytes.len());
-        for raw in frames.iter() {
+        for piece in frames.iter() {
+            let raw = match piece {
+                Piece::Frame(raw) => raw,
+                Piece::Oversize { bytes, first } => {
+                    self.oversize(first);
+                    if self.guard.is_some() || self.cut.is_some() {
+                        // Rules or a budget cannot pass what they cannot read: the
+                        // answer ends here, well-formed, with an error saying why.
+                        let message = format!(
+                            "an event of the answer is larger than --max-event-bytes ({} bytes); the answer was ended",
+                            self.bounds.event
+                        );
+                        out.extend_from_slice(&stream_error_frame(
+                            matches!(wire, Wire::Sse),
+                            &message,
+                        ));
+                        self.collected.error = Some(message);
+                        self.ended = true;
+                        break;
+                    }
+                    // Only the hidden usage could change it: it goes out as it came.
+                    out.extend_from_slice(bytes);
+                    continue;
+                }
+            };
             let event = wire.payload(raw).and_then(|json| {
                 self.collected.frames += 1;
                 StreamEvent::parse(self.endpoint, &json)
@@ -323,6 +390,17 @@ impl Meter {
         }
         self.note_guard();
         out.freeze()
+    }
+
+    /// A frame too large to hold started (`first`) or went on.
+    fn oversize(&mut self, first: bool) {
+        if first {
+            self.collected.oversize_events += 1;
+            tracing::warn!(
+                max_event_bytes = self.bounds.event,
+                "an answer's event is larger than --max-event-bytes: forwarded unread"
+            );
+        }
     }
 
     /// One event of an answer the meter may rewrite.
@@ -369,6 +447,9 @@ impl Meter {
 
     /// The upstream body ended: reads a whole body, releases any incomplete frame.
     pub fn on_end(&mut self) -> Bytes {
+        if self.ended {
+            return Bytes::new();
+        }
         match std::mem::replace(&mut self.framing, Framing::None) {
             Framing::Whole(buf) => match self.whole_rules.take() {
                 // Held for the rules (never truncated then): one parse for both.
@@ -531,6 +612,124 @@ data: [DONE]\n\n";
         assert!(ev.ends_with(b"\n\n"));
         let mut j = Meter::new(Endpoint::Chat, Format::Json, false, 1 << 20);
         assert!(j.on_upstream_error("x").is_none());
+    }
+
+    /// An SSE stream with one content event of `n` bytes of text between two small ones.
+    fn with_big_event(n: usize) -> Vec<u8> {
+        let chunk = |text: &str| {
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+            )
+        };
+        let mut s = chunk("a ");
+        s.push_str(&chunk(&"b".repeat(n)));
+        s.push_str(&chunk("c"));
+        s.push_str("data: [DONE]\n\n");
+        s.into_bytes()
+    }
+
+    fn response_rules() -> Arc<ResponseRules> {
+        kube_gateway_policy::load("apiVersion: kube-gateway.io/v1alpha1\nresponseRules:\n  - name: r\n    match: { literals: [rabbit] }\n    action: redact\n    mask: '***'\n")
+            .unwrap()
+            .response
+            .clone()
+    }
+
+    fn bounded(format: Format, event: usize, rules: Option<Arc<ResponseRules>>) -> Meter {
+        let endpoint = match format {
+            Format::Ndjson => Endpoint::Chat,
+            _ => Endpoint::ChatCompletions,
+        };
+        let bounds = Bounds {
+            body: 1 << 20,
+            event,
+            text: 1 << 20,
+        };
+        Meter::with_rules(endpoint, format, false, bounds, rules)
+    }
+
+    #[test]
+    fn an_event_over_the_limit_passes_unread_when_nothing_rewrites() {
+        let stream = with_big_event(10_000);
+        let chunks: Vec<&[u8]> = stream.chunks(512).collect();
+        let mut m = bounded(Format::Sse, 4_096, None);
+        assert_eq!(run(&mut m, &chunks), stream, "the bytes pass unchanged");
+        assert_eq!(m.collected.oversize_events, 1);
+        // The small events were read; the big one was not.
+        assert_eq!(m.collected.text, "a c");
+        assert!(!m.is_ended());
+        // Under the limit, the same stream is read whole.
+        let mut whole = bounded(Format::Sse, 16_384, None);
+        run(&mut whole, &chunks);
+        assert_eq!(whole.collected.oversize_events, 0);
+        assert_eq!(whole.collected.text.len(), 10_003);
+    }
+
+    #[test]
+    fn an_event_over_the_limit_ends_a_ruled_answer_well_formed() {
+        let stream = with_big_event(10_000);
+        let chunks: Vec<&[u8]> = stream.chunks(512).collect();
+        let mut m = bounded(Format::Sse, 4_096, Some(response_rules()));
+        let out = run(&mut m, &chunks);
+        assert!(m.is_ended());
+        let text = String::from_utf8(out).unwrap();
+        let events: Vec<&str> = text.split_terminator("\n\n").collect();
+        assert_eq!(events.len(), 2, "{text}");
+        assert!(events[0].contains("\"a \""));
+        let err: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--max-event-bytes"),
+            "{err}"
+        );
+        assert!(m.collected.error.as_deref().unwrap().contains("4096 bytes"));
+    }
+
+    #[test]
+    fn an_ndjson_line_over_the_limit_in_both_modes() {
+        let line = |t: &str| format!("{{\"message\":{{\"content\":\"{t}\"}},\"done\":false}}\n");
+        let stream = format!(
+            "{}{}{{\"done\":true,\"eval_count\":7,\"prompt_eval_count\":2}}\n",
+            line("a"),
+            line(&"b".repeat(10_000))
+        )
+        .into_bytes();
+        let chunks: Vec<&[u8]> = stream.chunks(700).collect();
+        let mut pass = bounded(Format::Ndjson, 4_096, None);
+        assert_eq!(run(&mut pass, &chunks), stream);
+        assert_eq!(pass.collected.oversize_events, 1);
+        assert_eq!(
+            pass.collected.usage.output,
+            Some(7),
+            "lines after it are read"
+        );
+        let mut ruled = bounded(Format::Ndjson, 4_096, Some(response_rules()));
+        let out = String::from_utf8(run(&mut ruled, &chunks)).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        let err: Value = serde_json::from_str(lines[1]).unwrap();
+        assert!(err["error"].as_str().unwrap().contains("--max-event-bytes"));
+    }
+
+    #[test]
+    fn text_past_its_bound_is_counted_by_length() {
+        let stream = with_big_event(3_000);
+        let mut m = Meter::with_rules(
+            Endpoint::ChatCompletions,
+            Format::Sse,
+            false,
+            Bounds {
+                body: 1 << 20,
+                event: 1 << 20,
+                text: 1_000,
+            },
+            None,
+        );
+        run(&mut m, &[&stream]);
+        assert_eq!(m.collected.text.len(), 1_000);
+        assert_eq!(m.collected.text_bytes, 3_003);
     }
 
     #[test]

@@ -120,8 +120,10 @@ impl Serialize for TokenSource {
 pub struct Collected {
     pub model: Option<String>,
     pub usage: ReportedUsage,
-    /// Generated text, kept for estimates (bounded by the response limit).
+    /// Generated text, kept for estimates (its first `Bounds::text` bytes).
     pub text: String,
+    /// The generated text's whole length, kept or not.
+    pub text_bytes: u64,
     pub finish_reason: Option<String>,
     pub error: Option<String>,
     /// SSE events or NDJSON lines seen.
@@ -134,6 +136,8 @@ pub struct Collected {
     pub blocked: bool,
     /// A budget ended the answer.
     pub budget_cut: bool,
+    /// Stream events larger than `--max-event-bytes`, forwarded unread.
+    pub oversize_events: u64,
 }
 
 /// The name of a request's API family in rows, labels and logs (`other`: not an LLM

@@ -2,6 +2,7 @@
 //! provider reported nothing, the budget settlement, the access log line) and fans the
 //! record out to its sinks: telemetry, the store writer's queue, and subscribers.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use kube_gateway_policy::{Encoding, TokenCounter};
 use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinSet;
 
 use crate::api::{Endpoint, LlmRequest};
 use crate::budget::{Ledger, Reservation};
@@ -81,7 +83,7 @@ impl Exchange {
         let (output_tokens, output_source) = match c.usage.output {
             Some(n) => (n, TokenSource::Provider),
             None if llm && !embedding && self.request.is_some() => {
-                (count(&c.text), TokenSource::Estimate)
+                (scaled(count(&c.text), &c), TokenSource::Estimate)
             }
             None => (0, TokenSource::None),
         };
@@ -121,6 +123,31 @@ impl Exchange {
         (record, bodies)
     }
 }
+
+/// The tokens of an answer whose text was kept in part ([`crate::meter::ESTIMATE_TEXT_BYTES`]):
+/// the kept part's count scaled by the whole text's length.
+fn scaled(kept_tokens: u64, c: &Collected) -> u64 {
+    let kept = c.text.len() as u128;
+    let whole = u128::from(c.text_bytes);
+    if kept == 0 || whole <= kept {
+        return kept_tokens;
+    }
+    u64::try_from(u128::from(kept_tokens) * whole / kept).unwrap_or(u64::MAX)
+}
+
+impl Exchange {
+    /// Whether finishing this exchange means counting enough text to hold up the
+    /// records behind it: then it is counted on a blocking thread.
+    fn is_heavy(&self) -> bool {
+        let c = &self.collected;
+        let estimates = c.usage.input.is_none() || c.usage.output.is_none();
+        estimates && c.text.len() as u64 + self.bytes_in > HEAVY_BYTES
+    }
+}
+
+/// Text past which an estimate leaves the recorder's task: counting 64 KiB takes a few
+/// milliseconds; more would delay every record queued behind it.
+const HEAVY_BYTES: u64 = 64 * 1024;
 
 /// Hands finished exchanges to the recorder task without waiting.
 #[derive(Debug, Clone)]
@@ -167,11 +194,17 @@ pub fn spawn_recorder(
 ) {
     let (tx, mut rx) = mpsc::channel::<Exchange>(capacity);
     let (out, _) = broadcast::channel(4096);
-    let out2 = out.clone();
-    let sink_telemetry = telemetry.clone();
-    // Unique across restarts and pods (the store keys on request ids; pids repeat in
-    // containers).
-    let id_prefix = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let sinks = Sinks {
+        // Unique across restarts and pods (the store keys on request ids; pids repeat
+        // in containers).
+        id_prefix: Arc::from(&uuid::Uuid::new_v4().simple().to_string()[..16]),
+        tokens,
+        log_bodies,
+        store,
+        ledger,
+        telemetry: telemetry.clone(),
+        out: out.clone(),
+    };
     #[expect(
         clippy::disallowed_methods,
         reason = "the recorder: its handle goes to the caller, which awaits it at shutdown"
@@ -179,35 +212,38 @@ pub fn spawn_recorder(
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(DRAIN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            loop {
-                match rx.try_recv() {
-                    Ok(mut exchange) => {
-                        let reservation = exchange.reservation.take();
-                        let (record, bodies) = exchange.finish(&id_prefix, &tokens, log_bodies);
-                        if let Some(r) = reservation {
-                            ledger.settle(&r, record.input_tokens, record.output_tokens);
-                        }
-                        access_log(&record, bodies);
-                        // Metrics, and the OTLP span when that export is on.
-                        if let Some(t) = &sink_telemetry {
-                            t.record(&record);
-                        }
-                        let record = Arc::new(record);
-                        if let Some(store) = &store {
-                            // Waits when the writer is behind: backpressure stays here,
-                            // never on the request path.
-                            if store.send(record.clone()).await.is_err() {
-                                tracing::error!(request_id = %record.request_id, "usage writer gone: row not stored");
-                            }
-                        }
-                        // No subscriber is fine: the access log above is the record then.
-                        let _ = out2.send(record);
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+        // Exchanges whose estimates are long, counted one at a time on a blocking
+        // thread (owned here: the task waits for them before it ends).
+        let mut heavy: VecDeque<Exchange> = VecDeque::new();
+        let mut counting: JoinSet<Finished> = JoinSet::new();
+        let mut open = true;
+        while open || !heavy.is_empty() || !counting.is_empty() {
+            if counting.is_empty() {
+                if let Some(exchange) = heavy.pop_front() {
+                    let sinks = sinks.clone();
+                    counting.spawn_blocking(move || sinks.finish(exchange));
                 }
+            }
+            tokio::select! {
+                _ = tick.tick(), if open => loop {
+                    match rx.try_recv() {
+                        Ok(exchange) if exchange.is_heavy() => heavy.push_back(exchange),
+                        Ok(exchange) => {
+                            let finished = sinks.finish(exchange);
+                            sinks.deliver(finished).await;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                },
+                Some(done) = counting.join_next(), if !counting.is_empty() => match done {
+                    Ok(finished) => sinks.deliver(finished).await,
+                    // Counting does not panic on any text; if it ever did, say so loudly.
+                    Err(e) => tracing::error!(error = %e, "usage estimate failed: record lost"),
+                },
             }
         }
     });
@@ -220,6 +256,64 @@ pub fn spawn_recorder(
         out,
         task,
     )
+}
+
+/// A finished record, its access-log bodies, and the budget reservation to settle.
+struct Finished {
+    record: UsageRecord,
+    bodies: Option<String>,
+    reservation: Option<Reservation>,
+}
+
+/// Where the recorder sends records, and what it needs to finish them.
+#[derive(Clone)]
+struct Sinks {
+    id_prefix: Arc<str>,
+    tokens: TokenCounter,
+    log_bodies: bool,
+    store: Option<mpsc::Sender<Arc<UsageRecord>>>,
+    ledger: Arc<Ledger>,
+    telemetry: Option<Arc<Telemetry>>,
+    out: broadcast::Sender<Arc<UsageRecord>>,
+}
+
+impl Sinks {
+    fn finish(&self, mut exchange: Exchange) -> Finished {
+        let reservation = exchange.reservation.take();
+        let (record, bodies) = exchange.finish(&self.id_prefix, &self.tokens, self.log_bodies);
+        Finished {
+            record,
+            bodies,
+            reservation,
+        }
+    }
+
+    async fn deliver(&self, f: Finished) {
+        let Finished {
+            record,
+            bodies,
+            reservation,
+        } = f;
+        if let Some(r) = reservation {
+            self.ledger
+                .settle(&r, record.input_tokens, record.output_tokens);
+        }
+        access_log(&record, bodies);
+        // Metrics, and the OTLP span when that export is on.
+        if let Some(t) = &self.telemetry {
+            t.record(&record);
+        }
+        let record = Arc::new(record);
+        if let Some(store) = &self.store {
+            // Waits when the writer is behind: backpressure stays here, never on the
+            // request path.
+            if store.send(record.clone()).await.is_err() {
+                tracing::error!(request_id = %record.request_id, "usage writer gone: row not stored");
+            }
+        }
+        // No subscriber is fine: the access log above is the record then.
+        let _ = self.out.send(record);
+    }
 }
 
 fn access_log(r: &UsageRecord, bodies: Option<String>) {
@@ -293,6 +387,62 @@ mod tests {
             encoding: None,
             reservation: None,
         }
+    }
+
+    #[test]
+    fn an_answer_kept_in_part_is_estimated_by_its_whole_length() {
+        let mut c = Collected {
+            text: "word ".repeat(1000),
+            ..Default::default()
+        };
+        c.text_bytes = c.text.len() as u64 * 20;
+        assert_eq!(scaled(1000, &c), 20_000);
+        c.text_bytes = c.text.len() as u64;
+        assert_eq!(scaled(1000, &c), 1000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pathological_answer_does_not_hold_up_the_records_behind_it() {
+        let (recorder, usage, _task) = spawn_recorder(
+            TokenCounter::new(),
+            false,
+            1024,
+            None,
+            Arc::new(Ledger::new(Arc::new(SystemClock))),
+            None,
+        );
+        let mut usage = usage.subscribe();
+        // An answer without usage, one unbroken "word" (kept: 1 MiB of a 20 MB answer).
+        let mut slow = exchange(0);
+        slow.request = Some(
+            LlmRequest::parse(
+                Endpoint::Chat,
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .unwrap(),
+        );
+        slow.collected.text = "a".repeat(crate::meter::ESTIMATE_TEXT_BYTES);
+        slow.collected.text_bytes = 20 << 20;
+        assert!(slow.is_heavy());
+        recorder.record(slow);
+        for seq in 1..=100 {
+            let mut ex = exchange(seq);
+            ex.collected.usage.input = Some(3);
+            ex.collected.usage.output = Some(5);
+            assert!(!ex.is_heavy());
+            recorder.record(ex);
+        }
+        // The 100 ordinary records come out first, while the long estimate runs apart.
+        let order: Vec<u64> = {
+            let mut v = Vec::new();
+            for _ in 0..=100 {
+                let r = usage.recv().await.unwrap();
+                v.push(r.request_id.rsplit('-').next().unwrap().parse().unwrap());
+            }
+            v
+        };
+        assert_eq!(order.last(), Some(&0), "{order:?}");
+        assert_eq!(order[..100], (1..=100).collect::<Vec<u64>>()[..]);
     }
 
     #[tokio::test]

@@ -86,12 +86,17 @@ impl TokenCounter {
     }
 
     /// Tokens in `text` under `encoding`. Special-token text counts as ordinary text,
-    /// since it came from a user, not from a template.
+    /// since it came from a user, not from a template. Linear in the text's length: a
+    /// run of more than [`MAX_RUN`] bytes without a change between whitespace and
+    /// non-whitespace is counted in chunks (exact for text without such runs).
     pub fn count(&self, encoding: Encoding, text: &str) -> Result<u64, TokenizerError> {
         if text.is_empty() {
             return Ok(0);
         }
-        Ok(self.encoder(encoding)?.encode_ordinary(text).len() as u64)
+        let bpe = self.encoder(encoding)?;
+        Ok(segments(text)
+            .map(|s| bpe.encode_ordinary(s).len() as u64)
+            .sum())
     }
 
     /// Tokens in `text` for `model`.
@@ -122,6 +127,41 @@ impl TokenCounter {
         }
         Ok(out)
     }
+}
+
+/// The longest run of whitespace or of non-whitespace given to BPE whole. tiktoken's
+/// pre-split keeps a run of letters (or of spaces) as one piece, and BPE's time on a
+/// piece grows with the square of its length: one unbroken 5 MB "word" took seconds and
+/// hundreds of MB. Words, numbers and indentation in real text are far shorter, so their
+/// counts stay exact; a longer run (a base64 blob, a hash, a wall of letters) is cut
+/// into chunks of this size, each a token or so off where it was cut.
+pub const MAX_RUN: usize = 256;
+
+/// `text` cut inside runs longer than [`MAX_RUN`] bytes (at character boundaries), and
+/// nowhere else.
+fn segments(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut run_start = 0;
+        let mut run_space = None;
+        let mut cut = rest.len();
+        for (i, c) in rest.char_indices() {
+            let space = c.is_whitespace();
+            if run_space != Some(space) {
+                run_space = Some(space);
+                run_start = i;
+            } else if i - run_start >= MAX_RUN {
+                cut = i;
+                break;
+            }
+        }
+        let (segment, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(segment)
+    })
 }
 
 /// Builders kept apart so the error type stays a plain string.
@@ -162,6 +202,53 @@ mod tests {
                 .unwrap()
                 .len() as u64
         );
+    }
+
+    #[test]
+    fn ordinary_text_is_one_segment_and_long_runs_are_cut() {
+        let text = "Grüße, 世界! A sentence with   spaces,\n\tindentation and 1234567 numbers.";
+        assert_eq!(segments(text).collect::<Vec<_>>(), vec![text]);
+        let word = "é".repeat(1000); // 2,000 bytes, one run
+        let parts: Vec<_> = segments(&word).collect();
+        assert_eq!(parts.concat(), word);
+        assert!(parts.iter().all(|p| p.len() <= MAX_RUN + 1), "{parts:?}");
+        assert_eq!(parts.len(), 2000usize.div_ceil(MAX_RUN));
+        let spaces = format!("a{}b", " ".repeat(3 * MAX_RUN));
+        assert_eq!(segments(&spaces).count(), 3);
+    }
+
+    #[test]
+    fn counts_of_ordinary_text_are_unchanged() {
+        // The whole-text count (tiktoken alone) against the segmented one, on text whose
+        // runs are all shorter than MAX_RUN: identical.
+        let c = TokenCounter::new();
+        let corpus = [
+            include_str!("../../README.md"),
+            include_str!("tokens.rs"),
+            "Ünïcödé text, 日本語のテキスト, emoji 🙂🙂🙂 and\r\n\r\nblank lines.",
+        ];
+        for text in corpus {
+            for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
+                let bpe = c.encoder(enc).unwrap();
+                assert_eq!(
+                    c.count(enc, text).unwrap(),
+                    bpe.encode_ordinary(text).len() as u64
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn one_long_word_is_counted_in_linear_time_and_near_its_true_count() {
+        let c = TokenCounter::new();
+        let word = "abcdefghij".repeat(2_000); // 20 kB: still quick for BPE whole
+        let bpe = c.encoder(Encoding::Cl100kBase).unwrap();
+        let whole = bpe.encode_ordinary(&word).len() as f64;
+        let cut = c.count(Encoding::Cl100kBase, &word).unwrap() as f64;
+        assert!((cut - whole).abs() / whole < 0.05, "{cut} vs {whole}");
+        // 2 MB in one run: BPE on it whole took seconds (release); in chunks, linear.
+        let big = "x".repeat(2 << 20);
+        assert!(c.count(Encoding::Cl100kBase, &big).unwrap() > 0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::budget::{AdmitError, Ledger};
 use crate::config::{Config, Destination};
 use crate::error::GatewayError;
 use crate::guard;
-use crate::meter::{BudgetCut, Format, Meter};
+use crate::meter::{Bounds, BudgetCut, Format, Meter, ESTIMATE_TEXT_BYTES};
 use crate::policy::PolicyStore;
 use crate::record::{Identity, Outcome};
 use crate::recorder::{Exchange, Recorder};
@@ -347,7 +347,11 @@ impl Proxy {
             endpoint,
             format,
             hide_usage,
-            self.config.limits.response_bytes,
+            Bounds {
+                body: self.config.limits.response_bytes,
+                event: self.config.limits.event_bytes,
+                text: ESTIMATE_TEXT_BYTES,
+            },
             rules,
         )
         .with_budget(cut);

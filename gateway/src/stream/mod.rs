@@ -18,61 +18,147 @@ pub trait Boundary: Default {
     fn scan(&mut self, buf: &[u8], from: usize) -> Option<usize>;
 }
 
-/// Complete frames released by one push: their bytes and where each ends in them.
+/// One piece of a stream released by a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// A complete frame.
+    Frame(&'a [u8]),
+    /// Part of a frame larger than the framer holds, released as it came (its first
+    /// piece is the one with `first` set).
+    Oversize { bytes: &'a [u8], first: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    end: usize,
+    kind: CutKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CutKind {
+    Frame,
+    OversizeFirst,
+    Oversize,
+}
+
+/// The pieces released by one push: their bytes and where each ends in them.
 #[derive(Debug, Default)]
 pub struct Frames {
     pub bytes: Bytes,
-    pub ends: Vec<usize>,
+    cuts: Vec<Cut>,
 }
 
 impl Frames {
-    /// Each frame's raw bytes.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+    /// Each piece, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Piece<'_>> {
         let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let frame = &self.bytes[start..end];
-            start = end;
-            frame
+        self.cuts.iter().map(move |cut| {
+            let bytes = &self.bytes[start..cut.end];
+            start = cut.end;
+            match cut.kind {
+                CutKind::Frame => Piece::Frame(bytes),
+                CutKind::OversizeFirst => Piece::Oversize { bytes, first: true },
+                CutKind::Oversize => Piece::Oversize {
+                    bytes,
+                    first: false,
+                },
+            }
         })
+    }
+
+    /// The complete frames only.
+    pub fn complete(&self) -> impl Iterator<Item = &[u8]> {
+        self.iter().filter_map(|p| match p {
+            Piece::Frame(f) => Some(f),
+            Piece::Oversize { .. } => None,
+        })
+    }
+
+    /// Whether every piece is a complete frame.
+    pub fn all_framed(&self) -> bool {
+        self.cuts.iter().all(|c| c.kind == CutKind::Frame)
     }
 }
 
-/// Buffers a stream's bytes until they make complete frames.
-#[derive(Debug, Default)]
+/// Buffers a stream's bytes until they make complete frames, holding at most `max`
+/// bytes of one frame: past that, the frame's bytes are released as they come
+/// ([`Piece::Oversize`]) until its end, so one huge event costs at most `max` plus a
+/// read, never its own size.
+#[derive(Debug)]
 pub struct Framer<B: Boundary> {
     buf: BytesMut,
     scanned: usize,
     boundary: B,
+    max: usize,
+    /// The frame being read is over `max`: its bytes go out as they arrive.
+    oversize: bool,
+}
+
+impl<B: Boundary> Default for Framer<B> {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl<B: Boundary> Framer<B> {
+    /// A framer without a size limit.
     pub fn new() -> Self {
+        Self::with_max(usize::MAX)
+    }
+
+    /// A framer holding at most `max` bytes of one frame.
+    pub fn with_max(max: usize) -> Self {
         Self {
             buf: BytesMut::new(),
             scanned: 0,
             boundary: B::default(),
+            max,
+            oversize: false,
         }
     }
 
-    /// Adds a chunk and releases every frame it completes.
+    /// Adds a chunk and releases every frame it completes (and the bytes of a frame
+    /// too large to hold).
     pub fn push(&mut self, chunk: &[u8]) -> Frames {
         self.buf.extend_from_slice(chunk);
-        let mut ends = Vec::new();
+        let mut cuts = Vec::new();
         let mut from = self.scanned;
         while let Some(end) = self.boundary.scan(&self.buf, from) {
-            ends.push(end);
+            // The end of an oversize frame is released as its last piece.
+            let kind = if std::mem::take(&mut self.oversize) {
+                CutKind::Oversize
+            } else {
+                CutKind::Frame
+            };
+            cuts.push(Cut { end, kind });
             from = end;
         }
-        let complete = ends.last().copied().unwrap_or(0);
-        self.scanned = self.buf.len() - complete;
+        let complete = cuts.last().map_or(0, |c| c.end);
+        let pending = self.buf.len() - complete;
+        if pending > 0 && (self.oversize || pending > self.max) {
+            let kind = if std::mem::replace(&mut self.oversize, true) {
+                CutKind::Oversize
+            } else {
+                CutKind::OversizeFirst
+            };
+            cuts.push(Cut {
+                end: self.buf.len(),
+                kind,
+            });
+            self.scanned = 0;
+            return Frames {
+                bytes: self.buf.split().freeze(),
+                cuts,
+            };
+        }
+        self.scanned = pending;
         Frames {
             bytes: self.buf.split_to(complete).freeze(),
-            ends,
+            cuts,
         }
     }
 
     /// Bytes held for an incomplete frame.
-    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.buf.len()
     }
@@ -80,7 +166,89 @@ impl<B: Boundary> Framer<B> {
     /// At the end of the stream: whatever incomplete frame is left.
     pub fn take_rest(&mut self) -> Bytes {
         self.scanned = 0;
+        self.oversize = false;
         self.boundary = B::default();
         self.buf.split().freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Frames of 10, 3,000 and 40 bytes, then an unfinished one.
+    fn stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        for n in [10, 3_000, 40] {
+            s.extend(std::iter::repeat_n(b'x', n - 1));
+            s.push(b'\n');
+        }
+        s.extend_from_slice(b"tail");
+        s
+    }
+
+    /// Pushes `chunks`; returns what came out as (piece, oversize, first) and the most
+    /// bytes held at once.
+    fn run(max: usize, chunks: &[&[u8]]) -> (Vec<(Vec<u8>, bool, bool)>, usize) {
+        let mut f: Framer<ndjson::LineBoundary> = Framer::with_max(max);
+        let mut out = Vec::new();
+        let mut held = 0;
+        for c in chunks {
+            let frames = f.push(c);
+            held = held.max(f.pending());
+            for p in frames.iter() {
+                out.push(match p {
+                    Piece::Frame(b) => (b.to_vec(), false, false),
+                    Piece::Oversize { bytes, first } => (bytes.to_vec(), true, first),
+                });
+            }
+        }
+        out.push((f.take_rest().to_vec(), false, false));
+        (out, held)
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_released_as_it_comes() {
+        let s = stream();
+        let chunks: Vec<&[u8]> = s.chunks(100).collect();
+        let (out, held) = run(1_000, &chunks);
+        assert!(held <= 1_000 + 100, "held {held}");
+        let bytes: Vec<u8> = out.iter().flat_map(|p| p.0.clone()).collect();
+        assert_eq!(bytes, s);
+        // The small frames are frames; the big one is oversize pieces, the first marked.
+        assert_eq!(out[0], (s[..10].to_vec(), false, false));
+        let big: Vec<_> = out.iter().filter(|p| p.1).collect();
+        assert!(big.len() > 1);
+        assert!(big[0].2 && big[1..].iter().all(|p| !p.2));
+        assert_eq!(big.iter().map(|p| p.0.len()).sum::<usize>(), 3_000);
+        assert!(out.contains(&(s[3_010..3_050].to_vec(), false, false)));
+        assert_eq!(out.last().unwrap().0, b"tail");
+    }
+
+    proptest! {
+        /// Any chunking: the bytes come out unchanged and in order; a frame within the
+        /// limit is always one frame; nothing larger than the limit plus a chunk is held.
+        #[test]
+        fn any_chunking_keeps_bytes_and_small_frames(cuts in proptest::collection::vec(0usize..3_054, 0..20)) {
+            let s = stream();
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            let mut widest = 0;
+            for c in cuts.into_iter().chain([s.len()]) {
+                chunks.push(&s[start..c]);
+                widest = widest.max(c - start);
+                start = c;
+            }
+            let (out, held) = run(1_000, &chunks);
+            prop_assert!(held <= 1_000 + widest);
+            let bytes: Vec<u8> = out.iter().flat_map(|p| p.0.clone()).collect();
+            prop_assert_eq!(&bytes, &s);
+            prop_assert!(out.contains(&(s[..10].to_vec(), false, false)));
+            prop_assert!(out.contains(&(s[3_010..3_050].to_vec(), false, false)));
+            prop_assert!(out.iter().filter(|p| p.2).count() <= 1);
+        }
     }
 }

@@ -34,7 +34,7 @@ mod tests {
         let mut out = Vec::new();
         for chunk in chunks {
             let frames = framer.push(chunk);
-            out.extend(frames.iter().filter_map(line_json).map(<[u8]>::to_vec));
+            out.extend(frames.complete().filter_map(line_json).map(<[u8]>::to_vec));
         }
         out
     }

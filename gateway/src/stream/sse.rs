@@ -154,7 +154,7 @@ mod tests {
         for chunk in chunks {
             let frames = framer.push(chunk);
             bytes.extend_from_slice(&frames.bytes);
-            events.extend(frames.iter().map(parse_event));
+            events.extend(frames.complete().map(parse_event));
         }
         bytes.extend_from_slice(&framer.take_rest());
         (events, bytes)
