@@ -8,8 +8,9 @@
 #
 # ARCHIVE (optional): also write the image as a docker-archive tarball (for
 # `kind load image-archive`, `docker load`, `podman load`).
-# LTO=1 (optional): fat LTO and one codegen unit: 25.2 MB instead of 30.8 MB here, its
-# speed not benchmarked (docs/performance.md measured the release profile as it is).
+# The binary is built with Cargo.toml's `image` profile (release + fat LTO, no debug info
+# or symbols, cold crates optimized for size): docs/deploy.md has its size, and
+# docs/performance.md its speed against the release profile.
 # Needs: root, buildah (Debian `buildah`), musl-gcc (Debian `musl-tools`), rustup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE=${IMAGE:-localhost/kube-gateway:$VERSION}
 TARGET=x86_64-unknown-linux-musl
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
-BIN="$TARGET_DIR/$TARGET/release/kube-gateway"
+BIN="$TARGET_DIR/$TARGET/image/kube-gateway"
 STORAGE=(--storage-driver vfs)
 
 say() { echo "build-image: $*" >&2; }
@@ -28,14 +29,9 @@ done
 rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
 bash bpf/toolchain.sh
 
-say "building $BIN (static, musl, stripped)"
-# No edit of the release profile: debug info off and symbols stripped for this build only.
-if [ "${LTO:-0}" = 1 ]; then
-    export CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
-fi
+say "building $BIN (static, musl, the image profile; about 10 minutes on 2 cores)"
 CC_x86_64_unknown_linux_musl=musl-gcc \
-CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols \
-    nice -n 19 cargo build --release --locked --target "$TARGET" -p kube-gateway --bin kube-gateway
+    nice -n 19 cargo build --profile image --locked --target "$TARGET" -p kube-gateway --bin kube-gateway
 if readelf -l "$BIN" | grep -q 'Requesting program interpreter'; then
     say "$BIN is dynamically linked: it would not run on an empty base"; exit 1
 fi

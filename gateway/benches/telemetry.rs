@@ -89,6 +89,7 @@ fn metrics(otlp: bool, exports: &[(&str, &str)], sink: SocketAddr) -> Arc<Teleme
         ledger: Arc::new(Ledger::new(Arc::new(SystemClock))),
         store: None,
         attached_pods: Arc::default(),
+        open_connections: Arc::default(),
         pod_policies: Arc::default(),
     };
     let otel = Otel::from_env("team-a", "chat-7d9f-abcde", Arc::new(live))

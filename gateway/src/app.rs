@@ -91,8 +91,12 @@ impl Shared {
             ));
         }
         let tokens = TokenCounter::new();
-        // Built now so the first estimate does not pay for it.
-        tokens.warm(Encoding::Cl100kBase)?;
+        // An encoding's tables are ~20 MB: built when first needed (an estimate, off the
+        // request path), except that budgets count prompts on the request path, so a
+        // policy with budgets has it built now.
+        if !policy.current().budgets.is_empty() {
+            tokens.warm(Encoding::Cl100kBase)?;
+        }
         let mut ledger = Ledger::new(Arc::new(SystemClock));
         let (store_tx, writer, writer_stats) = match &config.store {
             Some(sc) => {
@@ -123,6 +127,7 @@ impl Shared {
             ledger: ledger.clone(),
             store: writer_stats.zip(store_tx.as_ref().map(|tx| tx.downgrade())),
             attached_pods: Arc::default(),
+            open_connections: Arc::default(),
             pod_policies: Arc::default(),
         };
         let otel = Otel::from_env(

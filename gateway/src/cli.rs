@@ -20,6 +20,10 @@ pub mod env {
     pub const ADMIN: &str = "ADMIN";
     pub const BODY_LIMIT: &str = "BODY_LIMIT";
     pub const MAX_EVENT_BYTES: &str = "MAX_EVENT_BYTES";
+    pub const HEADER_TIMEOUT_MS: &str = "HEADER_TIMEOUT_MS";
+    pub const MAX_HEADER_BYTES: &str = "MAX_HEADER_BYTES";
+    pub const BODY_TIMEOUT_MS: &str = "BODY_TIMEOUT_MS";
+    pub const MAX_CONNECTIONS: &str = "MAX_CONNECTIONS";
     pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
     pub const LOG_FORMAT: &str = "LOG_FORMAT";
     pub const LOG_BODIES: &str = "LOG_BODIES";
@@ -140,6 +144,21 @@ pub struct RunArgs {
     /// rules or a budget, ends the answer with an error event.
     #[arg(long, env = env::MAX_EVENT_BYTES, default_value_t = 4 * 1024 * 1024)]
     pub max_event_bytes: usize,
+    /// Time a connection may take to send a request's head, in milliseconds, counted
+    /// from when it is awaited: slow headers and idle keep-alive connections end there.
+    #[arg(long, env = env::HEADER_TIMEOUT_MS, default_value_t = 30_000)]
+    pub header_timeout_ms: u64,
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    #[arg(long, env = env::MAX_HEADER_BYTES, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Time a recognized request's body may take to arrive, in milliseconds; past it 408
+    /// in the caller's format.
+    #[arg(long, env = env::BODY_TIMEOUT_MS, default_value_t = 60_000)]
+    pub body_timeout_ms: u64,
+    /// Client connections open at once (all serving threads); more are closed as they
+    /// are accepted, and counted.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 10_000)]
+    pub max_connections: usize,
     /// Answer 400 to malformed JSON on a recognized path instead of forwarding it.
     #[arg(long, env = env::FAIL_CLOSED)]
     pub fail_closed: bool,
@@ -217,6 +236,8 @@ pub enum ConfigError {
     BodyLimit,
     #[error("--max-event-bytes must be at least 1")]
     EventLimit,
+    #[error("--max-connections, --header-timeout-ms and --body-timeout-ms must be at least 1")]
+    ZeroLimit,
     #[error(transparent)]
     Store(#[from] crate::store::BadStoreUrl),
     #[error("--cgroup captures connections for transparent mode: drop --upstream")]
@@ -236,6 +257,9 @@ impl TryFrom<RunArgs> for Config {
         }
         if a.max_event_bytes == 0 {
             return Err(ConfigError::EventLimit);
+        }
+        if a.max_connections == 0 || a.header_timeout_ms == 0 || a.body_timeout_ms == 0 {
+            return Err(ConfigError::ZeroLimit);
         }
         let upstream = match a.upstream.as_deref() {
             Some(u) => UpstreamMode::Fixed(Destination::parse(u)?),
@@ -273,6 +297,10 @@ impl TryFrom<RunArgs> for Config {
         let limits = Limits {
             body_bytes: a.body_limit,
             event_bytes: a.max_event_bytes,
+            header_timeout: std::time::Duration::from_millis(a.header_timeout_ms),
+            header_bytes: a.max_header_bytes,
+            body_timeout: std::time::Duration::from_millis(a.body_timeout_ms),
+            max_connections: a.max_connections,
             connect_timeout: std::time::Duration::from_millis(a.connect_timeout_ms),
             upstream_mark: capture.as_ref().map(|_| kube_gateway_bpf::GATEWAY_MARK),
             response_timeout: std::time::Duration::from_millis(a.response_timeout_ms),

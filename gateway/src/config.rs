@@ -64,6 +64,15 @@ pub struct Limits {
     pub response_bytes: usize,
     /// Largest stream event (SSE) or line (NDJSON) held to read it.
     pub event_bytes: usize,
+    /// Until a request's head has arrived, from the moment the connection waits for it:
+    /// slow headers (slowloris) and idle keep-alive connections both end there.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers).
+    pub header_bytes: usize,
+    /// Until a recognized request's whole body has arrived.
+    pub body_timeout: Duration,
+    /// Client connections open at once; more are closed at accept.
+    pub max_connections: usize,
     pub connect_timeout: Duration,
     /// Until the upstream's response headers arrive.
     pub response_timeout: Duration,
@@ -82,6 +91,10 @@ impl Default for Limits {
             body_bytes: 8 * 1024 * 1024,
             response_bytes: 16 * 1024 * 1024,
             event_bytes: 4 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            header_bytes: 64 * 1024,
+            body_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(600),
             sniff_timeout: Duration::from_millis(500),

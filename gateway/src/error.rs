@@ -23,6 +23,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: usize },
     #[error("request body could not be read: {0}")]
     ClientBody(String),
+    #[error("request body did not arrive within {timeout:?}")]
+    BodyTimeout { timeout: Duration },
     #[error("request body is not valid JSON for this API: {0}")]
     MalformedJson(String),
     #[error("upstream {upstream} could not be reached: {reason}")]
@@ -50,6 +52,7 @@ impl GatewayError {
         match self {
             GatewayError::BodyTooLarge { .. }
             | GatewayError::ClientBody(_)
+            | GatewayError::BodyTimeout { .. }
             | GatewayError::MalformedJson(_)
             | GatewayError::PolicyDenied { .. }
             | GatewayError::BudgetExhausted { .. } => ErrorOrigin::Client,
@@ -65,6 +68,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             GatewayError::ClientBody(_) | GatewayError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             GatewayError::UpstreamConnect { .. } | GatewayError::UpstreamReset { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -82,6 +86,7 @@ impl GatewayError {
         match self {
             GatewayError::BodyTooLarge { .. } => "request_too_large",
             GatewayError::ClientBody(_) => "request_body_unreadable",
+            GatewayError::BodyTimeout { .. } => "request_body_timeout",
             GatewayError::MalformedJson(_) => "invalid_json",
             GatewayError::UpstreamConnect { .. } => "upstream_unreachable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",

@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod budget;

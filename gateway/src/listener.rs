@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,14 +152,27 @@ impl Gateway {
         }
         tracing::debug!(listen = %config.listen, "serving thread ready");
         tokio::pin!(shutdown);
+        let mut purge = tokio::time::interval(crate::alloc::PURGE_EVERY);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = purge.tick() => crate::alloc::purge(),
                 (stream, peer) = accept::next("gateway", || self.listener.accept()) => {
+                    let Some(slot) = Slot::take(&self.shared.live.open_connections, config.limits.max_connections) else {
+                        // Closed at once (a reset, not a hang), so a flood costs one
+                        // accept each and the connections already open keep their room.
+                        self.shared.telemetry.connection_refused();
+                        tracing::warn!(%peer, max = config.limits.max_connections, "connection refused: --max-connections are open");
+                        drop(stream);
+                        continue;
+                    };
                     let (config, proxy, watcher) = (config.clone(), self.proxy.clone(), drain.watch());
                     let telemetry = self.shared.telemetry.clone();
                     #[expect(clippy::disallowed_methods, reason = "a client connection: the drain watch it holds makes shutdown wait for it")]
-                    tokio::spawn(connection(stream, peer, config, proxy, watcher, telemetry));
+                    tokio::spawn(async move {
+                        connection(stream, peer, config, proxy, watcher, telemetry).await;
+                        drop(slot);
+                    });
                 }
             }
         }
@@ -174,6 +187,25 @@ impl Gateway {
         if let Some(admin) = admin {
             admin.abort();
         }
+    }
+}
+
+/// One of `--max-connections`, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -208,7 +240,7 @@ async fn connection(
     match sniff::sniff(&stream, config.limits.sniff_timeout).await {
         Protocol::Http1 => {
             let conn = proxy.connection(peer, destination);
-            http::serve(stream, conn, proxy, drain).await
+            http::serve(stream, conn, proxy, &config.limits, drain).await
         }
         Protocol::Opaque => {
             match relay::relay(stream, &destination, &config.limits, proxy.dialer()).await {

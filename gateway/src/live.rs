@@ -26,6 +26,8 @@ pub struct Live {
     pub store: Option<(Arc<WriterStats>, WeakSender<Arc<UsageRecord>>)>,
     /// Pods the node agent serves now (`kube-gateway node`; 0 in `run`).
     pub attached_pods: Arc<AtomicUsize>,
+    /// Client connections open now, across serving threads (and pods).
+    pub open_connections: Arc<AtomicUsize>,
     /// The policies of the pods the node agent serves (their budgets are gauged too),
     /// swapped whole after each pass.
     pub pod_policies: Arc<ArcSwap<Vec<Arc<Policy>>>>,
@@ -54,6 +56,10 @@ impl Gauges for Live {
 
     fn attached_pods(&self) -> usize {
         self.attached_pods.load(Ordering::Relaxed)
+    }
+
+    fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
     }
 
     /// Records waiting for the writer, and rows spooled and not yet replayed.

@@ -217,6 +217,8 @@ pub fn spawn_recorder(
         let mut heavy: VecDeque<Exchange> = VecDeque::new();
         let mut counting: JoinSet<Finished> = JoinSet::new();
         let mut open = true;
+        // The background thread frees what the exchanges held (answers' text).
+        let mut purge = tokio::time::interval(crate::alloc::PURGE_EVERY);
         while open || !heavy.is_empty() || !counting.is_empty() {
             if counting.is_empty() {
                 if let Some(exchange) = heavy.pop_front() {
@@ -239,6 +241,7 @@ pub fn spawn_recorder(
                         }
                     }
                 },
+                _ = purge.tick() => crate::alloc::purge(),
                 Some(done) = counting.join_next(), if !counting.is_empty() => match done {
                     Ok(finished) => sinks.deliver(finished).await,
                     // Counting does not panic on any text; if it ever did, say so loudly.

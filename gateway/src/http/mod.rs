@@ -15,7 +15,13 @@ use tokio::net::TcpStream;
 pub use proxy::{ConnInfo, Proxy};
 
 /// Serves one client connection until it closes (or the gateway drains it).
-pub async fn serve(stream: TcpStream, conn: ConnInfo, proxy: Arc<Proxy>, mut drain: DrainWatch) {
+pub async fn serve(
+    stream: TcpStream,
+    conn: ConnInfo,
+    proxy: Arc<Proxy>,
+    limits: &crate::config::Limits,
+    mut drain: DrainWatch,
+) {
     let conn = Arc::new(conn);
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
@@ -25,6 +31,10 @@ pub async fn serve(stream: TcpStream, conn: ConnInfo, proxy: Arc<Proxy>, mut dra
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // hyper starts this clock whenever it waits for a request head, so it also ends
+        // keep-alive connections idle that long.
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.header_bytes)
         .preserve_header_case(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();

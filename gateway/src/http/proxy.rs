@@ -232,7 +232,14 @@ impl Proxy {
                 Outcome::Rejected,
             );
         }
-        let original = match Limited::new(body, limit).collect().await {
+        let timeout = self.config.limits.body_timeout;
+        let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+        let Ok(read) = read else {
+            // A client trickling its body holds a connection and a buffer: bounded.
+            let err = GatewayError::BodyTimeout { timeout };
+            return self.reject(ex, err, started, Outcome::Rejected);
+        };
+        let original = match read {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return self.reject(

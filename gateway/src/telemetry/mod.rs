@@ -30,6 +30,8 @@ pub trait Gauges: Send + Sync {
     fn store(&self) -> Option<(usize, usize)>;
     /// Pods the node agent serves now.
     fn attached_pods(&self) -> usize;
+    /// Client connections open now.
+    fn open_connections(&self) -> usize;
 }
 
 /// The series handles and OTLP attributes of one kind of request, resolved once.
@@ -145,6 +147,14 @@ impl Telemetry {
         self.prometheus.captured();
         if let Some(o) = &self.otel {
             o.captured();
+        }
+    }
+
+    /// A client connection was closed at accept: `--max-connections` were open.
+    pub fn connection_refused(&self) {
+        self.prometheus.connection_refused();
+        if let Some(o) = &self.otel {
+            o.connection_refused();
         }
     }
 

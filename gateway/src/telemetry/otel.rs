@@ -111,6 +111,7 @@ struct Instruments {
     captured: Counter<u64>,
     netflushed: Counter<u64>,
     records_dropped: Counter<u64>,
+    connections_refused: Counter<u64>,
     /// Observed at each export from the live state; kept so their callbacks stay.
     _gauges: [ObservableGauge<u64>; 4],
 }
@@ -201,6 +202,10 @@ impl Instruments {
             records_dropped: meter
                 .u64_counter("kube_gateway.usage_records_dropped")
                 .with_description("Usage records dropped because the recorder's queue was full (they reach no sink)")
+                .build(),
+            connections_refused: meter
+                .u64_counter("kube_gateway.connections_refused")
+                .with_description("Client connections closed at accept because --max-connections were open")
                 .build(),
             _gauges: [
                 budgets(
@@ -425,6 +430,12 @@ impl Otel {
     pub fn netflushed(&self, n: u64) {
         if let Some((m, _)) = &self.metrics {
             m.netflushed.add(n, &[]);
+        }
+    }
+
+    pub fn connection_refused(&self) {
+        if let Some((m, _)) = &self.metrics {
+            m.connections_refused.add(1, &[]);
         }
     }
 

@@ -118,6 +118,8 @@ pub(super) struct Prometheus {
     netflushed: Family<Pod, Counter<u64, AtomicU64>>,
     records_dropped: Family<Pod, Counter>,
     attached_pods: Family<Pod, Gauge>,
+    connections_open: Family<Pod, Gauge>,
+    connections_refused: Family<Pod, Counter>,
 }
 
 /// The convention's advised buckets (shared with the OTLP instruments).
@@ -171,6 +173,8 @@ impl Prometheus {
             netflushed: Family::default(),
             records_dropped: Family::default(),
             attached_pods: Family::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         // First in the exposition, and counted last by `record`: a scrape that counts a
@@ -244,6 +248,16 @@ impl Prometheus {
             "kube_gateway_netflush_destroyed",
             "Workload connections destroyed by netflush so they reconnect through the gateway",
             m.netflushed.clone(),
+        );
+        registry.register(
+            "kube_gateway_connections_open",
+            "Client connections open now",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "kube_gateway_connections_refused",
+            "Client connections closed at accept because --max-connections were open",
+            m.connections_refused.clone(),
         );
         registry.register(
             "kube_gateway_attached_pods",
@@ -343,6 +357,10 @@ impl Prometheus {
     }
 
     /// A usage record was dropped (the recorder's queue was full).
+    pub(super) fn connection_refused(&self) {
+        self.connections_refused.get_or_create(&self.who).inc();
+    }
+
     pub(super) fn record_dropped(&self) {
         self.records_dropped.get_or_create(&self.who).inc();
     }
@@ -364,6 +382,9 @@ impl Prometheus {
         self.attached_pods
             .get_or_create(&self.who)
             .set(i64::try_from(live.attached_pods()).unwrap_or(i64::MAX));
+        self.connections_open
+            .get_or_create(&self.who)
+            .set(i64::try_from(live.open_connections()).unwrap_or(i64::MAX));
         if let Some((depth, spooled)) = live.store() {
             self.store_state(depth, spooled);
         }
