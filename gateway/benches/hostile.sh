@@ -38,6 +38,9 @@ step() { # label path model
 }
 step "one ${MB} MB SSE event" /v1/chat/completions "sseline-$MB"
 step "one ${MB} MB NDJSON line" /api/chat "ndjsonline-$MB"
+# An ordinary answer without usage first: it builds the tokenizer (its tables stay, a
+# one-time cost), so the next step shows what the one-word answer itself costs.
+step "a small answer without usage (tokenizer built)" /v1/chat/completions "oneword-0.05"
 reset_peak
 python3 "$py" behind 18400 "oneword-$WORD_MB" 100 "$work/log" >"$work/out"
 printf '%-44s %10s %10s\n' "${WORD_MB} MB one-word answer, no usage, +100" "$(mib VmHWM)" "$(after)"
@@ -51,4 +54,4 @@ wait "$burst"
 printf '%-44s %10s %10s   (RSS with all open: %s MiB)\n' "1,000 idle keep-alive connections" "$(mib VmHWM)" "$(after)" "$during"
 sleep 2
 rows=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from usage_events').fetchone()[0])" "$work/usage.db" 2>/dev/null || echo "?")
-echo "usage rows: $rows (expected 1,103: every request has its row)"
+echo "usage rows: $rows (expected 1,104: every request has its row)"
