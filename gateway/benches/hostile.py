@@ -9,6 +9,7 @@ that asks for them and times the records of ordinary requests behind them.
                                                     access-log lines came
     python3 hostile.py idle PORT N SECONDS          N keep-alive connections, one request
                                                     each, then idle for SECONDS
+    python3 hostile.py streams PORT N SECONDS       N live streams at once for SECONDS
 """
 
 import socket
@@ -74,6 +75,14 @@ class Upstream(BaseHTTPRequestHandler):
                      b'"},"done":false}\n')
             self.wfile.write(b'{"model":"m","message":{"role":"assistant","content":""},'
                              b'"done":true,"prompt_eval_count":3,"eval_count":5}\n')
+        elif kind == "slow":
+            # A live stream: a small event every 0.5 s for `mb` seconds.
+            self.start("text/event-stream")
+            for _ in range(int(float(mb) * 2)):
+                self.wfile.write(chunk("tick "))
+                self.wfile.flush()
+                time.sleep(0.5)
+            self.wfile.write(b"data: [DONE]\n\n")
         elif kind == "oneword":
             # One unbroken run of letters, 16 KiB an event, and no usage at all.
             self.start("text/event-stream")
@@ -164,13 +173,32 @@ def idle(port, n, seconds):
         s.close()
 
 
+def streams(port, n, seconds):
+    """`n` live streams at once, each read as it flows."""
+    import threading
+    def one():
+        request(port, "/v1/chat/completions", f"slow-{seconds}", True)
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def main():
     cmd = sys.argv[1]
     if cmd == "upstream":
-        ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Upstream).serve_forever()
+        Server(("127.0.0.1", int(sys.argv[2])), Upstream).serve_forever()
     elif cmd == "get":
         status, size = request(int(sys.argv[2]), sys.argv[3], sys.argv[4], True)
         print(f"{sys.argv[4]}: status {status}, {size} bytes to the client")
+    elif cmd == "streams":
+        streams(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif cmd == "idle":
         idle(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     elif cmd == "behind":

@@ -3,7 +3,7 @@
 #   idle RSS; one 64 MB SSE event and one 64 MB NDJSON line (peak and after);
 #   a 20 MB one-word answer without usage (peak, and how late the records of 100
 #   ordinary requests behind it are logged); 1,000 keep-alive connections idle after a
-#   request each (with all open, and after they close).
+#   request each (with all open, and after they close); 200 live streams at once.
 # Peaks are VmHWM, reset before each step (/proc/PID/clear_refs). KGW_BIN: another
 # kube-gateway binary to measure (e.g. an older build), default the release build.
 set -euo pipefail
@@ -53,5 +53,12 @@ during=$(mib VmRSS)
 wait "$burst"
 printf '%-44s %10s %10s   (RSS with all open: %s MiB)\n' "1,000 idle keep-alive connections" "$(mib VmHWM)" "$(after)" "$during"
 sleep 2
+reset_peak
+python3 "$py" streams 18400 200 8 &
+streaming=$!
+sleep 5
+during=$(mib VmRSS)
+wait "$streaming"
+printf '%-44s %10s %10s   (RSS with all flowing: %s MiB)\n' "200 live streams at once" "$(mib VmHWM)" "$(after)" "$during"
 rows=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from usage_events').fetchone()[0])" "$work/usage.db" 2>/dev/null || echo "?")
-echo "usage rows: $rows (expected 1,104: every request has its row)"
+echo "usage rows: $rows (expected 1,304: every request has its row)"
