@@ -17,6 +17,7 @@ happens (docs/deploy.md, "When a privilege is missing", says the same).
 Needs root, cgroup v2, `ip`, `setpriv` and the agent binary (KGW_BINARY, or
 target/<KGW_PROFILE or debug>/kube-gateway); skips without them, fails under CI=true."""
 
+import errno
 import os
 import shutil
 import signal
@@ -158,8 +159,23 @@ class Node:
         self.api.stop()
         for d in sorted(self.base.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if d.is_dir():
-                d.rmdir()
-        self.base.rmdir()
+                rmdir_when_empty(d)
+        rmdir_when_empty(self.base)
+
+
+def rmdir_when_empty(cgroup, seconds=10):
+    """Removes a cgroup once its processes are gone: a process killed inside a PID
+    namespace of its own (unshare --kill-child) exits after the unshare that waited for
+    it, so its cgroup can be busy for a moment after the kill."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def ready(port):
