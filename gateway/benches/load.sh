@@ -120,9 +120,9 @@ measure() { # key port path body-file pid... (no pid: direct, no CPU)
     local script url out t0 t1 n
     script=$(lua "$body")
     url="http://127.0.0.1:$port$path"
-    wrk -t2 -c"$CONNS" -d3s -s "$script" "$url" >/dev/null
+    wrk -t2 -c"$CONNS" -d3s --timeout 10s -s "$script" "$url" >/dev/null
     t0=$( (($#)) && ticks "$@" || echo 0)
-    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --latency -s "$script" "$url")
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" --timeout 10s --latency -s "$script" "$url")
     t1=$( (($#)) && ticks "$@" || echo 0)
     n=$(awk '/requests in/ {print $1}' <<<"$out")
     rps[$key]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
@@ -174,7 +174,7 @@ run() { # workload path body-file gateway-port nginx-port upstream-port gateway-
     measure "$1/kube-gateway" "$4" "$2" "$3" "$7"
 }
 
-echo "$CONNS connections, $DURATION a wrk run (-t2, after a 3 s warm-up); TTFB: ai-demo ttfc, one"
+echo "$CONNS connections, $DURATION a wrk run (-t2, --timeout 10s, after a 3 s warm-up); TTFB: ai-demo ttfc, one"
 echo "keep-alive connection, $TTFB_N requests in sequence, time from sending a request to the"
 echo "first body byte. CPU per request: user + system time of the proxy's processes (all nginx"
 echo "workers; the gateway process) over the wrk run, / requests completed."
