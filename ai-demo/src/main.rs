@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -45,6 +46,9 @@ enum Command {
         /// The request body (default: a short streaming chat).
         #[arg(long)]
         body: Option<String>,
+        /// Read the request body from this file (for bodies too large for an argument).
+        #[arg(long, conflicts_with = "body")]
+        body_file: Option<std::path::PathBuf>,
     },
     /// Run the local demo: the demo LLM and a kube-gateway in front of it.
     Local {
@@ -97,8 +101,16 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             label,
             body,
+            body_file,
         } => {
             let default = r#"{"model":"llama3.2:1b","messages":[{"role":"user","content":"Say hello"}],"stream":true,"max_tokens":16}"#;
+            let body = match body_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => body,
+            };
             let body = body.as_deref().unwrap_or(default);
             let s =
                 kube_gateway_ai_demo::ttfc::measure(addr, &path, body, warmup, requests).await?;
