@@ -265,6 +265,7 @@ async fn stream_chunks_reach_the_client_as_they_are_generated() {
     let (demo_addr, _demo) = demo(DemoConfig {
         first_token_delay: delay,
         token_delay: delay,
+        ..Default::default()
     })
     .await;
     let gw = gateway(config(demo_addr)).await;
