@@ -9,15 +9,25 @@
 //! `stream_options.include_usage`, a tokenize endpoint asked afterwards) pair our count
 //! with the true one; the pairs of one (upstream, model) fit a correction:
 //!
-//! - prompt: `true = slope x ours + intercept`. The intercept is the chat template (the
-//!   role markers and the generation prompt cost tokens whatever the text), the slope
-//!   the vocabularies' ratio.
+//! - prompt: `true = a x ours + b x messages + c`. `a` is the vocabularies' ratio, `b` the
+//!   chat template's cost per message (role markers, turn ends), `c` its fixed cost (the
+//!   generation prompt, BOS). llama.cpp's Gemma template costs 8 tokens for one user turn
+//!   and 5 to 6 for each further one (docs/tokens.md), which one slope and intercept
+//!   cannot follow across conversations of different lengths. And a server may drop
+//!   system text (Gemma has no system role): the same fit is kept twice, over all our
+//!   tokens and over those outside system messages, and the one that predicted this
+//!   key's answers better is used. Prompts of one message count, or of one length, fall
+//!   back to `slope x ours + intercept`, then to a ratio.
 //! - completion: `true = slope x ours`, through the origin (no template on an answer;
 //!   an empty answer is zero tokens).
 //!
 //! And where a server emits one token per content event (llama.cpp's server does), the
 //! count of content events is the completion's token count; trusted only once the
-//! answers of that key showed it ([`Calibration::observe_events`]).
+//! answers of that key showed it: streams that reported usage agreeing with their events
+//! ([`Calibration::observe_events`]), or, where streams never report usage (llama.cpp's
+//! never do), streams whose events add up to what the calibrated completion fit predicts
+//! for their text ([`Calibration::observe_events_against_fit`]): a server that puts two
+//! tokens in an event shows half the fit's count and is never trusted.
 
 use std::collections::HashMap;
 
@@ -55,6 +65,22 @@ const MIN_VARIANCE: f64 = 1.0;
 /// back to the ratio. Vocabularies differ by well under a factor of four.
 const SLOPE_RANGE: (f64, f64) = (0.25, 4.0);
 
+/// The spread of message counts below which no per-message cost is fitted.
+const MIN_MESSAGE_VARIANCE: f64 = 0.1;
+
+/// A fitted per-message cost outside this range is noise: chat templates spend a few
+/// tokens per message (a token or two of noise below zero is tolerated).
+const PER_MESSAGE_RANGE: (f64, f64) = (-2.0, 64.0);
+
+/// Prompt lengths and message counts that move together this closely (the squared
+/// correlation above 1 - this) cannot be told apart: the fit keeps to the length alone.
+const COLLINEAR: f64 = 0.05;
+
+/// The fit over text outside system messages is used only when its prediction error
+/// is below this fraction of the all-text fit's: a server that drops system text makes
+/// the all-text fit miss by the whole system prompt; noise alone makes them about equal.
+const SYSTEM_DROPPED_MARGIN: f64 = 0.8;
+
 /// Upstreams a calibration keeps apart; later ones share one entry, [`OTHER_MODELS`]'s
 /// name (transparent mode's upstreams are whatever the workloads connect to).
 pub const MAX_UPSTREAMS: usize = 64;
@@ -90,6 +116,40 @@ impl Method {
     }
 }
 
+/// Our count of a prompt and its layout: what the prompt fit reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// Tiktoken tokens of the prompt's whole text (system text included).
+    pub tokens: u64,
+    /// Of which in system (and developer) messages, instructions or `system` fields.
+    pub system_tokens: u64,
+    /// Messages; 0 for a plain prompt.
+    pub messages: u64,
+    /// Of which system (or developer) messages.
+    pub system_messages: u64,
+}
+
+impl Prompt {
+    /// A prompt of one user text, or a plain one: just its count.
+    pub fn text(tokens: u64) -> Self {
+        Prompt {
+            tokens,
+            ..Default::default()
+        }
+    }
+
+    /// (ours, messages) under each hypothesis: all text counts, or system text does not.
+    fn features(&self) -> [(f64, f64); 2] {
+        [
+            (self.tokens as f64, self.messages as f64),
+            (
+                self.tokens.saturating_sub(self.system_tokens) as f64,
+                self.messages.saturating_sub(self.system_messages) as f64,
+            ),
+        ]
+    }
+}
+
 /// One estimated count and how it was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Count {
@@ -105,50 +165,93 @@ pub struct Estimate {
     pub completion: Count,
 }
 
-/// Exponentially decayed sums of (x = ours, y = true) pairs: a weighted least-squares
-/// line and ratio in constant memory.
+/// Exponentially decayed sums of (x = ours, m = messages, y = true) samples: a weighted
+/// least-squares plane, line and ratio in constant memory.
 #[derive(Debug, Clone, Default)]
 struct Fit {
     w: f64,
     x: f64,
+    m: f64,
     y: f64,
     xx: f64,
+    xm: f64,
+    mm: f64,
     xy: f64,
+    my: f64,
     samples: u32,
-    /// The last consecutive outliers, oldest first (a restart seeds from them).
-    outliers: Vec<(f64, f64)>,
+    /// The last consecutive outliers, oldest first (a restart seeds from them; at most
+    /// [`SWAP_AFTER`]).
+    outliers: Vec<(f64, f64, f64)>,
 }
 
 impl Fit {
-    fn add(&mut self, x: f64, y: f64) {
+    fn add(&mut self, x: f64, m: f64, y: f64) {
         self.w = self.w * DECAY + 1.0;
         self.x = self.x * DECAY + x;
+        self.m = self.m * DECAY + m;
         self.y = self.y * DECAY + y;
         self.xx = self.xx * DECAY + x * x;
+        self.xm = self.xm * DECAY + x * m;
+        self.mm = self.mm * DECAY + m * m;
         self.xy = self.xy * DECAY + x * y;
+        self.my = self.my * DECAY + m * y;
         self.samples = self.samples.saturating_add(1);
     }
 
     /// Adds a sample, restarting the fit when it is the [`SWAP_AFTER`]th outlier in a
-    /// row of a trusted fit. `line`: fit slope and intercept (prompts), or a ratio.
-    fn observe(&mut self, x: f64, y: f64, line: bool) {
+    /// row of a trusted fit. `line`: fit the plane (prompts), or a ratio.
+    fn observe(&mut self, x: f64, m: f64, y: f64, line: bool) {
         if self.samples >= MIN_SAMPLES {
-            let predicted = if line { self.line(x) } else { self.ratio() * x };
+            let predicted = if line {
+                self.predict(x, m)
+            } else {
+                self.ratio() * x
+            };
             let off = (y - predicted).abs();
             if off > OUTLIER_MIN_TOKENS && off > OUTLIER_FRACTION * y.max(predicted) {
-                self.outliers.push((x, y));
+                self.outliers.push((x, m, y));
                 if self.outliers.len() >= SWAP_AFTER {
                     let seed = std::mem::take(&mut self.outliers);
                     *self = Fit::default();
-                    for (x, y) in seed {
-                        self.add(x, y);
+                    for (x, m, y) in seed {
+                        self.add(x, m, y);
                     }
                 }
                 return;
             }
         }
         self.outliers.clear();
-        self.add(x, y);
+        self.add(x, m, y);
+    }
+
+    /// `a x ours + b x messages + c` by weighted least squares, where the samples' spread
+    /// in both allows it and the coefficients look like a tokenizer and a template;
+    /// otherwise [`Self::line`].
+    fn predict(&self, x: f64, m: f64) -> f64 {
+        let w = self.w;
+        if w > 0.0 {
+            // Weighted (co)variances, times w.
+            let sxx = self.xx - self.x * self.x / w;
+            let smm = self.mm - self.m * self.m / w;
+            let sxm = self.xm - self.x * self.m / w;
+            let sxy = self.xy - self.x * self.y / w;
+            let smy = self.my - self.m * self.y / w;
+            let det = sxx * smm - sxm * sxm;
+            if sxx / w >= MIN_VARIANCE
+                && smm / w >= MIN_MESSAGE_VARIANCE
+                && det > COLLINEAR * sxx * smm
+            {
+                let a = (smm * sxy - sxm * smy) / det;
+                let b = (sxx * smy - sxm * sxy) / det;
+                if (SLOPE_RANGE.0..=SLOPE_RANGE.1).contains(&a)
+                    && (PER_MESSAGE_RANGE.0..=PER_MESSAGE_RANGE.1).contains(&b)
+                {
+                    let c = (self.y - a * self.x - b * self.m) / w;
+                    return a * x + b * m + c;
+                }
+            }
+        }
+        self.line(x)
     }
 
     fn trusted(&self) -> bool {
@@ -185,11 +288,60 @@ impl Fit {
 #[derive(Debug, Clone, Default)]
 struct Events {
     agreeing: u32,
+    /// The last stream with a true count disagreed: no trust from the fit until
+    /// [`MIN_SAMPLES`] agree again.
+    disagreed: bool,
+    /// Decayed sums over streams without usage: their content events, and what the
+    /// completion fit predicted for their text.
+    against_fit: u32,
+    events: f64,
+    predicted: f64,
+}
+
+impl Events {
+    fn trusted(&self) -> bool {
+        self.agreeing >= MIN_SAMPLES
+            || (!self.disagreed
+                && self.against_fit >= MIN_SAMPLES
+                && self.predicted > 0.0
+                && (self.events / self.predicted - 1.0).abs() <= OUTLIER_FRACTION)
+    }
+}
+
+/// The prompt fit under both hypotheses (see the module doc), and how well each
+/// predicted the samples it had not seen yet (decayed mean relative error).
+#[derive(Debug, Clone, Default)]
+struct PromptFit {
+    /// [0]: all text counts; [1]: system text does not.
+    fits: [Fit; 2],
+    errors: [f64; 2],
+}
+
+impl PromptFit {
+    fn observe(&mut self, p: &Prompt, y: f64) {
+        let features = p.features();
+        // Scored before the sample is added: how each fit does on what it has not seen.
+        if self.fits.iter().all(|f| f.samples >= 2) {
+            for ((fit, err), (x, m)) in self.fits.iter().zip(&mut self.errors).zip(features) {
+                let off = (y - fit.predict(x, m)).abs() / y.max(1.0);
+                *err = *err * DECAY + off;
+            }
+        }
+        for (fit, (x, m)) in self.fits.iter_mut().zip(features) {
+            fit.observe(x, m, y, true);
+        }
+    }
+
+    /// The fit to use, and our count in its terms.
+    fn chosen(&self, p: &Prompt) -> (&Fit, (f64, f64)) {
+        let i = usize::from(self.errors[1] < SYSTEM_DROPPED_MARGIN * self.errors[0]);
+        (&self.fits[i], p.features()[i])
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 struct Entry {
-    prompt: Fit,
+    prompt: PromptFit,
     completion: Fit,
     events: Events,
 }
@@ -250,24 +402,24 @@ impl Calibration {
     pub fn observe(
         &mut self,
         key: Key<'_>,
-        ours_prompt: u64,
+        ours_prompt: &Prompt,
         true_prompt: Option<u64>,
         ours_completion: u64,
         true_completion: Option<u64>,
     ) {
-        let prompt = true_prompt.filter(|_| ours_prompt > 0);
+        let prompt = true_prompt.filter(|_| ours_prompt.tokens > 0);
         let completion = true_completion.filter(|_| ours_completion > 0);
         if prompt.is_none() && completion.is_none() {
             return;
         }
         let entry = self.entry_mut(key);
         if let Some(y) = prompt {
-            entry.prompt.observe(ours_prompt as f64, y as f64, true);
+            entry.prompt.observe(ours_prompt, y as f64);
         }
         if let Some(y) = completion {
             entry
                 .completion
-                .observe(ours_completion as f64, y as f64, false);
+                .observe(ours_completion as f64, 0.0, y as f64, false);
         }
     }
 
@@ -280,9 +432,42 @@ impl Calibration {
         let events = &mut self.entry_mut(key).events;
         if content_events.abs_diff(true_completion) <= 1 {
             events.agreeing = events.agreeing.saturating_add(1);
+            events.disagreed = false;
         } else {
-            events.agreeing = 0;
+            // Shown not to hold: what the fit suggested is forgotten too.
+            *events = Events {
+                disagreed: true,
+                ..Events::default()
+            };
         }
+    }
+
+    /// Learns the same from a stream that reported no usage, against the calibrated
+    /// completion fit (only once that is trusted; `ours_completion` is our tiktoken count
+    /// of the stream's text). Over [`MIN_SAMPLES`] such streams the content events must
+    /// add up to the fit's prediction within [`OUTLIER_FRACTION`]: one stream is as noisy
+    /// as the fit, the sum is not, and a server with several tokens per event is far off.
+    pub fn observe_events_against_fit(
+        &mut self,
+        key: Key<'_>,
+        content_events: u64,
+        ours_completion: u64,
+    ) {
+        let Some(ratio) = self
+            .entry(key)
+            .map(|e| &e.completion)
+            .filter(|f| f.trusted())
+            .map(Fit::ratio)
+        else {
+            return;
+        };
+        if ours_completion == 0 {
+            return;
+        }
+        let events = &mut self.entry_mut(key).events;
+        events.against_fit = events.against_fit.saturating_add(1);
+        events.events = events.events * DECAY + content_events as f64;
+        events.predicted = events.predicted * DECAY + ratio * ours_completion as f64;
     }
 
     /// The best counts for an answer that reported none: `ours_*` are tiktoken counts of
@@ -291,22 +476,25 @@ impl Calibration {
     pub fn estimate(
         &self,
         key: Key<'_>,
-        ours_prompt: u64,
+        ours_prompt: &Prompt,
         ours_completion: u64,
         content_events: Option<u64>,
     ) -> Estimate {
         let entry = self.entry(key);
-        let prompt = match entry.map(|e| &e.prompt).filter(|f| f.trusted()) {
-            Some(fit) => Count {
-                tokens: to_count(fit.line(ours_prompt as f64)),
+        let prompt = match entry
+            .map(|e| e.prompt.chosen(ours_prompt))
+            .filter(|(f, _)| f.trusted())
+        {
+            Some((fit, (x, m))) => Count {
+                tokens: to_count(fit.predict(x, m)),
                 method: Method::Calibrated,
             },
             None => Count {
-                tokens: ours_prompt,
+                tokens: ours_prompt.tokens,
                 method: Method::Tiktoken,
             },
         };
-        let events_trusted = entry.is_some_and(|e| e.events.agreeing >= MIN_SAMPLES);
+        let events_trusted = entry.is_some_and(|e| e.events.trusted());
         let completion = match (content_events, entry) {
             (Some(n), _) if events_trusted => Count {
                 tokens: n,
@@ -351,14 +539,14 @@ mod tests {
             let o = 5 + (i * 53) % 115;
             let tp = (a * p as f64 + b).round() as u64;
             let to = (c * o as f64).round() as u64;
-            cal.observe(key, p, Some(tp), o, Some(to));
+            cal.observe(key, &Prompt::text(p), Some(tp), o, Some(to));
         }
     }
 
     #[test]
     fn nothing_learned_means_tiktoken_as_is() {
         let cal = Calibration::new();
-        let e = cal.estimate(K, 11, 88, Some(60));
+        let e = cal.estimate(K, &Prompt::text(11), 88, Some(60));
         assert_eq!(
             e.prompt,
             Count {
@@ -380,12 +568,12 @@ mod tests {
         let mut cal = Calibration::new();
         feed(&mut cal, K, u64::from(MIN_SAMPLES) - 1, 1.3, 17.0, 0.7);
         assert_eq!(
-            cal.estimate(K, 50, 50, None).prompt.method,
+            cal.estimate(K, &Prompt::text(50), 50, None).prompt.method,
             Method::Tiktoken
         );
         feed(&mut cal, K, 1, 1.3, 17.0, 0.7);
         assert_eq!(
-            cal.estimate(K, 50, 50, None).prompt.method,
+            cal.estimate(K, &Prompt::text(50), 50, None).prompt.method,
             Method::Calibrated
         );
     }
@@ -396,7 +584,7 @@ mod tests {
         feed(&mut cal, K, 30, 1.3, 17.0, 0.7);
         for ours in [5, 40, 150, 400] {
             let want = (1.3 * ours as f64 + 17.0).round() as u64;
-            let got = cal.estimate(K, ours, 10, None).prompt;
+            let got = cal.estimate(K, &Prompt::text(ours), 10, None).prompt;
             assert_eq!(got.method, Method::Calibrated);
             assert!(
                 got.tokens.abs_diff(want) <= 2,
@@ -411,21 +599,29 @@ mod tests {
         let mut cal = Calibration::new();
         feed(&mut cal, K, 30, 1.0, 0.0, 0.68);
         // 88 tiktoken tokens of a 60-token answer (the measurement).
-        let got = cal.estimate(K, 20, 88, None).completion;
+        let got = cal.estimate(K, &Prompt::text(20), 88, None).completion;
         assert_eq!(got.method, Method::Calibrated);
         assert!(got.tokens.abs_diff(60) <= 1, "{}", got.tokens);
-        assert_eq!(cal.estimate(K, 20, 0, None).completion.tokens, 0);
+        assert_eq!(
+            cal.estimate(K, &Prompt::text(20), 0, None)
+                .completion
+                .tokens,
+            0
+        );
     }
 
     #[test]
     fn prompts_of_one_length_fall_back_to_the_ratio() {
         let mut cal = Calibration::new();
         for _ in 0..10 {
-            cal.observe(K, 40, Some(60), 10, Some(10));
+            cal.observe(K, &Prompt::text(40), Some(60), 10, Some(10));
         }
-        let got = cal.estimate(K, 40, 10, None).prompt;
+        let got = cal.estimate(K, &Prompt::text(40), 10, None).prompt;
         assert_eq!(got.tokens, 60);
-        assert_eq!(cal.estimate(K, 80, 10, None).prompt.tokens, 120);
+        assert_eq!(
+            cal.estimate(K, &Prompt::text(80), 10, None).prompt.tokens,
+            120
+        );
     }
 
     #[test]
@@ -437,11 +633,11 @@ mod tests {
         // MIN_SAMPLES answers after the swap the new fit is trusted.
         feed(&mut cal, K, u64::from(MIN_SAMPLES) - 1, 0.5, 0.0, 1.5);
         assert_eq!(
-            cal.estimate(K, 100, 100, None).prompt.method,
+            cal.estimate(K, &Prompt::text(100), 100, None).prompt.method,
             Method::Tiktoken
         );
         feed(&mut cal, K, 1, 0.5, 0.0, 1.5);
-        let e = cal.estimate(K, 100, 100, None);
+        let e = cal.estimate(K, &Prompt::text(100), 100, None);
         assert!(
             e.prompt.tokens.abs_diff(50) <= 2,
             "prompt {}",
@@ -458,9 +654,9 @@ mod tests {
     fn one_odd_answer_does_not_restart_a_fit() {
         let mut cal = Calibration::new();
         feed(&mut cal, K, 30, 1.3, 17.0, 0.7);
-        cal.observe(K, 100, Some(1000), 100, Some(1000));
+        cal.observe(K, &Prompt::text(100), Some(1000), 100, Some(1000));
         feed(&mut cal, K, 1, 1.3, 17.0, 0.7);
-        let got = cal.estimate(K, 100, 100, None);
+        let got = cal.estimate(K, &Prompt::text(100), 100, None);
         assert!(
             got.prompt.tokens.abs_diff(147) <= 1,
             "{}",
@@ -480,9 +676,9 @@ mod tests {
         // slopes down (-0.5, intercept 80: 55 at 50), which no tokenizer does.
         for i in 0..10 {
             let (ours, truth) = if i % 2 == 0 { (40, 60) } else { (44, 58) };
-            cal.observe(K, ours, Some(truth), 10, Some(10));
+            cal.observe(K, &Prompt::text(ours), Some(truth), 10, Some(10));
         }
-        let got = cal.estimate(K, 50, 10, None).prompt.tokens;
+        let got = cal.estimate(K, &Prompt::text(50), 10, None).prompt.tokens;
         // The ratio instead: between 58/44 and 60/40 per token.
         assert!((65..=75).contains(&got), "{got}");
     }
@@ -495,11 +691,13 @@ mod tests {
             cal.observe_events(K, 60, 60);
         }
         assert_eq!(
-            cal.estimate(K, 20, 88, Some(60)).completion.method,
+            cal.estimate(K, &Prompt::text(20), 88, Some(60))
+                .completion
+                .method,
             Method::Calibrated
         );
         cal.observe_events(K, 61, 60);
-        let e = cal.estimate(K, 20, 88, Some(60));
+        let e = cal.estimate(K, &Prompt::text(20), 88, Some(60));
         assert_eq!(
             e.completion,
             Count {
@@ -509,13 +707,17 @@ mod tests {
         );
         // Not for a non-streamed answer: it has no events.
         assert_eq!(
-            cal.estimate(K, 20, 88, None).completion.method,
+            cal.estimate(K, &Prompt::text(20), 88, None)
+                .completion
+                .method,
             Method::Calibrated
         );
         // One answer that bundles tokens into events withdraws the trust.
         cal.observe_events(K, 30, 60);
         assert_ne!(
-            cal.estimate(K, 20, 88, Some(60)).completion.method,
+            cal.estimate(K, &Prompt::text(20), 88, Some(60))
+                .completion
+                .method,
             Method::ContentEvents
         );
     }
@@ -529,7 +731,9 @@ mod tests {
             ..K
         };
         assert_eq!(
-            cal.estimate(other, 50, 50, None).prompt.method,
+            cal.estimate(other, &Prompt::text(50), 50, None)
+                .prompt
+                .method,
             Method::Tiktoken
         );
         let names: Vec<String> = (0..MAX_MODEL_KEYS + 50).map(|i| format!("m{i}")).collect();
@@ -539,7 +743,7 @@ mod tests {
                     upstream: "u",
                     model: name,
                 },
-                10,
+                &Prompt::text(10),
                 Some(20),
                 10,
                 Some(20),
@@ -556,7 +760,7 @@ mod tests {
                     upstream: u,
                     model: "m",
                 },
-                10,
+                &Prompt::text(10),
                 Some(20),
                 10,
                 Some(20),
@@ -568,24 +772,133 @@ mod tests {
             upstream: "u",
             model: "never-seen",
         };
-        assert_eq!(cal.estimate(late, 10, 10, None).prompt.tokens, 20);
+        assert_eq!(
+            cal.estimate(late, &Prompt::text(10), 10, None)
+                .prompt
+                .tokens,
+            20
+        );
     }
 
     #[test]
     fn unknown_and_zero_counts_teach_nothing() {
         let mut cal = Calibration::new();
-        cal.observe(K, 0, Some(5), 0, Some(0));
-        cal.observe(K, 10, None, 10, None);
+        cal.observe(K, &Prompt::text(0), Some(5), 0, Some(0));
+        cal.observe(K, &Prompt::text(10), None, 10, None);
         assert!(cal.is_empty());
         for _ in 0..10 {
-            cal.observe(K, 10, Some(20), 0, Some(3));
+            cal.observe(K, &Prompt::text(10), Some(20), 0, Some(3));
         }
-        let e = cal.estimate(K, 10, 7, None);
+        let e = cal.estimate(K, &Prompt::text(10), 7, None);
         assert_eq!(e.prompt.tokens, 20);
         assert_eq!(
             e.completion.method,
             Method::Tiktoken,
             "no completion sample"
+        );
+    }
+    /// A conversation prompt: `n` messages, `system` tokens of them in one system message.
+    fn conversation(tokens: u64, messages: u64, system: u64) -> Prompt {
+        Prompt {
+            tokens,
+            system_tokens: system,
+            messages,
+            system_messages: u64::from(system > 0),
+        }
+    }
+
+    #[test]
+    fn the_prompt_fit_follows_a_per_message_template() {
+        // llama.cpp's Gemma: 8 tokens for one user turn, ~5.5 for each further one.
+        let truth = |p: &Prompt| 1.3 * p.tokens as f64 + 5.5 * p.messages as f64 + 2.5;
+        let mut cal = Calibration::new();
+        for i in 0..20u64 {
+            let p = conversation(5 + (i * 37) % 150, 1 + (i * 3) % 5, 0);
+            cal.observe(K, &p, Some(truth(&p).round() as u64), 10, Some(10));
+        }
+        for (tokens, messages) in [(3, 1), (20, 5), (200, 2), (60, 9)] {
+            let p = conversation(tokens, messages, 0);
+            let got = cal.estimate(K, &p, 10, None).prompt;
+            assert_eq!(got.method, Method::Calibrated);
+            let want = truth(&p);
+            assert!(
+                (got.tokens as f64 - want).abs() <= 1.5,
+                "{tokens} in {messages}: {} vs {want}",
+                got.tokens
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_that_drops_system_text_is_told_from_one_that_counts_it() {
+        let truth = |p: &Prompt, dropped: bool| {
+            let (t, m) = if dropped {
+                (p.tokens - p.system_tokens, p.messages - p.system_messages)
+            } else {
+                (p.tokens, p.messages)
+            };
+            (2.0 * t as f64 + 6.0 * m as f64 + 2.0).round() as u64
+        };
+        for dropped in [true, false] {
+            let mut cal = Calibration::new();
+            for i in 0..20u64 {
+                let system = if i % 3 == 0 { 10 + i % 7 } else { 0 };
+                let p = conversation(system + 5 + (i * 37) % 150, 1 + (i * 3) % 5, system);
+                cal.observe(K, &p, Some(truth(&p, dropped)), 10, Some(10));
+            }
+            let p = conversation(40, 2, 14);
+            let got = cal.estimate(K, &p, 10, None).prompt.tokens;
+            assert!(
+                got.abs_diff(truth(&p, dropped)) <= 2,
+                "dropped {dropped}: {got} vs {}",
+                truth(&p, dropped)
+            );
+        }
+    }
+
+    #[test]
+    fn content_events_are_trusted_from_the_fit_where_streams_never_report_usage() {
+        let mut cal = Calibration::new();
+        // Before the completion fit is trusted, streams teach nothing.
+        cal.observe_events_against_fit(K, 60, 30);
+        feed(&mut cal, K, 10, 1.0, 0.0, 2.0);
+        // One token per event: the events add up to the fit's count (2 per ours) give or
+        // take the noise of single answers.
+        for (events, ours) in [(50, 30), (70, 30), (44, 20), (90, 40), (18, 10)] {
+            assert_ne!(
+                cal.estimate(K, &Prompt::text(20), 40, Some(81))
+                    .completion
+                    .method,
+                Method::ContentEvents
+            );
+            cal.observe_events_against_fit(K, events, ours);
+        }
+        assert_eq!(
+            cal.estimate(K, &Prompt::text(20), 40, Some(81)).completion,
+            Count {
+                tokens: 81,
+                method: Method::ContentEvents
+            }
+        );
+        // A true count that disagrees withdraws it.
+        cal.observe_events(K, 40, 81);
+        assert_ne!(
+            cal.estimate(K, &Prompt::text(20), 40, Some(81))
+                .completion
+                .method,
+            Method::ContentEvents
+        );
+        // A server with two tokens per event is never trusted.
+        let mut two = Calibration::new();
+        feed(&mut two, K, 10, 1.0, 0.0, 2.0);
+        for _ in 0..20 {
+            two.observe_events_against_fit(K, 30, 30);
+        }
+        assert_eq!(
+            two.estimate(K, &Prompt::text(20), 30, Some(30))
+                .completion
+                .method,
+            Method::Calibrated
         );
     }
 }

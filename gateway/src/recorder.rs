@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::api::{Endpoint, LlmRequest};
 use crate::budget::{Ledger, Reservation};
+use crate::estimate::{Calibration, Key, Method, Prompt};
 use crate::record::{Collected, Identity, Outcome, TokenSource, UsageRecord};
 use crate::telemetry::Telemetry;
 
@@ -52,43 +53,111 @@ pub struct Exchange {
     pub reservation: Option<Reservation>,
 }
 
+/// Our tiktoken counts of an exchange's prompt and answer: what an estimate and the
+/// calibration both need, and the slow part of finishing a record (done on a blocking
+/// thread when long; see [`Exchange::is_heavy`]).
+#[derive(Debug, Clone, Default)]
+pub struct Counted {
+    /// The prompt's count and layout; `None` when there is no prompt to count.
+    prompt: Option<Prompt>,
+    /// The answer's count, scaled when only part of its text was kept; `None` for an
+    /// embedding or an exchange with no parsed request.
+    completion: Option<u64>,
+}
+
 impl Exchange {
-    /// Finishes the record, estimating what the provider did not report.
+    /// Whether the request reached a model whose tokens are worth counting.
+    fn llm(&self) -> bool {
+        // A request the gateway refused never reached a model: it used no tokens.
+        self.endpoint.is_some() && self.outcome.reached_llm() && self.request.is_some()
+    }
+
+    /// Counts the prompt and the answer with tiktoken. Done for answers with usage too:
+    /// they pair our count with the provider's for the calibration.
+    pub fn count(&self, tokens: &TokenCounter) -> Counted {
+        let Some(request) = self.request.as_ref().filter(|_| self.llm()) else {
+            return Counted::default();
+        };
+        let c = &self.collected;
+        let model = self
+            .used_model
+            .as_deref()
+            .or(c.model.as_deref())
+            .unwrap_or_default();
+        let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(model));
+        let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
+        let shape = request.prompt_shape();
+        let prompt = Prompt {
+            tokens: count(&request.prompt_text()),
+            system_tokens: if shape.system.is_empty() {
+                0
+            } else {
+                count(&shape.system)
+            },
+            messages: shape.messages,
+            system_messages: shape.system_messages,
+        };
+        let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
+        Counted {
+            prompt: Some(prompt),
+            completion: (!embedding).then(|| scaled(count(&c.text), c)),
+        }
+    }
+
+    /// Finishes the record: the provider's counts where it reported them (and the
+    /// calibration learns from them), the best estimate where it did not.
     pub fn finish(
         self,
+        counted: Counted,
+        calibration: &mut Calibration,
         id_prefix: &str,
-        tokens: &TokenCounter,
         log_bodies: bool,
     ) -> (UsageRecord, Option<String>) {
         let c = self.collected;
-        let model = self
-            .used_model
-            .clone()
-            .or_else(|| c.model.clone())
-            .unwrap_or_default();
-        let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(&model));
-        let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
-        // A request the gateway refused never reached a model: it used no tokens.
-        let llm = self.endpoint.is_some() && self.outcome.reached_llm();
-        // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
-        let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);
-        let (input_tokens, input_source) = match c.usage.input {
-            Some(n) => (n, TokenSource::Provider),
-            None => match prompt_text() {
-                Some(text) if llm => (count(&text), TokenSource::Estimate),
-                _ => (0, TokenSource::None),
-            },
+        // The model that answered names the calibration (the one asked for, else).
+        let answered = c.model.as_deref().or(self.used_model.as_deref());
+        let key = Key {
+            upstream: &self.destination,
+            model: answered.unwrap_or_default(),
         };
-        let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
-        let (output_tokens, output_source) = match c.usage.output {
-            Some(n) => (n, TokenSource::Provider),
-            None if llm && !embedding && self.request.is_some() => {
-                (scaled(count(&c.text), &c), TokenSource::Estimate)
+        // Events are a count only when every one was read.
+        let events =
+            (self.streamed && !c.truncated && c.oversize_events == 0).then_some(c.content_events);
+        // Only a plain answer's text is the text the provider counted (a rule may have
+        // rewritten or cut it), and only all of it.
+        let whole_text = self.outcome == Outcome::Allowed && c.text_bytes == c.text.len() as u64;
+        let learn_completion = counted.completion.filter(|_| whole_text);
+        if self.outcome == Outcome::Allowed {
+            calibration.observe(
+                key,
+                &counted.prompt.unwrap_or_default(),
+                c.usage.input,
+                learn_completion.unwrap_or(0),
+                c.usage.output,
+            );
+        }
+        match (events, c.usage.output, learn_completion) {
+            (Some(n), Some(truth), _) if whole_text => calibration.observe_events(key, n, truth),
+            (Some(n), None, Some(ours)) => calibration.observe_events_against_fit(key, n, ours),
+            _ => {}
+        }
+        let estimate = counted
+            .prompt
+            .map(|p| calibration.estimate(key, &p, counted.completion.unwrap_or(0), events));
+        let (input_tokens, input_source) = match (c.usage.input, estimate) {
+            (Some(n), _) => (n, TokenSource::Provider),
+            (None, Some(e)) => (e.prompt.tokens, source(e.prompt.method)),
+            (None, None) => (0, TokenSource::None),
+        };
+        let (output_tokens, output_source) = match (c.usage.output, estimate) {
+            (Some(n), _) => (n, TokenSource::Provider),
+            (None, Some(e)) if counted.completion.is_some() => {
+                (e.completion.tokens, source(e.completion.method))
             }
-            None => (0, TokenSource::None),
+            _ => (0, TokenSource::None),
         };
         let bodies = log_bodies
-            .then(prompt_text)
+            .then(|| self.request.as_ref().map(LlmRequest::prompt_text))
             .flatten()
             .map(|p| format!("prompt={p:?} completion={:?}", c.text));
         let record = UsageRecord {
@@ -124,6 +193,15 @@ impl Exchange {
     }
 }
 
+/// The record's name for how an estimate was made.
+fn source(method: Method) -> TokenSource {
+    match method {
+        Method::ContentEvents => TokenSource::ContentEvents,
+        Method::Calibrated => TokenSource::Calibrated,
+        Method::Tiktoken => TokenSource::Estimate,
+    }
+}
+
 /// The tokens of an answer whose text was kept in part ([`crate::meter::ESTIMATE_TEXT_BYTES`]):
 /// the kept part's count scaled by the whole text's length.
 fn scaled(kept_tokens: u64, c: &Collected) -> u64 {
@@ -137,11 +215,10 @@ fn scaled(kept_tokens: u64, c: &Collected) -> u64 {
 
 impl Exchange {
     /// Whether finishing this exchange means counting enough text to hold up the
-    /// records behind it: then it is counted on a blocking thread.
+    /// records behind it: then it is counted on a blocking thread. Any exchange with a
+    /// prompt is counted (answers with usage teach the calibration).
     fn is_heavy(&self) -> bool {
-        let c = &self.collected;
-        let estimates = c.usage.input.is_none() || c.usage.output.is_none();
-        estimates && c.text.len() as u64 + self.bytes_in > HEAVY_BYTES
+        self.llm() && self.collected.text.len() as u64 + self.bytes_in > HEAVY_BYTES
     }
 }
 
@@ -215,15 +292,22 @@ pub fn spawn_recorder(
         // Exchanges whose estimates are long, counted one at a time on a blocking
         // thread (owned here: the task waits for them before it ends).
         let mut heavy: VecDeque<Exchange> = VecDeque::new();
-        let mut counting: JoinSet<Finished> = JoinSet::new();
+        let mut counting: JoinSet<(Exchange, Counted)> = JoinSet::new();
+        // Owned by this task alone, so it takes no lock: the blocking thread only
+        // counts, and the counts come back here to teach it and be corrected by it, in
+        // the order they finish (a long answer's lesson lands a little late, harmlessly).
+        let mut calibration = Calibration::new();
         let mut open = true;
         // The background thread frees what the exchanges held (answers' text).
         let mut purge = tokio::time::interval(crate::alloc::PURGE_EVERY);
         while open || !heavy.is_empty() || !counting.is_empty() {
             if counting.is_empty() {
                 if let Some(exchange) = heavy.pop_front() {
-                    let sinks = sinks.clone();
-                    counting.spawn_blocking(move || sinks.finish(exchange));
+                    let tokens = sinks.tokens.clone();
+                    counting.spawn_blocking(move || {
+                        let counted = exchange.count(&tokens);
+                        (exchange, counted)
+                    });
                 }
             }
             tokio::select! {
@@ -231,7 +315,8 @@ pub fn spawn_recorder(
                     match rx.try_recv() {
                         Ok(exchange) if exchange.is_heavy() => heavy.push_back(exchange),
                         Ok(exchange) => {
-                            let finished = sinks.finish(exchange);
+                            let counted = exchange.count(&sinks.tokens);
+                            let finished = sinks.finish(exchange, counted, &mut calibration);
                             sinks.deliver(finished).await;
                         }
                         Err(mpsc::error::TryRecvError::Empty) => break,
@@ -243,7 +328,10 @@ pub fn spawn_recorder(
                 },
                 _ = purge.tick() => crate::alloc::purge(),
                 Some(done) = counting.join_next(), if !counting.is_empty() => match done {
-                    Ok(finished) => sinks.deliver(finished).await,
+                    Ok((exchange, counted)) => {
+                        let finished = sinks.finish(exchange, counted, &mut calibration);
+                        sinks.deliver(finished).await;
+                    }
                     // Counting does not panic on any text; if it ever did, say so loudly.
                     Err(e) => tracing::error!(error = %e, "usage estimate failed: record lost"),
                 },
@@ -281,9 +369,15 @@ struct Sinks {
 }
 
 impl Sinks {
-    fn finish(&self, mut exchange: Exchange) -> Finished {
+    fn finish(
+        &self,
+        mut exchange: Exchange,
+        counted: Counted,
+        calibration: &mut Calibration,
+    ) -> Finished {
         let reservation = exchange.reservation.take();
-        let (record, bodies) = exchange.finish(&self.id_prefix, &self.tokens, self.log_bodies);
+        let (record, bodies) =
+            exchange.finish(counted, calibration, &self.id_prefix, self.log_bodies);
         Finished {
             record,
             bodies,
@@ -402,6 +496,94 @@ mod tests {
         assert_eq!(scaled(1000, &c), 20_000);
         c.text_bytes = c.text.len() as u64;
         assert_eq!(scaled(1000, &c), 1000);
+    }
+
+    /// A chat exchange of `prompt` answered with `answer`, with `usage` (input, output)
+    /// when the provider reported it.
+    fn chat(prompt: &str, answer: &str, streamed: bool, usage: Option<(u64, u64)>) -> Exchange {
+        let mut ex = exchange(0);
+        ex.endpoint = Some(Endpoint::ChatCompletions);
+        ex.path = "/v1/chat/completions".into();
+        let body = serde_json::json!({"model": "m", "stream": streamed,
+            "messages": [{"role": "user", "content": prompt}]});
+        ex.request = Some(
+            LlmRequest::parse(Endpoint::ChatCompletions, body.to_string().as_bytes()).unwrap(),
+        );
+        ex.streamed = streamed;
+        ex.collected.model = Some("m".into());
+        ex.collected.text = answer.into();
+        ex.collected.text_bytes = answer.len() as u64;
+        ex.collected.usage.input = usage.map(|u| u.0);
+        ex.collected.usage.output = usage.map(|u| u.1);
+        ex
+    }
+
+    #[test]
+    fn answers_without_usage_get_the_best_count_and_say_how_it_was_made() {
+        let tokens = TokenCounter::new();
+        let mut cal = Calibration::new();
+        let ours = |t: &str| tokens.count(Encoding::for_model("m"), t).unwrap();
+        // A server whose tokenizer counts twice ours, with a 9-token chat template, and
+        // one token per content event; its streams report usage (they teach the events).
+        let finish = |cal: &mut Calibration, ex: Exchange| {
+            let counted = ex.count(&tokens);
+            ex.finish(counted, cal, "t", false).0
+        };
+        for i in 1..=crate::estimate::MIN_SAMPLES as usize {
+            let prompt = "how do pods talk to each other ".repeat(i * 3);
+            let answer = "through the cluster network and services ".repeat(i * 2);
+            let truth = (2 * ours(&prompt) + 9, 2 * ours(&answer));
+            let mut ex = chat(&prompt, &answer, true, Some(truth));
+            ex.collected.content_events = truth.1;
+            let r = finish(&mut cal, ex);
+            assert_eq!(
+                (r.input_tokens, r.output_tokens),
+                truth,
+                "provider counts stay"
+            );
+            assert_eq!(r.token_source(), TokenSource::Provider);
+        }
+        let prompt = "what is a service mesh, and why would I want one? ".repeat(4);
+        let answer = "a layer of proxies beside each workload ".repeat(5);
+        let mut streamed = chat(&prompt, &answer, true, None);
+        streamed.collected.content_events = 77;
+        let r = finish(&mut cal, streamed);
+        assert_eq!(
+            (r.output_tokens, r.output_source),
+            (77, TokenSource::ContentEvents)
+        );
+        assert_eq!(r.input_source, TokenSource::Calibrated);
+        let want = 2 * ours(&prompt) + 9;
+        assert!(
+            r.input_tokens.abs_diff(want) <= 1,
+            "{} vs {want}",
+            r.input_tokens
+        );
+        assert_eq!(r.token_source(), TokenSource::Calibrated);
+        // Not streamed: no events, the completion fit.
+        let r = finish(&mut cal, chat(&prompt, &answer, false, None));
+        assert_eq!(
+            (r.output_tokens, r.output_source),
+            (2 * ours(&answer), TokenSource::Calibrated)
+        );
+        // Another upstream has learnt nothing: tiktoken as is, named as before.
+        let mut elsewhere = chat(&prompt, &answer, false, None);
+        elsewhere.destination = Arc::from("10.0.0.10:8080");
+        let r = finish(&mut cal, elsewhere);
+        assert_eq!(
+            (
+                r.input_tokens,
+                r.input_source,
+                r.output_tokens,
+                r.output_source
+            ),
+            (
+                ours(&prompt),
+                TokenSource::Estimate,
+                ours(&answer),
+                TokenSource::Estimate
+            )
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
