@@ -1,7 +1,11 @@
 """The token-truth check against a real small model (run by tests/real-model.sh, which
 starts llama.cpp's server and kube-gateway in front of it).
 
-Sends 20 streamed chat answers of varied lengths and prompts with the official `openai`
+First teaches the gateway as ordinary traffic would: 10 whole (non-streamed) answers,
+whose usage the server reports and the gateway calibrates its estimates with, and 6
+streamed ones (no usage: they show the gateway that this server's content events add up
+to the calibrated count), all with prompts of their own. Their rows must hold the
+server's counts exactly, marked `provider` (the whole answers). Then it sends 20 streamed chat answers of varied lengths and prompts with the official `openai`
 client through the gateway, gets the truth for each (the same request non-streamed,
 directly to the server, temperature 0 and a fixed seed: its usage, once its text is
 checked to be the streamed one; otherwise the server's tokenize endpoint on the streamed
@@ -77,6 +81,29 @@ CASES = [
 ]
 SEED = 42
 
+# What the gateway learns from before the measured answers: other prompts, whole answers
+# (usage reported) then streams (none), with system prompts and conversations among them
+# so the fit sees the template's per-message cost and the system text the server drops.
+TRAINING = [
+    (False, user("Tell me about containers."), 40),
+    (False, conversation(["Hi.", "Hello!", "What is YAML?"]), 60),
+    (False, system("Explain what a node is."), 50),
+    (False, user(LONG + "Give it a title."), 20),
+    (False, conversation(["Ping.", "Pong.", "Again.", "Pong.", "Once more, with feeling."]), 30),
+    (False, system(LONG * 2 + "What is missing?"), 90),
+    (False, user("List four HTTP methods and what each is for."), 100),
+    (False, conversation(["Define latency.", "The delay before a response."] * 2
+                         + ["And throughput?"]), 70),
+    (False, system("Say hello in Spanish."), 15),
+    (False, user("Explain how a load balancer chooses a backend. " * 3), 120),
+    (True, user("Describe a namespace in two sentences."), 60),
+    (True, conversation(["What is TLS?", "Transport Layer Security.", "Why use it?"]), 80),
+    (True, system("Name a Linux command for disk usage."), 30),
+    (True, user(LONG + "Rewrite it for a child."), 100),
+    (True, user("What does a reverse proxy do?"), 50),
+    (True, conversation(["One.", "Two.", "Three?"]), 20),
+]
+
 
 def post(url, body):
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
@@ -85,9 +112,26 @@ def post(url, body):
         return json.loads(r.read())
 
 
+def train(client, args):
+    """The training answers through the gateway, in order; the usage of the whole ones."""
+    out = []
+    for stream, messages, max_tokens in TRAINING:
+        answer = client.chat.completions.create(
+            model=args.model, messages=messages, max_tokens=max_tokens, stream=stream,
+            temperature=0, seed=SEED)
+        if stream:
+            for _ in answer:
+                pass
+            out.append(None)
+        else:
+            out.append([answer.usage.prompt_tokens, answer.usage.completion_tokens])
+    return out
+
+
 def send(args):
     """The streamed answers through the gateway, in order; their texts and event counts."""
     client = OpenAI(base_url=args.gateway + "/v1", api_key="unused", max_retries=0)
+    trained = train(client, args)
     out = []
     for label, messages, max_tokens in CASES:
         stream = client.chat.completions.create(
@@ -103,7 +147,7 @@ def send(args):
                     events += 1
         out.append({"label": label, "text": "".join(text), "events": events,
                     "client_usage": usage is not None})
-    return out
+    return trained, out
 
 
 def truth(args, sent):
@@ -157,10 +201,22 @@ def err(got, want):
     return 0.0 if want == got else (100.0 * (got - want) / want if want else float("inf"))
 
 
-def report(sent, truths, rows):
-    if len(rows) != len(CASES):
-        print(f"expected {len(CASES)} recorded rows, found {len(rows)}", file=sys.stderr)
+def report(trained, sent, truths, rows):
+    if len(rows) != len(TRAINING) + len(CASES):
+        print(f"expected {len(TRAINING) + len(CASES)} recorded rows, found {len(rows)}",
+              file=sys.stderr)
         return 1
+    training, rows = rows[:len(TRAINING)], rows[len(TRAINING):]
+    wrong = [f"#{i} recorded {r['prompt']}/{r['output']} {'/'.join(r['sources'])}, "
+             f"server {u[0]}/{u[1]}"
+             for i, (u, r) in enumerate(zip(trained, training), 1)
+             if u is not None and ([r["prompt"], r["output"]] != u
+                                   or r["sources"] != ("provider", "provider"))]
+    whole = sum(u is not None for u in trained)
+    print(f"training: {whole} whole answers recorded with the server's counts, marked "
+          f"provider: {whole - len(wrong)} of {whole}; "
+          f"then {len(trained) - whole} streams "
+          f"({', '.join('/'.join(r['sources']) for r in training[whole:])})\n")
     head = (f"{'#':>2} {'case':8} {'max':>4} {'events':>6} {'true p/o':>9} {'truth':8} "
             f"{'tok(o)':>6} {'rec p/o':>9} {'err p %':>8} {'err o %':>8}  source (in/out)")
     print(head)
@@ -191,6 +247,7 @@ def report(sent, truths, rows):
     print(f"\noutput truth: the server's usage of the same answer non-streamed for {same} "
           f"of {len(CASES)} (the rest: its tokenize endpoint on the streamed text)")
     print(f"thresholds: output within {OUTPUT_TOLERANCE} %, prompt within {PROMPT_TOLERANCE} %")
+    failed += [f"training {w}" for w in wrong]
     if failed:
         print(f"FAILED ({len(failed)}): " + ", ".join(failed))
         return 1
@@ -211,14 +268,14 @@ def main():
     mode.add_argument("--check", action="store_true")
     args = p.parse_args()
     if args.send:
-        sent = send(args)
+        trained, sent = send(args)
         truths = truth(args, sent)
         with open(args.state, "w", encoding="utf-8") as f:
-            json.dump({"sent": sent, "truths": truths}, f)
+            json.dump({"trained": trained, "sent": sent, "truths": truths}, f)
         return 0
     with open(args.state, encoding="utf-8") as f:
         state = json.load(f)
-    return report(state["sent"], state["truths"], recorded(args))
+    return report(state["trained"], state["sent"], state["truths"], recorded(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Token truth against a real small model: llama.cpp's OpenAI-compatible server
-# (llama-cpp-python) with Gemma 3 270M (Q4_K_M), kube-gateway in front of it, 20 streamed
+# (llama-cpp-python) with Gemma 3 270M (Q4_K_M), kube-gateway in front of it, 16 answers
+# it learns from (10 whole, whose usage calibrates it; 6 streamed), then 20 streamed
 # answers with the official `openai` client; each recorded count is held to the server's
 # own count of the same request (tests/real-model.py says how). Exit 1 when any output
 # count is off by more than 2 % or any prompt count by more than 10 %.
@@ -58,7 +59,7 @@ wait_ports "$gw_port"
 
 args=(--gateway "http://127.0.0.1:$gw_port" --server "http://127.0.0.1:$llm_port"
       --model "$model" --state "$work/state.json")
-say "20 streamed answers through the gateway, and the truth of each from the server"
+say "16 training answers, 20 streamed answers through the gateway, and the truth of each from the server"
 "$llama_python" tests/real-model.py "${args[@]}" --send
 # SIGTERM writes every row before the gateway exits (docs/store.md).
 kill -TERM "$gw_pid"
