@@ -104,46 +104,81 @@ impl Exchange {
         }
     }
 
-    /// Finishes the record: the provider's counts where it reported them (and the
-    /// calibration learns from them), the best estimate where it did not.
-    pub fn finish(
-        self,
-        counted: Counted,
-        calibration: &mut Calibration,
-        id_prefix: &str,
-        log_bodies: bool,
-    ) -> (UsageRecord, Option<String>) {
-        let c = self.collected;
-        // The model that answered names the calibration (the one asked for, else).
-        let answered = c.model.as_deref().or(self.used_model.as_deref());
-        let key = Key {
+    /// The calibration's key for this exchange: its destination and the model that
+    /// answered (the one asked for, else).
+    fn key(&self) -> Key<'_> {
+        let answered = self.collected.model.as_deref();
+        Key {
             upstream: &self.destination,
-            model: answered.unwrap_or_default(),
-        };
-        // Events are a count only when every one was read.
-        let events =
-            (self.streamed && !c.truncated && c.oversize_events == 0).then_some(c.content_events);
+            model: answered.or(self.used_model.as_deref()).unwrap_or_default(),
+        }
+    }
+
+    /// The stream's content events, when every one was read.
+    fn events(&self) -> Option<u64> {
+        let c = &self.collected;
+        (self.streamed && !c.truncated && c.oversize_events == 0).then_some(c.content_events)
+    }
+
+    /// Whether the provider reported every count the record has: it needs none of ours.
+    fn fully_reported(&self) -> bool {
+        let usage = &self.collected.usage;
+        let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
+        usage.input.is_some() && (usage.output.is_some() || embedding)
+    }
+
+    /// A copy to learn from after the record is delivered (small plain answers only:
+    /// long ones teach no more, and the queue's memory stays bounded at
+    /// [`LESSONS`] x [`HEAVY_BYTES`]).
+    fn lesson(&self) -> Option<Exchange> {
+        (self.llm() && self.outcome == Outcome::Allowed && !self.is_heavy()).then(|| Exchange {
+            // Settled with the record, never by a lesson.
+            reservation: None,
+            ..self.clone()
+        })
+    }
+
+    /// Teaches the calibration what this exchange shows: our counts against the
+    /// provider's, and the stream's events against either.
+    pub fn teach(&self, counted: &Counted, calibration: &mut Calibration) {
         // Only a plain answer's text is the text the provider counted (a rule may have
         // rewritten or cut it), and only all of it.
-        let whole_text = self.outcome == Outcome::Allowed && c.text_bytes == c.text.len() as u64;
-        let learn_completion = counted.completion.filter(|_| whole_text);
-        if self.outcome == Outcome::Allowed {
-            calibration.observe(
-                key,
-                &counted.prompt.unwrap_or_default(),
-                c.usage.input,
-                learn_completion.unwrap_or(0),
-                c.usage.output,
-            );
+        let c = &self.collected;
+        if self.outcome != Outcome::Allowed {
+            return;
         }
-        match (events, c.usage.output, learn_completion) {
+        let whole_text = c.text_bytes == c.text.len() as u64;
+        let ours_completion = counted.completion.filter(|_| whole_text);
+        let key = self.key();
+        calibration.observe(
+            key,
+            &counted.prompt.unwrap_or_default(),
+            c.usage.input,
+            ours_completion.unwrap_or(0),
+            c.usage.output,
+        );
+        match (self.events(), c.usage.output, ours_completion) {
             (Some(n), Some(truth), _) if whole_text => calibration.observe_events(key, n, truth),
             (Some(n), None, Some(ours)) => calibration.observe_events_against_fit(key, n, ours),
             _ => {}
         }
+    }
+
+    /// Finishes the record: the provider's counts where it reported them, the best
+    /// estimate where it did not (after [`Self::teach`], so a stream's own events count
+    /// towards trusting them).
+    pub fn finish(
+        self,
+        counted: Counted,
+        calibration: &Calibration,
+        id_prefix: &str,
+        log_bodies: bool,
+    ) -> (UsageRecord, Option<String>) {
+        let events = self.events();
         let estimate = counted
             .prompt
-            .map(|p| calibration.estimate(key, &p, counted.completion.unwrap_or(0), events));
+            .map(|p| calibration.estimate(self.key(), &p, counted.completion.unwrap_or(0), events));
+        let c = self.collected;
         let (input_tokens, input_source) = match (c.usage.input, estimate) {
             (Some(n), _) => (n, TokenSource::Provider),
             (None, Some(e)) => (e.prompt.tokens, source(e.prompt.method)),
@@ -222,6 +257,10 @@ impl Exchange {
     }
 }
 
+/// Answers with usage waiting to teach the calibration; more are not kept (a lesson
+/// missed costs nothing but a sample).
+const LESSONS: usize = 64;
+
 /// Text past which an estimate leaves the recorder's task: counting 64 KiB takes a few
 /// milliseconds; more would delay every record queued behind it.
 const HEAVY_BYTES: u64 = 64 * 1024;
@@ -291,8 +330,14 @@ pub fn spawn_recorder(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Exchanges whose estimates are long, counted one at a time on a blocking
         // thread (owned here: the task waits for them before it ends).
-        let mut heavy: VecDeque<Exchange> = VecDeque::new();
-        let mut counting: JoinSet<(Exchange, Counted)> = JoinSet::new();
+        // With them, in arrival order, the answers the provider counted: already
+        // recorded, kept to teach the calibration (`false`: a lesson, not a record). An
+        // answer with usage never waits for a lesson, nor for the tokenizer's first
+        // build; one to estimate waits for the lessons before it (it needs the
+        // tokenizer anyway), so it is corrected by all that came before.
+        let mut queue: VecDeque<(Exchange, bool)> = VecDeque::new();
+        let mut lessons = 0usize;
+        let mut counting: JoinSet<(Exchange, Counted, bool)> = JoinSet::new();
         // Owned by this task alone, so it takes no lock: the blocking thread only
         // counts, and the counts come back here to teach it and be corrected by it, in
         // the order they finish (a long answer's lesson lands a little late, harmlessly).
@@ -300,23 +345,36 @@ pub fn spawn_recorder(
         let mut open = true;
         // The background thread frees what the exchanges held (answers' text).
         let mut purge = tokio::time::interval(crate::alloc::PURGE_EVERY);
-        while open || !heavy.is_empty() || !counting.is_empty() {
+        while open || !queue.is_empty() || !counting.is_empty() {
             if counting.is_empty() {
-                if let Some(exchange) = heavy.pop_front() {
+                if let Some((exchange, record)) = queue.pop_front() {
+                    lessons -= usize::from(!record);
                     let tokens = sinks.tokens.clone();
                     counting.spawn_blocking(move || {
                         let counted = exchange.count(&tokens);
-                        (exchange, counted)
+                        (exchange, counted, record)
                     });
                 }
             }
             tokio::select! {
                 _ = tick.tick(), if open => loop {
                     match rx.try_recv() {
-                        Ok(exchange) if exchange.is_heavy() => heavy.push_back(exchange),
+                        Ok(exchange) if exchange.fully_reported() => {
+                            let lesson = exchange.lesson().filter(|_| lessons < LESSONS);
+                            let finished = sinks.finish(exchange, Counted::default(), &calibration);
+                            sinks.deliver(finished).await;
+                            if let Some(lesson) = lesson {
+                                lessons += 1;
+                                queue.push_back((lesson, false));
+                            }
+                        }
+                        Ok(exchange) if exchange.is_heavy() || !queue.is_empty() || !counting.is_empty() => {
+                            queue.push_back((exchange, true));
+                        }
                         Ok(exchange) => {
                             let counted = exchange.count(&sinks.tokens);
-                            let finished = sinks.finish(exchange, counted, &mut calibration);
+                            exchange.teach(&counted, &mut calibration);
+                            let finished = sinks.finish(exchange, counted, &calibration);
                             sinks.deliver(finished).await;
                         }
                         Err(mpsc::error::TryRecvError::Empty) => break,
@@ -328,9 +386,12 @@ pub fn spawn_recorder(
                 },
                 _ = purge.tick() => crate::alloc::purge(),
                 Some(done) = counting.join_next(), if !counting.is_empty() => match done {
-                    Ok((exchange, counted)) => {
-                        let finished = sinks.finish(exchange, counted, &mut calibration);
-                        sinks.deliver(finished).await;
+                    Ok((exchange, counted, record)) => {
+                        exchange.teach(&counted, &mut calibration);
+                        if record {
+                            let finished = sinks.finish(exchange, counted, &calibration);
+                            sinks.deliver(finished).await;
+                        }
                     }
                     // Counting does not panic on any text; if it ever did, say so loudly.
                     Err(e) => tracing::error!(error = %e, "usage estimate failed: record lost"),
@@ -373,7 +434,7 @@ impl Sinks {
         &self,
         mut exchange: Exchange,
         counted: Counted,
-        calibration: &mut Calibration,
+        calibration: &Calibration,
     ) -> Finished {
         let reservation = exchange.reservation.take();
         let (record, bodies) =
@@ -527,6 +588,7 @@ mod tests {
         // one token per content event; its streams report usage (they teach the events).
         let finish = |cal: &mut Calibration, ex: Exchange| {
             let counted = ex.count(&tokens);
+            ex.teach(&counted, cal);
             ex.finish(counted, cal, "t", false).0
         };
         for i in 1..=crate::estimate::MIN_SAMPLES as usize {
@@ -583,6 +645,43 @@ mod tests {
                 ours(&answer),
                 TokenSource::Estimate
             )
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_with_usage_are_recorded_at_once_and_teach_afterwards() {
+        let tokens = TokenCounter::new();
+        let ours = |t: &str| tokens.count(Encoding::for_model("m"), t).unwrap();
+        let (recorder, usage, _task) = spawn_recorder(
+            tokens.clone(),
+            false,
+            1024,
+            None,
+            Arc::new(Ledger::new(Arc::new(SystemClock))),
+            None,
+        );
+        let mut usage = usage.subscribe();
+        for i in 1..=crate::estimate::MIN_SAMPLES as usize {
+            let prompt = "how do pods talk to each other ".repeat(i * 3);
+            let truth = (3 * ours(&prompt) + 9, 7);
+            recorder.record(chat(&prompt, "ok", false, Some(truth)));
+            let r = usage.recv().await.unwrap();
+            assert_eq!(
+                (r.input_tokens, r.input_source),
+                (truth.0, TokenSource::Provider)
+            );
+        }
+        // Their lessons are counted after them, off the recorder's task; an answer
+        // without usage waits for the lessons before it, and is corrected by them.
+        let prompt = "what is a service mesh? ".repeat(6);
+        recorder.record(chat(&prompt, "a mesh", false, None));
+        let r = usage.recv().await.unwrap();
+        let want = 3 * ours(&prompt) + 9;
+        assert_eq!(r.input_source, TokenSource::Calibrated);
+        assert!(
+            r.input_tokens.abs_diff(want) <= 1,
+            "{} vs {want}",
+            r.input_tokens
         );
     }
 
