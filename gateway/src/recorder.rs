@@ -1,6 +1,7 @@
 //! The recorder: finishes each exchange off the request path (token estimates where the
-//! provider reported nothing, the budget settlement, the access log line) and fans the
-//! record out to its sinks: telemetry, the store writer's queue, and subscribers.
+//! provider reported nothing, calibrated by the answers where it did; the budget
+//! settlement, with those counts; the access log line) and fans the record out to its
+//! sinks: telemetry, the store writer's queue, and subscribers.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
