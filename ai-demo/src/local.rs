@@ -208,6 +208,7 @@ pub async fn run(demo: LocalDemo) -> anyhow::Result<()> {
         DemoConfig {
             first_token_delay: demo.token_delay,
             token_delay: demo.token_delay,
+            ..Default::default()
         },
     )
     .await?;

@@ -28,6 +28,15 @@ enum Command {
         /// Milliseconds between generated tokens of a stream.
         #[arg(long, env = "DEMO_TOKEN_DELAY_MS", default_value_t = 0)]
         token_delay_ms: u64,
+        /// Count tokens with the demo's own tokenizer instead of tiktoken's cl100k_base
+        /// (about twice its counts on English), like llama.cpp's server: streams never
+        /// carry usage (even with stream_options.include_usage; Ollama's last line has no
+        /// counts), each content event is exactly one token, prompts count a chat template
+        /// (9 tokens; 1 for plain completions); whole answers still report usage. POST
+        /// /tokenize {"content": "..."} -> {"tokens": [...]} (and llama-cpp-python's
+        /// /extras/tokenize, /extras/tokenize/count) tokenize with it.
+        #[arg(long, env = "DEMO_OWN_TOKENIZER")]
+        own_tokenizer: bool,
     },
     /// Measure time to first chunk of streaming requests (a benchmark probe).
     Ttfc {
@@ -84,10 +93,16 @@ async fn main() -> anyhow::Result<()> {
             listen,
             first_token_delay_ms,
             token_delay_ms,
+            own_tokenizer,
         } => {
             let config = kube_gateway_ai_demo::DemoConfig {
                 first_token_delay: Duration::from_millis(first_token_delay_ms),
                 token_delay: Duration::from_millis(token_delay_ms),
+                tokenizer: if own_tokenizer {
+                    kube_gateway_ai_demo::Tokenizer::Own
+                } else {
+                    kube_gateway_ai_demo::Tokenizer::Tiktoken
+                },
             };
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "demo LLM server listening");

@@ -78,8 +78,9 @@ pub fn generate(req: DemoRequest) -> DemoResponse {
         .pointer("/options/num_predict")
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_MAX_TOKENS);
-    let reply = text::reply(&model, &prompt, max);
-    let prompt_tokens = text::count_tokens(&prompt);
+    let tokenizer = req.server.config.tokenizer;
+    let reply = text::reply_with(tokenizer, &model, &prompt, max);
+    let prompt_tokens = tokenizer.prompt_tokens(&prompt, chat);
     let piece = move |content: &str| {
         if chat {
             json!({"message": {"role": "assistant", "content": content}})
@@ -87,14 +88,19 @@ pub fn generate(req: DemoRequest) -> DemoResponse {
             json!({"response": content})
         }
     };
-    let done_fields = move |mut v: Value, reply: &text::Reply| {
+    // `counts`: false for the last line of a stream in the llama.cpp-like mode.
+    let done_fields = move |mut v: Value, reply: &text::Reply, counts: bool| {
         v["done_reason"] = json!(reply.finish_reason());
         v["done"] = json!(true);
         v["total_duration"] = json!(1_000_000u64);
         v["load_duration"] = json!(1_000u64);
-        v["prompt_eval_count"] = json!(prompt_tokens);
+        if counts {
+            v["prompt_eval_count"] = json!(prompt_tokens);
+        }
         v["prompt_eval_duration"] = json!(10_000u64);
-        v["eval_count"] = json!(reply.tokens.len());
+        if counts {
+            v["eval_count"] = json!(reply.tokens.len());
+        }
         v["eval_duration"] = json!(100_000u64);
         v
     };
@@ -112,7 +118,7 @@ pub fn generate(req: DemoRequest) -> DemoResponse {
         .and_then(Value::as_bool)
         .unwrap_or(true);
     if !stream {
-        let v = done_fields(head(piece(&reply.text())), &reply);
+        let v = done_fields(head(piece(&reply.text())), &reply, true);
         return body::json(StatusCode::OK, &v);
     }
     let (resp, tx) = body::stream("application/x-ndjson");
@@ -125,7 +131,7 @@ pub fn generate(req: DemoRequest) -> DemoResponse {
                 return;
             }
         }
-        let last = done_fields(head(piece("")), &reply);
+        let last = done_fields(head(piece("")), &reply, tokenizer.streams_report_usage());
         emit.frame(format!("{last}\n")).await;
     });
     resp
@@ -145,7 +151,8 @@ pub fn embed(req: DemoRequest) -> DemoResponse {
     }
     let inputs = text::inputs(req.body.get("input"));
     let embeddings: Vec<Vec<f32>> = inputs.iter().map(|i| text::embedding(&model, i)).collect();
-    let tokens: u64 = inputs.iter().map(|i| text::count_tokens(i)).sum();
+    let tokenizer = req.server.config.tokenizer;
+    let tokens: u64 = inputs.iter().map(|i| tokenizer.count(i)).sum();
     body::json(
         StatusCode::OK,
         &json!({"model": model, "embeddings": embeddings, "total_duration": 1_000_000u64,

@@ -1,9 +1,11 @@
 //! The OpenAI API of the demo server: chat completions, completions, responses and
 //! embeddings, streaming as SSE with `stream_options.include_usage` honoured.
 //!
-//! Usage is exact under cl100k_base. Models whose name contains `cache` report half the
-//! prompt as cached; models whose name contains `reason` report half the completion as
-//! reasoning, so the gateway's handling of those details can be tested.
+//! Usage is exact under the server's tokenizer (cl100k_base unless `--own-tokenizer`,
+//! whose streams carry no usage even when asked: [`Tokenizer::Own`]). Models whose name
+//! contains `cache` report half the prompt as cached; models whose name contains `reason`
+//! report half the completion as reasoning, so the gateway's handling of those details
+//! can be tested.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,6 +16,7 @@ use serde_json::{json, Value};
 use crate::body::{self, DemoResponse};
 use crate::server::{DemoRequest, Emitter, Fault};
 use crate::text::{self, Reply, DEFAULT_MAX_TOKENS};
+use crate::tokenizer::Tokenizer;
 
 pub fn error(status: StatusCode, message: &str) -> DemoResponse {
     let kind = if status.is_server_error() {
@@ -55,8 +58,8 @@ struct Counts {
 }
 
 impl Counts {
-    fn new(model: &str, prompt: &str, reply: &Reply) -> Self {
-        let prompt = text::count_tokens(prompt);
+    fn new(tokenizer: Tokenizer, chat: bool, model: &str, prompt: &str, reply: &Reply) -> Self {
+        let prompt = tokenizer.prompt_tokens(prompt, chat);
         let completion = reply.tokens.len() as u64;
         Self {
             prompt,
@@ -125,8 +128,9 @@ pub fn completions(req: DemoRequest) -> DemoResponse {
         text::inputs(req.body.get("prompt")).join("\n")
     };
     let max = max_tokens(&req.body, &["max_completion_tokens", "max_tokens"]);
-    let reply = text::reply(&model, &prompt, max);
-    let counts = Counts::new(&model, &prompt, &reply);
+    let tokenizer = req.server.config.tokenizer;
+    let reply = text::reply_with(tokenizer, &model, &prompt, max);
+    let counts = Counts::new(tokenizer, chat, &model, &prompt, &reply);
     let usage = if chat {
         counts.chat()
     } else {
@@ -157,11 +161,13 @@ pub fn completions(req: DemoRequest) -> DemoResponse {
                     "choices": [choice], "usage": usage, "system_fingerprint": "fp_demo"}),
         );
     }
-    let include_usage = req
-        .body
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    // llama.cpp-like: no usage on a stream, whatever was asked.
+    let include_usage = tokenizer.streams_report_usage()
+        && req
+            .body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     let chunk_object = if chat {
         "chat.completion.chunk"
     } else {
@@ -249,12 +255,14 @@ pub fn responses(req: DemoRequest) -> DemoResponse {
         );
     }
     let prompt = responses_input(&req.body);
-    let reply = text::reply(
+    let tokenizer = req.server.config.tokenizer;
+    let reply = text::reply_with(
+        tokenizer,
         &model,
         &prompt,
         max_tokens(&req.body, &["max_output_tokens"]),
     );
-    let counts = Counts::new(&model, &prompt, &reply);
+    let counts = Counts::new(tokenizer, true, &model, &prompt, &reply);
     let created = now();
     let id = format!("resp_demo{created}");
     let msg_id = format!("msg_demo{created}");
@@ -285,6 +293,14 @@ pub fn responses(req: DemoRequest) -> DemoResponse {
     {
         return body::json(StatusCode::OK, &full);
     }
+    // llama.cpp-like: the stream's last event carries no usage either.
+    let full = if tokenizer.streams_report_usage() {
+        full
+    } else {
+        let mut f = full;
+        f["usage"] = Value::Null;
+        f
+    };
     let created_ev = response("in_progress", json!([]), Value::Null);
     let item_added = message("", "in_progress");
     let (resp, tx) = body::stream("text/event-stream; charset=utf-8");
@@ -385,7 +401,8 @@ pub fn embeddings(req: DemoRequest) -> DemoResponse {
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    let tokens: u64 = inputs.iter().map(|i| text::count_tokens(i)).sum();
+    let tokenizer = req.server.config.tokenizer;
+    let tokens: u64 = inputs.iter().map(|i| tokenizer.count(i)).sum();
     body::json(
         StatusCode::OK,
         &json!({"object": "list", "data": data, "model": model,

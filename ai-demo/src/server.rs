@@ -16,15 +16,19 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::body::{self, DemoResponse};
+use crate::tokenizer::{self, Tokenizer};
 use crate::{ollama, openai};
 
-/// How the demo server paces its answers.
+/// How the demo server paces its answers and counts their tokens.
 #[derive(Debug, Clone, Default)]
 pub struct DemoConfig {
     /// Wait before the first generated token of a stream.
     pub first_token_delay: Duration,
     /// Wait between generated tokens of a stream.
     pub token_delay: Duration,
+    /// How tokens are counted; [`Tokenizer::Own`] is the llama.cpp-like mode (streams
+    /// without usage, one token per content event, a chat template in the prompt count).
+    pub tokenizer: Tokenizer,
 }
 
 /// What the server saw of one request: the log tests read to check the gateway.
@@ -218,6 +222,7 @@ async fn route(req: Request<Incoming>, server: Arc<DemoServer>) -> DemoResponse 
         "/v1/embeddings" => openai::embeddings(req),
         "/api/chat" | "/api/generate" => ollama::generate(req),
         "/api/embed" | "/api/embeddings" => ollama::embed(req),
+        "/tokenize" | "/extras/tokenize" | "/extras/tokenize/count" => tokenizer::tokenize(&req),
         _ => body::text(StatusCode::NOT_FOUND, "404 page not found"),
     }
 }

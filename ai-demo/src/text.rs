@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
+use crate::tokenizer::{own_pieces, Tokenizer};
+
 const WORDS: [&str; 32] = [
     "cluster",
     "gateway",
@@ -59,6 +61,24 @@ pub fn count_tokens(text: &str) -> u64 {
     bpe().encode_ordinary(text).len() as u64
 }
 
+/// The cl100k_base ids of `text` (ordinary text).
+pub fn token_ids(text: &str) -> Vec<u64> {
+    bpe()
+        .encode_ordinary(text)
+        .into_iter()
+        .map(u64::from)
+        .collect()
+}
+
+/// The text of one cl100k_base id (lossy where a token is part of a character).
+pub fn decode(id: u64) -> String {
+    u32::try_from(id)
+        .ok()
+        .and_then(|id| bpe().decode_bytes(&[id]).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 fn fnv1a(parts: &[&str]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
@@ -91,8 +111,14 @@ impl Reply {
     }
 }
 
-/// The reply `model` gives to `prompt`, at most `max_tokens` tokens long.
+/// The reply `model` gives to `prompt`, at most `max_tokens` tokens long (cl100k_base).
 pub fn reply(model: &str, prompt: &str, max_tokens: u64) -> Reply {
+    reply_with(Tokenizer::Tiktoken, model, prompt, max_tokens)
+}
+
+/// The reply `model` gives to `prompt`, cut into `tokenizer`'s tokens, at most
+/// `max_tokens` of them.
+pub fn reply_with(tokenizer: Tokenizer, model: &str, prompt: &str, max_tokens: u64) -> Reply {
     let mut seed = fnv1a(&[model, prompt]);
     let mut text = format!("Demo reply from {model}:");
     let words = 12 + (seed % 8) as usize;
@@ -102,11 +128,17 @@ pub fn reply(model: &str, prompt: &str, max_tokens: u64) -> Reply {
         text.push_str(WORDS[(seed % WORDS.len() as u64) as usize]);
     }
     text.push('.');
+    let max = usize::try_from(max_tokens).unwrap_or(usize::MAX);
+    if tokenizer == Tokenizer::Own {
+        let pieces = own_pieces(&text);
+        return Reply {
+            truncated: max < pieces.len(),
+            tokens: pieces.into_iter().take(max).map(str::to_owned).collect(),
+        };
+    }
     let bpe = bpe();
     let ids = bpe.encode_ordinary(&text);
-    let keep = ids
-        .len()
-        .min(usize::try_from(max_tokens).unwrap_or(usize::MAX));
+    let keep = ids.len().min(max);
     // The text is ASCII, so every token decodes on its own.
     let tokens = ids[..keep]
         .iter()
@@ -191,6 +223,19 @@ mod tests {
         assert_eq!(cut.tokens.len(), 3);
         assert!(cut.truncated);
         assert_eq!(cut.finish_reason(), "length");
+    }
+
+    #[test]
+    fn own_replies_are_the_same_text_in_own_tokens() {
+        let cl = reply("m", "hi", 1000);
+        let own = reply_with(Tokenizer::Own, "m", "hi", 1000);
+        assert_eq!(own.text(), cl.text());
+        assert_eq!(own.tokens.len() as u64, Tokenizer::Own.count(&own.text()));
+        assert!(own.tokens.len() > cl.tokens.len());
+        let cut = reply_with(Tokenizer::Own, "m", "hi", 7);
+        assert_eq!(cut.tokens.len(), 7);
+        assert!(cut.truncated);
+        assert_eq!(cut.tokens[..], own.tokens[..7]);
     }
 
     #[test]

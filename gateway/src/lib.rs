@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod error;
+pub mod estimate;
 pub mod guard;
 pub mod http;
 pub mod listener;

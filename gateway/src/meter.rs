@@ -270,6 +270,9 @@ impl Meter {
             c.model.clone_from(&obs.model);
         }
         c.usage.merge(obs.usage);
+        if !obs.text.is_empty() {
+            c.content_events += 1;
+        }
         c.text_bytes += obs.text.len() as u64;
         if c.text.len() + obs.text.len() <= self.bounds.text {
             c.text.push_str(&obs.text);
@@ -570,6 +573,8 @@ data: [DONE]\n\n";
         assert_eq!(run(&mut m, &[WITH_USAGE]), WITH_USAGE);
         assert_eq!(m.collected.usage.input, Some(5));
         assert_eq!(m.collected.frames, 3);
+        // The role-only and usage-only events carry no text: one content event.
+        assert_eq!(m.collected.content_events, 1);
     }
 
     #[test]

@@ -87,22 +87,40 @@ impl Serialize for Outcome {
     }
 }
 
-/// Where a token count came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a token count came from, best first (a fixed set: safe as a label value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TokenSource {
     /// The provider's own usage report.
     Provider,
-    /// Counted by the gateway with tiktoken.
+    /// The stream's content events, one token each: a rule this upstream and model's
+    /// answers were shown to follow (output counts only).
+    ContentEvents,
+    /// Counted by the gateway with tiktoken, then mapped through the fit learnt from
+    /// this upstream and model's answers that did report usage.
+    Calibrated,
+    /// Counted by the gateway with tiktoken, as is (nothing to correct it with yet). The
+    /// name predates the others: rows and dashboards already hold it.
     Estimate,
     /// Not an LLM call, or nothing to count.
     None,
 }
 
 impl TokenSource {
+    /// Every source, best first.
+    pub const ALL: [TokenSource; 5] = [
+        TokenSource::Provider,
+        TokenSource::ContentEvents,
+        TokenSource::Calibrated,
+        TokenSource::Estimate,
+        TokenSource::None,
+    ];
+
     /// The name in rows and logs.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenSource::Provider => "provider",
+            TokenSource::ContentEvents => "content_events",
+            TokenSource::Calibrated => "calibrated",
             TokenSource::Estimate => "estimate",
             TokenSource::None => "none",
         }
@@ -138,6 +156,9 @@ pub struct Collected {
     pub budget_cut: bool,
     /// Stream events larger than `--max-event-bytes`, forwarded unread.
     pub oversize_events: u64,
+    /// Objects read that carried generated text (a stream's content events; 1 for a
+    /// whole answer with text): one token each on servers such as llama.cpp's.
+    pub content_events: u64,
 }
 
 /// The name of a request's API family in rows, labels and logs (`other`: not an LLM
@@ -222,17 +243,14 @@ impl UsageRecord {
         self.started_at + self.latency
     }
 
-    /// Where the row's tokens came from: a count estimated anywhere makes the row an
-    /// estimate.
+    /// Where the row's tokens came from: the worse of its two counts' sources (a row
+    /// with one count estimated is an estimate), `none` only when neither was counted.
     pub fn token_source(&self) -> TokenSource {
-        let sources = [self.input_source, self.output_source];
-        if sources.contains(&TokenSource::Estimate) {
-            TokenSource::Estimate
-        } else if sources.contains(&TokenSource::Provider) {
-            TokenSource::Provider
-        } else {
-            TokenSource::None
-        }
+        [self.input_source, self.output_source]
+            .into_iter()
+            .filter(|s| *s != TokenSource::None)
+            .max()
+            .unwrap_or(TokenSource::None)
     }
 }
 
@@ -256,6 +274,12 @@ mod tests {
             assert_eq!(
                 serde_json::to_value(o).unwrap(),
                 serde_json::json!(o.as_str())
+            );
+        }
+        for s in TokenSource::ALL {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.as_str())
             );
         }
         assert_eq!(api_name(None), "other");

@@ -1,6 +1,7 @@
 //! The recorder: finishes each exchange off the request path (token estimates where the
-//! provider reported nothing, the budget settlement, the access log line) and fans the
-//! record out to its sinks: telemetry, the store writer's queue, and subscribers.
+//! provider reported nothing, calibrated by the answers where it did; the budget
+//! settlement, with those counts; the access log line) and fans the record out to its
+//! sinks: telemetry, the store writer's queue, and subscribers.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::api::{Endpoint, LlmRequest};
 use crate::budget::{Ledger, Reservation};
+use crate::estimate::{Calibration, Key, Method, Prompt};
 use crate::record::{Collected, Identity, Outcome, TokenSource, UsageRecord};
 use crate::telemetry::Telemetry;
 
@@ -52,43 +54,146 @@ pub struct Exchange {
     pub reservation: Option<Reservation>,
 }
 
+/// Our tiktoken counts of an exchange's prompt and answer: what an estimate and the
+/// calibration both need, and the slow part of finishing a record (done on a blocking
+/// thread when long; see [`Exchange::is_heavy`]).
+#[derive(Debug, Clone, Default)]
+pub struct Counted {
+    /// The prompt's count and layout; `None` when there is no prompt to count.
+    prompt: Option<Prompt>,
+    /// The answer's count, scaled when only part of its text was kept; `None` for an
+    /// embedding or an exchange with no parsed request.
+    completion: Option<u64>,
+}
+
 impl Exchange {
-    /// Finishes the record, estimating what the provider did not report.
-    pub fn finish(
-        self,
-        id_prefix: &str,
-        tokens: &TokenCounter,
-        log_bodies: bool,
-    ) -> (UsageRecord, Option<String>) {
-        let c = self.collected;
+    /// Whether the request reached a model whose tokens are worth counting.
+    fn llm(&self) -> bool {
+        // A request the gateway refused never reached a model: it used no tokens.
+        self.endpoint.is_some() && self.outcome.reached_llm() && self.request.is_some()
+    }
+
+    /// Counts the prompt and the answer with tiktoken. Done for answers with usage too:
+    /// they pair our count with the provider's for the calibration.
+    pub fn count(&self, tokens: &TokenCounter) -> Counted {
+        let Some(request) = self.request.as_ref().filter(|_| self.llm()) else {
+            return Counted::default();
+        };
+        let c = &self.collected;
         let model = self
             .used_model
-            .clone()
-            .or_else(|| c.model.clone())
+            .as_deref()
+            .or(c.model.as_deref())
             .unwrap_or_default();
-        let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(&model));
+        let encoding = self.encoding.unwrap_or_else(|| Encoding::for_model(model));
         let count = |text: &str| tokens.count(encoding, text).unwrap_or(0);
-        // A request the gateway refused never reached a model: it used no tokens.
-        let llm = self.endpoint.is_some() && self.outcome.reached_llm();
-        // Reading the prompt's text costs a parse: only when an estimate or the log needs it.
-        let prompt_text = || self.request.as_ref().map(LlmRequest::prompt_text);
-        let (input_tokens, input_source) = match c.usage.input {
-            Some(n) => (n, TokenSource::Provider),
-            None => match prompt_text() {
-                Some(text) if llm => (count(&text), TokenSource::Estimate),
-                _ => (0, TokenSource::None),
+        let shape = request.prompt_shape();
+        let prompt = Prompt {
+            tokens: count(&request.prompt_text()),
+            system_tokens: if shape.system.is_empty() {
+                0
+            } else {
+                count(&shape.system)
             },
+            messages: shape.messages,
+            system_messages: shape.system_messages,
         };
         let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
-        let (output_tokens, output_source) = match c.usage.output {
-            Some(n) => (n, TokenSource::Provider),
-            None if llm && !embedding && self.request.is_some() => {
-                (scaled(count(&c.text), &c), TokenSource::Estimate)
+        Counted {
+            prompt: Some(prompt),
+            completion: (!embedding).then(|| scaled(count(&c.text), c)),
+        }
+    }
+
+    /// The calibration's key for this exchange: its destination and the model that
+    /// answered (the one asked for, else).
+    fn key(&self) -> Key<'_> {
+        let answered = self.collected.model.as_deref();
+        Key {
+            upstream: &self.destination,
+            model: answered.or(self.used_model.as_deref()).unwrap_or_default(),
+        }
+    }
+
+    /// The stream's content events, when every one was read.
+    fn events(&self) -> Option<u64> {
+        let c = &self.collected;
+        (self.streamed && !c.truncated && c.oversize_events == 0).then_some(c.content_events)
+    }
+
+    /// Whether the provider reported every count the record has: it needs none of ours.
+    fn fully_reported(&self) -> bool {
+        let usage = &self.collected.usage;
+        let embedding = self.endpoint.is_some_and(Endpoint::is_embedding);
+        usage.input.is_some() && (usage.output.is_some() || embedding)
+    }
+
+    /// A copy to learn from after the record is delivered (small plain answers only:
+    /// long ones teach no more, and the queue's memory stays bounded at
+    /// [`LESSONS`] x [`HEAVY_BYTES`]).
+    fn lesson(&self) -> Option<Exchange> {
+        (self.llm() && self.outcome == Outcome::Allowed && !self.is_heavy()).then(|| Exchange {
+            // Settled with the record, never by a lesson.
+            reservation: None,
+            ..self.clone()
+        })
+    }
+
+    /// Teaches the calibration what this exchange shows: our counts against the
+    /// provider's, and the stream's events against either.
+    pub fn teach(&self, counted: &Counted, calibration: &mut Calibration) {
+        // Only a plain answer's text is the text the provider counted (a rule may have
+        // rewritten or cut it), and only all of it.
+        let c = &self.collected;
+        if self.outcome != Outcome::Allowed {
+            return;
+        }
+        let whole_text = c.text_bytes == c.text.len() as u64;
+        let ours_completion = counted.completion.filter(|_| whole_text);
+        let key = self.key();
+        calibration.observe(
+            key,
+            &counted.prompt.unwrap_or_default(),
+            c.usage.input,
+            ours_completion.unwrap_or(0),
+            c.usage.output,
+        );
+        match (self.events(), c.usage.output, ours_completion) {
+            (Some(n), Some(truth), _) if whole_text => calibration.observe_events(key, n, truth),
+            (Some(n), None, Some(ours)) => calibration.observe_events_against_fit(key, n, ours),
+            _ => {}
+        }
+    }
+
+    /// Finishes the record: the provider's counts where it reported them, the best
+    /// estimate where it did not (after [`Self::teach`], so a stream's own events count
+    /// towards trusting them).
+    pub fn finish(
+        self,
+        counted: Counted,
+        calibration: &Calibration,
+        id_prefix: &str,
+        log_bodies: bool,
+    ) -> (UsageRecord, Option<String>) {
+        let events = self.events();
+        let estimate = counted
+            .prompt
+            .map(|p| calibration.estimate(self.key(), &p, counted.completion.unwrap_or(0), events));
+        let c = self.collected;
+        let (input_tokens, input_source) = match (c.usage.input, estimate) {
+            (Some(n), _) => (n, TokenSource::Provider),
+            (None, Some(e)) => (e.prompt.tokens, source(e.prompt.method)),
+            (None, None) => (0, TokenSource::None),
+        };
+        let (output_tokens, output_source) = match (c.usage.output, estimate) {
+            (Some(n), _) => (n, TokenSource::Provider),
+            (None, Some(e)) if counted.completion.is_some() => {
+                (e.completion.tokens, source(e.completion.method))
             }
-            None => (0, TokenSource::None),
+            _ => (0, TokenSource::None),
         };
         let bodies = log_bodies
-            .then(prompt_text)
+            .then(|| self.request.as_ref().map(LlmRequest::prompt_text))
             .flatten()
             .map(|p| format!("prompt={p:?} completion={:?}", c.text));
         let record = UsageRecord {
@@ -124,6 +229,15 @@ impl Exchange {
     }
 }
 
+/// The record's name for how an estimate was made.
+fn source(method: Method) -> TokenSource {
+    match method {
+        Method::ContentEvents => TokenSource::ContentEvents,
+        Method::Calibrated => TokenSource::Calibrated,
+        Method::Tiktoken => TokenSource::Estimate,
+    }
+}
+
 /// The tokens of an answer whose text was kept in part ([`crate::meter::ESTIMATE_TEXT_BYTES`]):
 /// the kept part's count scaled by the whole text's length.
 fn scaled(kept_tokens: u64, c: &Collected) -> u64 {
@@ -137,13 +251,16 @@ fn scaled(kept_tokens: u64, c: &Collected) -> u64 {
 
 impl Exchange {
     /// Whether finishing this exchange means counting enough text to hold up the
-    /// records behind it: then it is counted on a blocking thread.
+    /// records behind it: then it is counted on a blocking thread. Any exchange with a
+    /// prompt is counted (answers with usage teach the calibration).
     fn is_heavy(&self) -> bool {
-        let c = &self.collected;
-        let estimates = c.usage.input.is_none() || c.usage.output.is_none();
-        estimates && c.text.len() as u64 + self.bytes_in > HEAVY_BYTES
+        self.llm() && self.collected.text.len() as u64 + self.bytes_in > HEAVY_BYTES
     }
 }
+
+/// Answers with usage waiting to teach the calibration; more are not kept (a lesson
+/// missed costs nothing but a sample).
+const LESSONS: usize = 64;
 
 /// Text past which an estimate leaves the recorder's task: counting 64 KiB takes a few
 /// milliseconds; more would delay every record queued behind it.
@@ -214,24 +331,51 @@ pub fn spawn_recorder(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Exchanges whose estimates are long, counted one at a time on a blocking
         // thread (owned here: the task waits for them before it ends).
-        let mut heavy: VecDeque<Exchange> = VecDeque::new();
-        let mut counting: JoinSet<Finished> = JoinSet::new();
+        // With them, in arrival order, the answers the provider counted: already
+        // recorded, kept to teach the calibration (`false`: a lesson, not a record). An
+        // answer with usage never waits for a lesson, nor for the tokenizer's first
+        // build; one to estimate waits for the lessons before it (it needs the
+        // tokenizer anyway), so it is corrected by all that came before.
+        let mut queue: VecDeque<(Exchange, bool)> = VecDeque::new();
+        let mut lessons = 0usize;
+        let mut counting: JoinSet<(Exchange, Counted, bool)> = JoinSet::new();
+        // Owned by this task alone, so it takes no lock: the blocking thread only
+        // counts, and the counts come back here to teach it and be corrected by it, in
+        // the order they finish (a long answer's lesson lands a little late, harmlessly).
+        let mut calibration = Calibration::new();
         let mut open = true;
         // The background thread frees what the exchanges held (answers' text).
         let mut purge = tokio::time::interval(crate::alloc::PURGE_EVERY);
-        while open || !heavy.is_empty() || !counting.is_empty() {
+        while open || !queue.is_empty() || !counting.is_empty() {
             if counting.is_empty() {
-                if let Some(exchange) = heavy.pop_front() {
-                    let sinks = sinks.clone();
-                    counting.spawn_blocking(move || sinks.finish(exchange));
+                if let Some((exchange, record)) = queue.pop_front() {
+                    lessons -= usize::from(!record);
+                    let tokens = sinks.tokens.clone();
+                    counting.spawn_blocking(move || {
+                        let counted = exchange.count(&tokens);
+                        (exchange, counted, record)
+                    });
                 }
             }
             tokio::select! {
                 _ = tick.tick(), if open => loop {
                     match rx.try_recv() {
-                        Ok(exchange) if exchange.is_heavy() => heavy.push_back(exchange),
+                        Ok(exchange) if exchange.fully_reported() => {
+                            let lesson = exchange.lesson().filter(|_| lessons < LESSONS);
+                            let finished = sinks.finish(exchange, Counted::default(), &calibration);
+                            sinks.deliver(finished).await;
+                            if let Some(lesson) = lesson {
+                                lessons += 1;
+                                queue.push_back((lesson, false));
+                            }
+                        }
+                        Ok(exchange) if exchange.is_heavy() || !queue.is_empty() || !counting.is_empty() => {
+                            queue.push_back((exchange, true));
+                        }
                         Ok(exchange) => {
-                            let finished = sinks.finish(exchange);
+                            let counted = exchange.count(&sinks.tokens);
+                            exchange.teach(&counted, &mut calibration);
+                            let finished = sinks.finish(exchange, counted, &calibration);
                             sinks.deliver(finished).await;
                         }
                         Err(mpsc::error::TryRecvError::Empty) => break,
@@ -243,7 +387,13 @@ pub fn spawn_recorder(
                 },
                 _ = purge.tick() => crate::alloc::purge(),
                 Some(done) = counting.join_next(), if !counting.is_empty() => match done {
-                    Ok(finished) => sinks.deliver(finished).await,
+                    Ok((exchange, counted, record)) => {
+                        exchange.teach(&counted, &mut calibration);
+                        if record {
+                            let finished = sinks.finish(exchange, counted, &calibration);
+                            sinks.deliver(finished).await;
+                        }
+                    }
                     // Counting does not panic on any text; if it ever did, say so loudly.
                     Err(e) => tracing::error!(error = %e, "usage estimate failed: record lost"),
                 },
@@ -281,9 +431,15 @@ struct Sinks {
 }
 
 impl Sinks {
-    fn finish(&self, mut exchange: Exchange) -> Finished {
+    fn finish(
+        &self,
+        mut exchange: Exchange,
+        counted: Counted,
+        calibration: &Calibration,
+    ) -> Finished {
         let reservation = exchange.reservation.take();
-        let (record, bodies) = exchange.finish(&self.id_prefix, &self.tokens, self.log_bodies);
+        let (record, bodies) =
+            exchange.finish(counted, calibration, &self.id_prefix, self.log_bodies);
         Finished {
             record,
             bodies,
@@ -402,6 +558,132 @@ mod tests {
         assert_eq!(scaled(1000, &c), 20_000);
         c.text_bytes = c.text.len() as u64;
         assert_eq!(scaled(1000, &c), 1000);
+    }
+
+    /// A chat exchange of `prompt` answered with `answer`, with `usage` (input, output)
+    /// when the provider reported it.
+    fn chat(prompt: &str, answer: &str, streamed: bool, usage: Option<(u64, u64)>) -> Exchange {
+        let mut ex = exchange(0);
+        ex.endpoint = Some(Endpoint::ChatCompletions);
+        ex.path = "/v1/chat/completions".into();
+        let body = serde_json::json!({"model": "m", "stream": streamed,
+            "messages": [{"role": "user", "content": prompt}]});
+        ex.request = Some(
+            LlmRequest::parse(Endpoint::ChatCompletions, body.to_string().as_bytes()).unwrap(),
+        );
+        ex.streamed = streamed;
+        ex.collected.model = Some("m".into());
+        ex.collected.text = answer.into();
+        ex.collected.text_bytes = answer.len() as u64;
+        ex.collected.usage.input = usage.map(|u| u.0);
+        ex.collected.usage.output = usage.map(|u| u.1);
+        ex
+    }
+
+    #[test]
+    fn answers_without_usage_get_the_best_count_and_say_how_it_was_made() {
+        let tokens = TokenCounter::new();
+        let mut cal = Calibration::new();
+        let ours = |t: &str| tokens.count(Encoding::for_model("m"), t).unwrap();
+        // A server whose tokenizer counts twice ours, with a 9-token chat template, and
+        // one token per content event; its streams report usage (they teach the events).
+        let finish = |cal: &mut Calibration, ex: Exchange| {
+            let counted = ex.count(&tokens);
+            ex.teach(&counted, cal);
+            ex.finish(counted, cal, "t", false).0
+        };
+        for i in 1..=crate::estimate::MIN_SAMPLES as usize {
+            let prompt = "how do pods talk to each other ".repeat(i * 3);
+            let answer = "through the cluster network and services ".repeat(i * 2);
+            let truth = (2 * ours(&prompt) + 9, 2 * ours(&answer));
+            let mut ex = chat(&prompt, &answer, true, Some(truth));
+            ex.collected.content_events = truth.1;
+            let r = finish(&mut cal, ex);
+            assert_eq!(
+                (r.input_tokens, r.output_tokens),
+                truth,
+                "provider counts stay"
+            );
+            assert_eq!(r.token_source(), TokenSource::Provider);
+        }
+        let prompt = "what is a service mesh, and why would I want one? ".repeat(4);
+        let answer = "a layer of proxies beside each workload ".repeat(5);
+        let mut streamed = chat(&prompt, &answer, true, None);
+        streamed.collected.content_events = 77;
+        let r = finish(&mut cal, streamed);
+        assert_eq!(
+            (r.output_tokens, r.output_source),
+            (77, TokenSource::ContentEvents)
+        );
+        assert_eq!(r.input_source, TokenSource::Calibrated);
+        let want = 2 * ours(&prompt) + 9;
+        assert!(
+            r.input_tokens.abs_diff(want) <= 1,
+            "{} vs {want}",
+            r.input_tokens
+        );
+        assert_eq!(r.token_source(), TokenSource::Calibrated);
+        // Not streamed: no events, the completion fit.
+        let r = finish(&mut cal, chat(&prompt, &answer, false, None));
+        assert_eq!(
+            (r.output_tokens, r.output_source),
+            (2 * ours(&answer), TokenSource::Calibrated)
+        );
+        // Another upstream has learnt nothing: tiktoken as is, named as before.
+        let mut elsewhere = chat(&prompt, &answer, false, None);
+        elsewhere.destination = Arc::from("10.0.0.10:8080");
+        let r = finish(&mut cal, elsewhere);
+        assert_eq!(
+            (
+                r.input_tokens,
+                r.input_source,
+                r.output_tokens,
+                r.output_source
+            ),
+            (
+                ours(&prompt),
+                TokenSource::Estimate,
+                ours(&answer),
+                TokenSource::Estimate
+            )
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_with_usage_are_recorded_at_once_and_teach_afterwards() {
+        let tokens = TokenCounter::new();
+        let ours = |t: &str| tokens.count(Encoding::for_model("m"), t).unwrap();
+        let (recorder, usage, _task) = spawn_recorder(
+            tokens.clone(),
+            false,
+            1024,
+            None,
+            Arc::new(Ledger::new(Arc::new(SystemClock))),
+            None,
+        );
+        let mut usage = usage.subscribe();
+        for i in 1..=crate::estimate::MIN_SAMPLES as usize {
+            let prompt = "how do pods talk to each other ".repeat(i * 3);
+            let truth = (3 * ours(&prompt) + 9, 7);
+            recorder.record(chat(&prompt, "ok", false, Some(truth)));
+            let r = usage.recv().await.unwrap();
+            assert_eq!(
+                (r.input_tokens, r.input_source),
+                (truth.0, TokenSource::Provider)
+            );
+        }
+        // Their lessons are counted after them, off the recorder's task; an answer
+        // without usage waits for the lessons before it, and is corrected by them.
+        let prompt = "what is a service mesh? ".repeat(6);
+        recorder.record(chat(&prompt, "a mesh", false, None));
+        let r = usage.recv().await.unwrap();
+        let want = 3 * ours(&prompt) + 9;
+        assert_eq!(r.input_source, TokenSource::Calibrated);
+        assert!(
+            r.input_tokens.abs_diff(want) <= 1,
+            "{} vs {want}",
+            r.input_tokens
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,7 @@ async fn setup(
     let (demo_addr, demo) = demo(DemoConfig {
         first_token_delay: delay,
         token_delay: delay,
+        ..Default::default()
     })
     .await;
     let policy = policy_file(POLICY);

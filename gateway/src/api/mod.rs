@@ -9,7 +9,7 @@ pub mod request;
 use http::Method;
 
 pub use event::{observe, StreamEvent};
-pub use request::{LlmRequest, ParseError};
+pub use request::{LlmRequest, ParseError, PromptShape};
 
 /// The API family of a recognized request; errors are answered in its format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

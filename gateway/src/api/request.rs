@@ -259,6 +259,53 @@ impl LlmRequest {
     }
 }
 
+/// How a prompt is laid out, beyond its text: what a server's chat template and its
+/// handling of system text make of it (token estimates fit per-message overhead and
+/// learn whether a server counts system text: Gemma's template drops it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptShape {
+    /// The text of system (and developer) messages, instructions and `system` fields.
+    pub system: String,
+    /// Messages (chat `messages`, the Responses API's `input` items); 0 for a plain prompt.
+    pub messages: u64,
+    /// Of those, system or developer messages.
+    pub system_messages: u64,
+}
+
+impl LlmRequest {
+    /// The prompt's layout (see [`PromptShape`]).
+    pub fn prompt_shape(&self) -> PromptShape {
+        use serde_json::Value;
+        let mut shape = PromptShape::default();
+        let parse = |key: &str| {
+            self.raw_field(key)
+                .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
+        };
+        let (list, system_fields): (&str, &[&str]) = match self.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Chat => ("messages", &[]),
+            Endpoint::Responses => ("input", &["instructions"]),
+            Endpoint::Generate => ("", &["system"]),
+            _ => ("", &[]),
+        };
+        for key in system_fields {
+            if let Some(v) = parse(key) {
+                collect_text(&v, &mut shape.system);
+            }
+        }
+        if let Some(Value::Array(items)) = (!list.is_empty()).then(|| parse(list)).flatten() {
+            for item in &items {
+                shape.messages += 1;
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
+                if Role::from_message_role(role) == Role::System {
+                    shape.system_messages += 1;
+                    collect_text(item, &mut shape.system);
+                }
+            }
+        }
+        shape
+    }
+}
+
 /// What a prompt visitor does with a text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Visit {
