@@ -3,8 +3,8 @@
 //! fuzzer.
 
 use bytes::Bytes;
-use kube_gateway::api::{observe, Endpoint, StreamEvent};
-use kube_gateway::meter::{Format, Meter};
+use kube_gateway::api::{observe, Endpoint, LlmRequest, StreamEvent};
+use kube_gateway::meter::{Bounds, Format, Meter};
 use kube_gateway::stream::sse::{parse_event, SseBoundary};
 use kube_gateway::stream::Framer;
 
@@ -13,7 +13,7 @@ fn metered(hide_usage: bool, body: &[u8]) -> (Vec<u8>, Meter) {
         Endpoint::ChatCompletions,
         Format::Sse,
         hide_usage,
-        1 << 20,
+        Bounds::all(1 << 20),
         None,
     );
     let mut out = m.on_data(Bytes::copy_from_slice(body)).to_vec();
@@ -58,7 +58,7 @@ fn frames(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
     let mut framer: Framer<SseBoundary> = Framer::new();
     let mut out = Vec::new();
     for c in chunks {
-        out.extend(framer.push(c).iter().map(<[u8]>::to_vec));
+        out.extend(framer.push(c).complete().map(<[u8]>::to_vec));
     }
     (out, framer.take_rest().to_vec())
 }
@@ -72,11 +72,29 @@ fn a_crlf_split_between_reads_moves_its_lf_to_the_next_frame() {
     let stream: &[u8] = b"data: a\r\n\r\ndata: b\r\n\r\n";
     let whole = frames(&[stream]);
     assert_eq!(whole.0, [&b"data: a\r\n\r\n"[..], b"data: b\r\n\r\n"]);
-    let split = frames(&[&stream[..11], &stream[11..]]);
+    let split = frames(&[&stream[..10], &stream[10..]]);
     assert_eq!(split.0, [&b"data: a\r\n\r"[..], b"\ndata: b\r\n\r\n"]);
     let events = |f: &[Vec<u8>]| f.iter().map(|r| parse_event(r)).collect::<Vec<_>>();
     assert_eq!(events(&split.0), events(&whole.0));
-    let at_end = frames(&[&stream[..22], &stream[22..]]);
+    let at_end = frames(&[&stream[..21], &stream[21..]]);
     assert_eq!(at_end.1, b"\n", "the last LF is left over");
-    assert_eq!(at_end.0.concat(), &stream[..22]);
+    assert_eq!(at_end.0.concat(), &stream[..21]);
+}
+
+/// `request_policy`: Ollama's `num_predict` was read through a whole `options` value,
+/// which serde_json refuses for a lone surrogate escape in any option; the client's limit
+/// then read as none, and the policy's ceiling replaced a lower one the client had set.
+#[test]
+fn num_predict_reads_past_an_option_serde_json_refuses() {
+    let body = br#"{"model":"m","options":{"stop":["\ude00"],"num_predict":20}}"#;
+    let req = LlmRequest::parse(Endpoint::Generate, body).expect("parsed");
+    assert_eq!(req.max_tokens(), Some(20));
+    let mut set = req.clone();
+    set.set_max_tokens(10);
+    assert_eq!(
+        set.raw_field("options"),
+        Some(r#"{"stop":["\ude00"],"num_predict":10}"#)
+    );
+    let again = LlmRequest::parse(Endpoint::Generate, &set.body(Bytes::new())).expect("parsed");
+    assert_eq!(again.max_tokens(), Some(10));
 }
