@@ -15,8 +15,14 @@ fn frame(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
     let mut lines = Vec::new();
     for chunk in chunks {
         let out = framer.push(chunk);
-        assert_eq!(out.ends.last().copied().unwrap_or(0), out.bytes.len());
-        lines.extend(out.iter().map(<[u8]>::to_vec));
+        assert!(
+            out.all_framed(),
+            "an unbounded framer released part of a line"
+        );
+        let before = lines.len();
+        lines.extend(out.complete().map(<[u8]>::to_vec));
+        let len: usize = lines[before..].iter().map(Vec::len).sum();
+        assert_eq!(len, out.bytes.len(), "bytes beyond the last line's end");
     }
     (lines, framer.take_rest().to_vec())
 }

@@ -21,13 +21,17 @@ fn frame(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Vec<u8>) {
     let mut frames = Vec::new();
     for chunk in chunks {
         let out = framer.push(chunk);
-        let mut start = 0;
-        for &end in &out.ends {
-            assert!(start < end, "an empty frame");
-            start = end;
+        assert!(
+            out.all_framed(),
+            "an unbounded framer released part of a frame"
+        );
+        let mut len = 0;
+        for f in out.complete() {
+            assert!(!f.is_empty(), "an empty frame");
+            len += f.len();
+            frames.push(f.to_vec());
         }
-        assert_eq!(start, out.bytes.len(), "bytes beyond the last frame's end");
-        frames.extend(out.iter().map(<[u8]>::to_vec));
+        assert_eq!(len, out.bytes.len(), "bytes beyond the last frame's end");
     }
     (frames, framer.take_rest().to_vec())
 }

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use kube_gateway::api::{observe, Endpoint, StreamEvent};
-use kube_gateway::meter::{Format, Meter};
+use kube_gateway::meter::{Bounds, Format, Meter};
 use kube_gateway::record::Collected;
 use kube_gateway_fuzz::pieces;
 use libfuzzer_sys::fuzz_target;
@@ -27,7 +27,7 @@ const ENDPOINTS: [Endpoint; 8] = [
 const FORMATS: [Format; 3] = [Format::Sse, Format::Ndjson, Format::Json];
 
 fn meter(endpoint: Endpoint, format: Format, hide: bool, chunks: &[&[u8]]) -> (Vec<u8>, Collected) {
-    let mut m = Meter::with_rules(endpoint, format, hide, 1 << 20, None);
+    let mut m = Meter::with_rules(endpoint, format, hide, Bounds::all(1 << 20), None);
     let mut out = Vec::new();
     for c in chunks {
         out.extend_from_slice(&m.on_data(Bytes::copy_from_slice(c)));
