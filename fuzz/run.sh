@@ -17,7 +17,12 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-cargo +nightly fuzz build --quiet
+mkdir -p target
+if ! cargo +nightly fuzz build >target/build.log 2>&1; then
+    tail -40 target/build.log >&2
+    echo "fuzz: the build failed (log: fuzz/target/build.log)" >&2
+    exit 1
+fi
 echo "fuzz: built in $(($(date +%s) - start)) s; $seconds s a target"
 
 failed=()
@@ -26,7 +31,7 @@ for t in "${targets[@]}"; do
     dict=()
     [ -f "dict/$t.dict" ] && dict=("-dict=dict/$t.dict")
     log="target/corpus/$t.log"
-    if cargo +nightly fuzz run --quiet "$t" "target/corpus/$t" "corpus/$t" -- \
+    if cargo +nightly fuzz run "$t" "target/corpus/$t" "corpus/$t" -- \
         -max_total_time="$seconds" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
         cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)
