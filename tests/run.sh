@@ -37,6 +37,19 @@ cargo +nightly clippy --quiet -p kube-gateway-bpf-ebpf --target bpfel-unknown-no
     -Z build-std=core --target-dir target/bpf-clippy -- -D warnings
 cargo build "${host[@]}" --all-targets --quiet
 cargo test "${host[@]}"
+# The fuzz targets (fuzz/, cargo-fuzz with the nightly), each for a bounded time so that
+# they keep building and a regression of theirs shows; KGW_FUZZ_SECONDS=0 skips them.
+fuzz_seconds="${KGW_FUZZ_SECONDS:-30}"
+if [ "$fuzz_seconds" = 0 ]; then
+    echo "(KGW_FUZZ_SECONDS=0: the fuzz targets skip)"
+elif cargo +nightly fuzz --version >/dev/null 2>&1; then
+    bash fuzz/run.sh "$fuzz_seconds"
+elif [ "${CI:-}" = true ]; then
+    echo "cargo-fuzz is missing: .ci/run installs it" >&2
+    exit 1
+else
+    echo "(no cargo-fuzz: the fuzz targets skip; cargo install cargo-fuzz --locked)"
+fi
 
 python_venv "openai, ollama, pytest, kubernetes"
 # -rs prints why a privileged test skipped (never in CI: there they must run).

@@ -69,6 +69,7 @@ impl ResponseRules {
         ResponseFilter {
             rules: self.clone(),
             pending: String::new(),
+            context: 0,
             ended: false,
             hits: Vec::new(),
         }
@@ -87,6 +88,10 @@ impl ResponseRules {
 pub struct ResponseFilter {
     rules: Arc<ResponseRules>,
     pending: String,
+    /// The first bytes of `pending` went out already: the character before the held
+    /// text, kept so that a regex that looks behind its match (`\b`, `(?m)^`) sees what
+    /// it would see in the whole answer.
+    context: usize,
     ended: bool,
     hits: Vec<usize>,
 }
@@ -112,7 +117,7 @@ impl ResponseFilter {
 
     /// Bytes held back now.
     pub fn held(&self) -> usize {
-        self.pending.len()
+        self.pending.len() - self.context
     }
 
     /// Whether a block rule ended the answer.
@@ -132,7 +137,7 @@ impl ResponseFilter {
         let buf = std::mem::take(&mut self.pending);
         let matcher = &self.rules.matcher;
         let mut out = String::with_capacity(buf.len());
-        let mut pos = 0;
+        let mut pos = std::mem::take(&mut self.context);
         loop {
             let hold = if last {
                 buf.len()
@@ -160,7 +165,9 @@ impl ResponseFilter {
                 }
                 _ => {
                     out.push_str(&buf[pos..hold]);
-                    self.pending = buf[hold..].to_owned();
+                    let keep = buf[..hold].char_indices().next_back().map_or(0, |(i, _)| i);
+                    self.pending = buf[keep..].to_owned();
+                    self.context = hold - keep;
                     return Emit {
                         text: out,
                         blocked: None,

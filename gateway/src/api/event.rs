@@ -5,16 +5,23 @@
 //! one parse. Where each dialect carries its generated text is decided here, by
 //! endpoint.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 use super::{ollama, openai, Dialect, Endpoint, Observation};
 
-/// Reads what one object reports, from its bytes (frames nobody rewrites).
+/// Reads what one object reports, from its bytes (frames nobody rewrites). Bytes that
+/// are not UTF-8 read as U+FFFD, as in [`StreamEvent::parse`].
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
-    match endpoint.dialect() {
+    let read = |json: &[u8]| match endpoint.dialect() {
         Dialect::OpenAi => openai::observe(endpoint, json),
         Dialect::Ollama => ollama::observe(endpoint, json),
-    }
+    };
+    read(json).or_else(|| match String::from_utf8_lossy(json) {
+        Cow::Owned(text) => read(text.as_bytes()),
+        Cow::Borrowed(_) => None,
+    })
 }
 
 /// A frame's object, parsed once, with what it reports.
@@ -27,8 +34,19 @@ pub struct StreamEvent {
 impl StreamEvent {
     /// Parses one object; `None` when it is not JSON. JSON of another shape than its
     /// dialect's reports nothing, but rules still see (and may rewrite) its texts.
+    ///
+    /// Bytes that are not UTF-8 read as U+FFFD, as in [`observe`]: a frame reports the
+    /// same whether or not the gateway may rewrite it (a byte serde_json skips unchecked
+    /// in an ignored field, say an `id`, made [`observe`] count a usage chunk this did
+    /// not, which then reached a client that had not asked for it).
     pub fn parse(endpoint: Endpoint, json: &[u8]) -> Option<Self> {
-        let value: Value = serde_json::from_slice(json).ok()?;
+        let value: Value = match serde_json::from_slice(json) {
+            Ok(v) => v,
+            Err(_) => match String::from_utf8_lossy(json) {
+                Cow::Owned(text) => serde_json::from_str(&text).ok()?,
+                Cow::Borrowed(_) => return None,
+            },
+        };
         let obs = match endpoint.dialect() {
             Dialect::OpenAi => openai::observe_value(endpoint, &value),
             Dialect::Ollama => ollama::observe_value(endpoint, &value),

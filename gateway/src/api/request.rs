@@ -192,12 +192,16 @@ impl LlmRequest {
             }
             Endpoint::Completions => positive(self.field("max_tokens").ok().flatten()),
             Endpoint::Responses => positive(self.field("max_output_tokens").ok().flatten()),
-            // Ollama: -1 (and -2) mean no limit.
+            // Ollama: -1 (and -2) mean no limit. Only `num_predict` is read: another option
+            // serde_json's Value refuses (a lone surrogate escape) must not hide it.
             Endpoint::Chat | Endpoint::Generate => positive(
-                self.field::<serde_json::Value>("options")
+                self.field::<IndexMap<String, Box<RawValue>>>("options")
                     .ok()
                     .flatten()
-                    .and_then(|o| o.get("num_predict").and_then(serde_json::Value::as_i64)),
+                    .and_then(|o| {
+                        o.get("num_predict")
+                            .and_then(|raw| serde_json::from_str::<i64>(raw.get()).ok())
+                    }),
             ),
             Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => None,
         }

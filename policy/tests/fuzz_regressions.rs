@@ -1,0 +1,29 @@
+//! Regressions found by the fuzz targets (`fuzz/`): each input that broke a property,
+//! minimized, checked here so that it stays fixed without running the fuzzer.
+
+use kube_gateway_policy::load;
+
+/// `response_filter`: a regex that looks behind its match (`\b`, `(?m)^`) saw the start
+/// of the held-back text as the start of the answer, so a stream masked what the whole
+/// answer did not contain.
+#[test]
+fn a_held_regex_match_keeps_the_text_before_it() {
+    let policy = load(
+        "apiVersion: kube-gateway.io/v1alpha1\nresponseRules:\n  - { name: pin, match: { regex: '\\bPIN [0-9]{4}\\b' }, action: redact, mask: '#' }\n  - { name: line, match: { regex: '(?m)^halt' }, action: redact, mask: '#' }\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for answer in ["xPIN 1234 ok", "no halt here", "aPIN 1234"] {
+        let (whole, _) = policy.response.apply(answer);
+        assert_eq!(whole.text, answer, "nothing to mask in {answer:?}");
+        for cut in 1..answer.len() {
+            let mut f = policy.response.stream();
+            let mut out = f.push(&answer[..cut]).text;
+            out.push_str(&f.push(&answer[cut..]).text);
+            out.push_str(&f.finish().text);
+            assert_eq!(out, whole.text, "{answer:?} cut at {cut}");
+        }
+    }
+    // Where the whole answer has a match, the stream masks the same.
+    let (whole, _) = policy.response.apply("a PIN 1234\nhalt");
+    assert_eq!(whole.text, "a #\n#");
+}
