@@ -39,6 +39,15 @@ struct Tokens {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Sourced {
+    namespace: String,
+    pod: String,
+    gen_ai_token_type: &'static str,
+    /// How the count was made: one of `TokenSource::ALL`'s names (bounded).
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Requests {
     namespace: String,
     pod: String,
@@ -119,6 +128,7 @@ pub(super) struct Prometheus {
     records_dropped: Family<Pod, Counter>,
     attached_pods: Family<Pod, Gauge>,
     connections_open: Family<Pod, Gauge>,
+    tokens_by_source: Family<Sourced, Counter<u64, AtomicU64>>,
     connections_refused: Family<Pod, Counter>,
 }
 
@@ -174,6 +184,7 @@ impl Prometheus {
             records_dropped: Family::default(),
             attached_pods: Family::default(),
             connections_open: Family::default(),
+            tokens_by_source: Family::default(),
             connections_refused: Family::default(),
             registry: Registry::default(),
         };
@@ -248,6 +259,11 @@ impl Prometheus {
             "kube_gateway_netflush_destroyed",
             "Workload connections destroyed by netflush so they reconnect through the gateway",
             m.netflushed.clone(),
+        );
+        registry.register(
+            "kube_gateway_tokens_by_source",
+            "Tokens of requests that reached the LLM, by how they were counted (provider, content_events, calibrated, estimate)",
+            m.tokens_by_source.clone(),
         );
         registry.register(
             "kube_gateway_connections_open",
@@ -341,6 +357,21 @@ impl Prometheus {
         if let Some(a) = &s.answered {
             a.input.observe(r.input_tokens as f64);
             a.output.observe(r.output_tokens as f64);
+            for (kind, source, n) in [
+                ("input", r.input_source, r.input_tokens),
+                ("output", r.output_source, r.output_tokens),
+            ] {
+                if n > 0 {
+                    self.tokens_by_source
+                        .get_or_create(&Sourced {
+                            namespace: r.workload.namespace.clone(),
+                            pod: r.workload.pod.clone(),
+                            gen_ai_token_type: kind,
+                            source: source.as_str(),
+                        })
+                        .inc_by(n);
+                }
+            }
             a.duration.observe(r.latency.as_secs_f64());
             if let Some(t) = r.first_chunk {
                 a.ttft.observe(t.as_secs_f64());

@@ -192,3 +192,34 @@ fn other_traffic_is_not_an_llm_call() {
     m.record(&r);
     assert_eq!(total(&m.encode(), "kube_gateway_requests_total"), 0.0);
 }
+
+#[test]
+fn tokens_are_counted_by_how_they_were_counted() {
+    let m = Telemetry::new("ns", "pod", None);
+    m.record(&record(Outcome::Allowed, &[]));
+    let mut estimated = record(Outcome::Allowed, &[]);
+    estimated.input_source = TokenSource::Calibrated;
+    estimated.output_source = TokenSource::ContentEvents;
+    m.record(&estimated);
+    // A refusal reached no model: none of its tokens count.
+    m.record(&record(Outcome::Denied, &[]));
+    let text = m.encode();
+    let line = |kind: &str, source: &str, n: u64| {
+        format!(
+            r#"kube_gateway_tokens_by_source_total{{namespace="ns",pod="pod",gen_ai_token_type="{kind}",source="{source}"}} {n}"#
+        )
+    };
+    for l in [
+        line("input", "provider", 12),
+        line("output", "provider", 30),
+        line("input", "calibrated", 12),
+        line("output", "content_events", 30),
+    ] {
+        assert!(text.contains(&l), "{l} missing:\n{text}");
+    }
+    // The same tokens as the GenAI histograms, split by source.
+    assert_eq!(
+        total(&text, "kube_gateway_tokens_by_source_total"),
+        total(&text, "gen_ai_client_token_usage_sum")
+    );
+}
