@@ -332,6 +332,13 @@ impl Meter {
     /// The complete frames of a stream: each read once; rewritten only when something
     /// may change them.
     fn frames(&mut self, wire: Wire, frames: Frames) -> Bytes {
+        if self.guard.is_none() && self.cut.is_none() {
+            if let Some(first) = frames.single_oversize() {
+                // Part of an event too large to read: out as it came, without a copy.
+                self.oversize(first);
+                return frames.bytes;
+            }
+        }
         let rewriting = self.hide_usage || self.guard.is_some() || self.cut.is_some();
         if !rewriting {
             for piece in frames.iter() {

@@ -74,6 +74,21 @@ impl Frames {
         })
     }
 
+    /// `Some(first)` when the push released nothing but one piece of an oversize frame.
+    pub fn single_oversize(&self) -> Option<bool> {
+        match self.cuts.as_slice() {
+            [Cut {
+                kind: CutKind::OversizeFirst,
+                ..
+            }] => Some(true),
+            [Cut {
+                kind: CutKind::Oversize,
+                ..
+            }] => Some(false),
+            _ => None,
+        }
+    }
+
     /// Whether every piece is a complete frame.
     pub fn all_framed(&self) -> bool {
         self.cuts.iter().all(|c| c.kind == CutKind::Frame)
@@ -120,7 +135,7 @@ impl<B: Boundary> Framer<B> {
     /// Adds a chunk and releases every frame it completes (and the bytes of a frame
     /// too large to hold).
     pub fn push(&mut self, chunk: &[u8]) -> Frames {
-        self.buf.extend_from_slice(chunk);
+        self.extend(chunk);
         let mut cuts = Vec::new();
         let mut from = self.scanned;
         while let Some(end) = self.boundary.scan(&self.buf, from) {
@@ -156,6 +171,22 @@ impl<B: Boundary> Framer<B> {
             bytes: self.buf.split_to(complete).freeze(),
             cuts,
         }
+    }
+
+    /// Appends `chunk`, growing the buffer by doubling but never past the limit plus
+    /// this chunk: doubling on its own would hold up to twice the limit for one frame.
+    fn extend(&mut self, chunk: &[u8]) {
+        let need = self.buf.len() + chunk.len();
+        // Small buffers (every ordinary event) grow as BytesMut does, reusing its space.
+        if need > self.buf.capacity() && need > 64 * 1024 && self.max != usize::MAX {
+            let cap = (self.buf.capacity().max(4096) * 2)
+                .min(self.max.saturating_add(chunk.len()))
+                .max(need);
+            let mut grown = BytesMut::with_capacity(cap);
+            grown.extend_from_slice(&self.buf);
+            self.buf = grown;
+        }
+        self.buf.extend_from_slice(chunk);
     }
 
     /// Bytes held for an incomplete frame.
@@ -224,6 +255,23 @@ mod tests {
         assert_eq!(big.iter().map(|p| p.0.len()).sum::<usize>(), 3_000);
         assert!(out.contains(&(s[3_010..3_050].to_vec(), false, false)));
         assert_eq!(out.last().unwrap().0, b"tail");
+    }
+
+    #[test]
+    fn the_buffer_never_grows_past_the_limit_and_a_read() {
+        let max = 200_000;
+        let mut f: Framer<ndjson::LineBoundary> = Framer::with_max(max);
+        let mut big = vec![b'x'; 1_000_000];
+        big.push(b'\n');
+        let mut out = 0;
+        let mut widest_capacity = 0;
+        for chunk in big.chunks(10_000) {
+            out += f.push(chunk).bytes.len();
+            widest_capacity = widest_capacity.max(f.buf.capacity());
+        }
+        assert_eq!(out, big.len());
+        // Doubling alone would have reached 262,144 (past the limit) on the way.
+        assert!(widest_capacity <= max + 10_000, "{widest_capacity}");
     }
 
     proptest! {
