@@ -42,10 +42,17 @@ impl StreamEvent {
     pub fn parse(endpoint: Endpoint, json: &[u8]) -> Option<Self> {
         let value: Value = match serde_json::from_slice(json) {
             Ok(v) => v,
-            Err(_) => match String::from_utf8_lossy(json) {
-                Cow::Owned(text) => serde_json::from_str(&text).ok()?,
-                Cow::Borrowed(_) => return None,
-            },
+            Err(_) => {
+                // The same leniency serde_json shows a typed read that skips a field:
+                // bytes that are not UTF-8, and `\u` escapes of lone surrogates, read as
+                // U+FFFD (only on this failure path: valid JSON is parsed once).
+                let text = String::from_utf8_lossy(json);
+                let fixed = without_lone_surrogates(&text);
+                if matches!((&text, &fixed), (Cow::Borrowed(_), Cow::Borrowed(_))) {
+                    return None;
+                }
+                serde_json::from_str(&fixed).ok()?
+            }
         };
         let obs = match endpoint.dialect() {
             Dialect::OpenAi => openai::observe_value(endpoint, &value),
@@ -61,6 +68,60 @@ impl StreamEvent {
     }
 }
 
+/// `text` with each `\u` escape of a lone surrogate (a high one not followed by a low
+/// one, or a low one alone) written as `\uFFFD`; borrowed when there is none.
+fn without_lone_surrogates(text: &str) -> Cow<'_, str> {
+    let hex = |at: usize| {
+        text.get(at..at + 4)
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if bytes[i + 1] != b'u' {
+            i += 2; // an escaped character (`\\` included): never the start of another
+            continue;
+        }
+        let Some(unit) = hex(i + 2) else {
+            i += 2;
+            continue;
+        };
+        let low_follows = || {
+            text.get(i + 6..i + 8) == Some("\\u")
+                && hex(i + 8).is_some_and(|u| (0xDC00..=0xDFFF).contains(&u))
+        };
+        let lone = match unit {
+            0xD800..=0xDBFF => !low_follows(),
+            0xDC00..=0xDFFF => true,
+            _ => false,
+        };
+        if (0xD800..=0xDBFF).contains(&unit) && !lone {
+            i += 12; // the pair
+            continue;
+        }
+        if lone {
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(&text[copied..i]);
+            o.push_str("\\uFFFD");
+            copied = i + 6;
+        }
+        i += 6;
+    }
+    match out {
+        Some(mut o) => {
+            o.push_str(&text[copied..]);
+            Cow::Owned(o)
+        }
+        None => Cow::Borrowed(text),
+    }
+}
+
 /// Where a stream event of `endpoint` carries its generated text (a JSON pointer).
 pub fn text_pointer(endpoint: Endpoint) -> &'static str {
     match endpoint {
@@ -71,6 +132,40 @@ pub fn text_pointer(endpoint: Endpoint) -> &'static str {
         Endpoint::Generate => "/response",
         // Embeddings generate no text.
         Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => "/response",
+    }
+}
+
+#[cfg(test)]
+mod surrogates {
+    use super::*;
+
+    #[test]
+    fn lone_surrogate_escapes_read_as_replacement_characters() {
+        let fixed = |t: &str| without_lone_surrogates(t).into_owned();
+        assert_eq!(fixed(r#""a\ud83db""#), r#""a\uFFFDb""#);
+        assert_eq!(fixed(r#""\udc00""#), r#""\uFFFD""#);
+        // A pair, an escaped backslash before a `u`, and plain text stay as they are.
+        for kept in [r#""\ud83d\ude00""#, r#""\\ud83d""#, r#""plain \n text""#] {
+            assert!(
+                matches!(without_lone_surrogates(kept), Cow::Borrowed(_)),
+                "{kept}"
+            );
+        }
+        // The fuzzer's case: an ignored key with a lone surrogate; observe() skipped it
+        // unchecked, the parse into a value refused it.
+        let body = br#"{"object":"list","data":[],"model":"e","usagn":{"prompt_toOk\ud83dTudep0l_toiens":5}}"#;
+        let ev = StreamEvent::parse(Endpoint::Embeddings, body).expect("parsed");
+        assert_eq!(
+            Some(ev.obs),
+            crate::api::observe(Endpoint::Embeddings, body)
+        );
+        // As found: with a byte that is not UTF-8 in the same key.
+        let found = [&body[..53], &[0x93], &body[53..]].concat();
+        let ev = StreamEvent::parse(Endpoint::Embeddings, &found).expect("parsed");
+        assert_eq!(
+            Some(ev.obs),
+            crate::api::observe(Endpoint::Embeddings, &found)
+        );
     }
 }
 
