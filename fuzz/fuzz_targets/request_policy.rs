@@ -17,19 +17,9 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use kube_gateway::api::{Endpoint, LlmRequest};
 use kube_gateway::guard::request::apply;
+use kube_gateway_fuzz::ENDPOINTS;
 use kube_gateway_policy::{load, ModelDecision, Policy};
 use libfuzzer_sys::fuzz_target;
-
-const ENDPOINTS: [Endpoint; 8] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::Chat,
-    Endpoint::Generate,
-    Endpoint::Embed,
-    Endpoint::LegacyEmbeddings,
-];
 
 /// Masks and replacements share no text with any rule, so a second pass finds nothing.
 const POLICIES: [&str; 3] = [

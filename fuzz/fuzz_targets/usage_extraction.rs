@@ -11,18 +11,8 @@ use kube_gateway::api::{observe, Endpoint, StreamEvent};
 use kube_gateway::meter::{Bounds, Format, Meter};
 use kube_gateway::record::Collected;
 use kube_gateway_fuzz::pieces;
+use kube_gateway_fuzz::ENDPOINTS;
 use libfuzzer_sys::fuzz_target;
-
-const ENDPOINTS: [Endpoint; 8] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::Chat,
-    Endpoint::Generate,
-    Endpoint::Embed,
-    Endpoint::LegacyEmbeddings,
-];
 
 const FORMATS: [Format; 3] = [Format::Sse, Format::Ndjson, Format::Json];
 
