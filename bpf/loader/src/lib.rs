@@ -49,6 +49,8 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("this binary was built without its eBPF programs (AYA_BUILD_SKIP was set): rebuild without it to capture")]
+    NotBuilt,
     #[error("capture filter: {0}")]
     Filter(String),
     #[error("eBPF map {0}: {1}")]
@@ -147,11 +149,11 @@ impl Capture {
         let root = cgroup_v2_root()?;
         let gateway = open_cgroup(&cfg.gateway_cgroup, &root)?;
         let config: Config = cfg.filter.config(cfg.gateway)?;
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/kube-gateway-bpf"
-        )))
-        .map_err(|e| CaptureError::Load {
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kube-gateway-bpf"));
+        if object.is_empty() {
+            return Err(CaptureError::NotBuilt);
+        }
+        let mut ebpf = Ebpf::load(object).map_err(|e| CaptureError::Load {
             source: Box::new(e),
         })?;
         {
