@@ -1,12 +1,13 @@
 //! NDJSON framing (`gateway/src/stream/ndjson.rs`) fed an arbitrary stream in arbitrary
 //! pieces. Checked against the stream framed at once, which is itself checked against
 //! the stream's LF-ended lines: the same lines, the same JSON text of each, no byte lost
-//! or added.
+//! or added. Framers bounded by `--max-event-bytes` (`Framer::with_max`) give the same
+//! frames, a frame too large to hold as one run of oversize pieces (`check_bounded`).
 #![no_main]
 
 use kube_gateway::stream::ndjson::{line_json, LineBoundary};
 use kube_gateway::stream::Framer;
-use kube_gateway_fuzz::pieces;
+use kube_gateway_fuzz::{check_bounded, pieces, FRAME_LIMITS};
 use libfuzzer_sys::fuzz_target;
 
 /// Every line's bytes, then what was left at the end.
@@ -46,6 +47,10 @@ fuzz_target!(|data: &[u8]| {
 
     let chunks = pieces(stream, &input.cuts);
     let (split, split_rest) = frame(&chunks);
+    let unbounded = (split.clone(), split_rest.clone());
+    for max in FRAME_LIMITS {
+        check_bounded::<LineBoundary>(&chunks, max, &unbounded);
+    }
     assert_eq!(split, whole, "lines differ");
     assert_eq!(split_rest, whole_rest);
     for line in &split {

@@ -2,7 +2,9 @@
 //! pieces. Checked against the stream framed at once, which is itself checked against
 //! a plain reading of the event-stream rules (an event ends at a blank line; lines end
 //! in LF, CR or CRLF): the same frames, the same parsed events, no byte lost or added;
-//! rewriting an event's data keeps its other fields.
+//! rewriting an event's data keeps its other fields. Framers bounded by
+//! `--max-event-bytes` (`Framer::with_max`) give the same frames, a frame too large to
+//! hold as one run of oversize pieces (`check_bounded`).
 //!
 //! One difference is allowed, and pinned by `gateway/tests/fuzz_regressions.rs`: an
 //! event ending in a CR is released at that CR, so when the LF of that CRLF comes in the
@@ -12,7 +14,7 @@
 
 use kube_gateway::stream::sse::{parse_event, with_data, SseBoundary, SseEvent};
 use kube_gateway::stream::Framer;
-use kube_gateway_fuzz::pieces;
+use kube_gateway_fuzz::{check_bounded, pieces, FRAME_LIMITS};
 use libfuzzer_sys::fuzz_target;
 
 /// Every frame's bytes, then what was left at the end.
@@ -94,6 +96,10 @@ fuzz_target!(|data: &[u8]| {
 
     let chunks = pieces(stream, &input.cuts);
     let (split, split_rest) = frame(&chunks);
+    let unbounded = (split.clone(), split_rest.clone());
+    for max in FRAME_LIMITS {
+        check_bounded::<SseBoundary>(&chunks, max, &unbounded);
+    }
     let mut joined = split.concat();
     joined.extend_from_slice(&split_rest);
     assert_eq!(joined, stream, "bytes lost or added");

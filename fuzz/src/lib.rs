@@ -1,6 +1,7 @@
 //! Helpers the fuzz targets share: reading an input's header (choices and cut points,
 //! with `arbitrary`), cutting its body into the pieces a network read (or an
-//! upstream's token stream) might deliver it in, and the endpoints a choice picks from.
+//! upstream's token stream) might deliver it in, the endpoints a choice picks from, and
+//! the check of a bounded framer against an unbounded one.
 //!
 //! Every target's input is a few header bytes, then the body as it is, so that seeds
 //! are easy to write by hand (`fuzz/corpus/README.md`): one byte per choice, one byte
@@ -8,6 +9,7 @@
 
 use arbitrary::Unstructured;
 use kube_gateway::api::Endpoint;
+use kube_gateway::stream::{Boundary, Framer, Piece};
 
 /// Every recognized endpoint, for a choice byte to pick one.
 pub const ENDPOINTS: [Endpoint; 8] = [
@@ -86,6 +88,77 @@ pub fn text_pieces<'a>(text: &'a str, cuts: &[u16]) -> Vec<&'a str> {
     }
     out.push(&text[start..]);
     out
+}
+
+/// The limits the bounded framers are fuzzed with: small, so that ordinary inputs cross
+/// them (the framer's logic does not depend on the size).
+pub const FRAME_LIMITS: [usize; 3] = [1, 7, 64];
+
+/// Frames `chunks` holding at most `max` bytes of one frame, checking that no more is
+/// ever held, and checks the result against `unbounded` (the frames and the rest an
+/// unbounded framer gives for the same pieces): a frame too large to hold comes out as
+/// one run of oversize pieces (first marked once, longer than `max`), the rest as it
+/// came; rebuilt, the same frames and rest.
+pub fn check_bounded<B: Boundary>(
+    chunks: &[&[u8]],
+    max: usize,
+    unbounded: &(Vec<Vec<u8>>, Vec<u8>),
+) {
+    let mut framer: Framer<B> = Framer::with_max(max);
+    // Complete frames, a run counted as one once something after it shows it ended.
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut run: Option<Vec<u8>> = None;
+    let close = |run: &mut Option<Vec<u8>>, frames: &mut Vec<Vec<u8>>| {
+        if let Some(r) = run.take() {
+            assert!(
+                r.len() > max,
+                "an oversize run of {} bytes, limit {max}",
+                r.len()
+            );
+            frames.push(r);
+        }
+    };
+    for chunk in chunks {
+        let out = framer.push(chunk);
+        let mut len = 0;
+        for piece in out.iter() {
+            match piece {
+                Piece::Frame(f) => {
+                    close(&mut run, &mut frames);
+                    assert!(!f.is_empty(), "an empty frame");
+                    len += f.len();
+                    frames.push(f.to_vec());
+                }
+                Piece::Oversize { bytes, first } => {
+                    len += bytes.len();
+                    if first {
+                        close(&mut run, &mut frames);
+                        run = Some(Vec::new());
+                    }
+                    run.as_mut()
+                        .expect("an oversize piece without a first one")
+                        .extend_from_slice(bytes);
+                }
+            }
+        }
+        assert_eq!(len, out.bytes.len(), "bytes outside the pieces");
+        assert!(framer.pending() <= max, "held {} > {max}", framer.pending());
+    }
+    let rest = framer.take_rest().to_vec();
+    let (whole, whole_rest) = unbounded;
+    match run {
+        None => assert_eq!((&frames, &rest), (whole, whole_rest), "bounded by {max}"),
+        Some(run) => {
+            assert!(run.len() > max, "an oversize run of {} bytes, limit {max}", run.len());
+            // The last run either ended its frame exactly at a read's end, or is the
+            // start of the unfinished rest.
+            let mut with_run = frames.clone();
+            with_run.push(run.clone());
+            let ended = with_run == *whole && rest == *whole_rest;
+            let unfinished = frames == *whole && [run, rest].concat() == *whole_rest;
+            assert!(ended || unfinished, "bounded by {max}: the frames differ");
+        }
+    }
 }
 
 #[cfg(test)]
