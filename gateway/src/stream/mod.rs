@@ -173,15 +173,15 @@ impl<B: Boundary> Framer<B> {
         }
     }
 
-    /// Appends `chunk`, growing the buffer by doubling but never past the limit plus
-    /// this chunk: doubling on its own would hold up to twice the limit for one frame.
+    /// Appends `chunk`. A frame past 64 KiB gets room for the whole limit (plus this
+    /// chunk) at once: growing by doubling would leave a trail of freed buffers (as much
+    /// again as the last one) that the allocator returns only later, and copy the frame
+    /// at each step. Room not written to costs no memory: the pages are never touched.
     fn extend(&mut self, chunk: &[u8]) {
         let need = self.buf.len() + chunk.len();
         // Small buffers (every ordinary event) grow as BytesMut does, reusing its space.
         if need > self.buf.capacity() && need > 64 * 1024 && self.max != usize::MAX {
-            let cap = (self.buf.capacity().max(4096) * 2)
-                .min(self.max.saturating_add(chunk.len()))
-                .max(need);
+            let cap = self.max.saturating_add(chunk.len()).max(need);
             let mut grown = BytesMut::with_capacity(cap);
             grown.extend_from_slice(&self.buf);
             self.buf = grown;
@@ -258,7 +258,7 @@ mod tests {
     }
 
     #[test]
-    fn the_buffer_never_grows_past_the_limit_and_a_read() {
+    fn the_buffer_grows_once_past_64_kib_and_never_past_the_limit_and_a_read() {
         let max = 200_000;
         let mut f: Framer<ndjson::LineBoundary> = Framer::with_max(max);
         let mut big = vec![b'x'; 1_000_000];
@@ -272,6 +272,22 @@ mod tests {
         assert_eq!(out, big.len());
         // Doubling alone would have reached 262,144 (past the limit) on the way.
         assert!(widest_capacity <= max + 10_000, "{widest_capacity}");
+
+        // While the frame is held: past 64 KiB, one allocation for it (after BytesMut's
+        // own last doubling), not a trail of doublings (128, 256, 512 KiB, 1 MB).
+        let max = 1_000_000;
+        let mut f: Framer<ndjson::LineBoundary> = Framer::with_max(max);
+        let mut sizes = Vec::new();
+        for chunk in vec![b'x'; 2 * max].chunks(1_000) {
+            f.push(chunk);
+            if f.oversize {
+                break;
+            }
+            if f.buf.capacity() > 64 * 1024 && sizes.last() != Some(&f.buf.capacity()) {
+                sizes.push(f.buf.capacity());
+            }
+        }
+        assert_eq!(sizes, [128_000, max + 1_000]);
     }
 
     proptest! {
