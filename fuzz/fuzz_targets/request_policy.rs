@@ -2,14 +2,14 @@
 //! `gateway/src/guard/request.rs`) on arbitrary bytes, for every endpoint. Parsing never
 //! panics; a request the policy lets through re-parses from the body sent upstream, names
 //! the model the policy chose, asks at most the policy's max tokens (never more than the
-//! client asked), passes the same policy again (not denied; with the proof of concept's
-//! replace rules, not edited again either), and keeps every field the policy does not
-//! own byte for byte. An empty policy forwards the bytes as they came.
+//! client asked), passes the same policy again (not denied; nothing left to redact;
+//! with the proof of concept's replace rules, not edited at all), and keeps every field
+//! the policy does not own byte for byte. An empty policy forwards the bytes as they came.
 //!
-//! Not checked with the full policy: that a second pass edits nothing. A mask can make a
-//! word boundary a detector needs: `PIN 1218` + 19 more digits loses `PIN 1218` to the
-//! `pins` rule, and the digits after its mask are then a card number (`\b` at the mask's
-//! `)`) that the first pass, inside one long run of digits, did not see. Reported, open.
+//! With the full policy a second pass may still replace: a mask can make the word
+//! boundary a replace rule needs, and replacements apply once. It once found that a mask
+//! could uncover a card number (`PIN 1218` + 19 more digits); redactions now run until
+//! they settle (`PromptRules::edit`).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -151,7 +151,7 @@ fuzz_target!(|data: &[u8]| {
     let mut second = again.clone();
     match apply(policy, &mut second, &input.choices[2..]) {
         Ok(a) => assert!(
-            a.edits.is_empty() || which == 1,
+            a.edits.is_empty() || (which == 1 && a.edits.iter().all(|e| e == "words")),
             "edited twice by {:?}: {}",
             a.edits,
             String::from_utf8_lossy(&sent)

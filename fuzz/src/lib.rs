@@ -149,7 +149,11 @@ pub fn check_bounded<B: Boundary>(
     match run {
         None => assert_eq!((&frames, &rest), (whole, whole_rest), "bounded by {max}"),
         Some(run) => {
-            assert!(run.len() > max, "an oversize run of {} bytes, limit {max}", run.len());
+            assert!(
+                run.len() > max,
+                "an oversize run of {} bytes, limit {max}",
+                run.len()
+            );
             // The last run either ended its frame exactly at a read's end, or is the
             // start of the unfinished rest.
             let mut with_run = frames.clone();

@@ -145,32 +145,66 @@ impl PromptRules {
     }
 
     /// `text` with the redact and replace rules applied; `None` when nothing matched.
+    ///
+    /// A mask can make the boundary another match needs: `PIN 1218` followed by digits
+    /// loses `PIN 1218` to its mask, and the digits after the mask are then a card
+    /// number that the first pass, inside one run of digits, could not see. So the
+    /// redact rules run again over the result until they find nothing (at most
+    /// [`REDACT_PASSES`] passes): what is sent upstream has nothing left to redact.
+    /// Replace rules apply once: a replacement is the text the operator chose.
     pub fn edit(&self, role: Role, text: &str) -> Option<Edited> {
         let group = self.edit[role.index()].as_ref()?;
-        let mut out = String::new();
         let mut names = Vec::new();
-        let mut pos = 0;
-        for m in group.matcher.find_iter(text) {
-            let rule = &self.rules[group.rules[m.rule]];
-            out.push_str(&text[pos..m.start]);
-            match &rule.action {
-                PromptAction::Redact { mask } => out.push_str(mask),
-                PromptAction::Replace { with } => out.push_str(with),
-                PromptAction::Deny => {}
+        let mut current = self.edit_pass(group, text, true, &mut names)?;
+        for _ in 1..REDACT_PASSES {
+            match self.edit_pass(group, &current, false, &mut names) {
+                Some(next) => current = next,
+                None => break,
             }
-            names.push(rule.name.clone());
-            pos = m.end;
         }
-        if names.is_empty() {
-            return None;
-        }
-        out.push_str(&text[pos..]);
         Some(Edited {
-            text: out,
+            text: current,
             rules: names,
         })
     }
+
+    /// One pass of the group's rules (the replace rules too, if `replace`); the rules
+    /// that matched are appended to `names`. `None` when nothing was edited.
+    fn edit_pass(
+        &self,
+        group: &Group,
+        text: &str,
+        replace: bool,
+        names: &mut Vec<String>,
+    ) -> Option<String> {
+        let mut out = String::new();
+        let mut pos = 0;
+        let mut edited = false;
+        for m in group.matcher.find_iter(text) {
+            let rule = &self.rules[group.rules[m.rule]];
+            let with = match &rule.action {
+                PromptAction::Redact { mask } => mask,
+                PromptAction::Replace { with } if replace => with,
+                PromptAction::Replace { .. } | PromptAction::Deny => continue,
+            };
+            out.push_str(&text[pos..m.start]);
+            out.push_str(with);
+            names.push(rule.name.clone());
+            pos = m.end;
+            edited = true;
+        }
+        if !edited {
+            return None;
+        }
+        out.push_str(&text[pos..]);
+        Some(out)
+    }
 }
+
+/// How many times the redact rules may run over one text (see [`PromptRules::edit`]).
+/// A mask sharing no text with a rule settles in two; the bound keeps a mask that
+/// does from running away.
+pub const REDACT_PASSES: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -264,6 +298,47 @@ mod tests {
             "the joke rule is for users"
         );
         assert_eq!(r.edit(Role::User, "nothing to see"), None);
+    }
+
+    #[test]
+    fn redactions_run_again_over_what_a_mask_uncovered() {
+        let r = PromptRules::new(vec![
+            rule(
+                "pins",
+                &[],
+                Pattern::Regex("PIN [0-9]{4}".into()),
+                PromptAction::Redact {
+                    mask: "(pin)".into(),
+                },
+            ),
+            rule(
+                "cards",
+                &[],
+                Pattern::Detector(Detector::CreditCard),
+                PromptAction::Redact {
+                    mask: "[card]".into(),
+                },
+            ),
+            rule(
+                "words",
+                &[],
+                words(&["pin"], false),
+                PromptAction::Replace {
+                    with: "pin pin".into(),
+                },
+            ),
+        ])
+        .unwrap();
+        // One run of 20 digits is no card; once `PIN 1218` is masked, the 16 after it are.
+        let e = r.edit(Role::User, "PIN 12184111111111111111 ok").unwrap();
+        assert_eq!(e.text, "(pin)[card] ok");
+        assert_eq!(e.rules, ["pins", "cards"]);
+        assert_eq!(
+            r.edit(Role::User, &e.text).map(|e| e.rules),
+            Some(vec!["words".to_owned()])
+        );
+        // A replacement is applied once, even one its own rule matches.
+        assert_eq!(r.edit(Role::User, "a pin").unwrap().text, "a pin pin");
     }
 
     #[test]
