@@ -51,6 +51,60 @@ struct RegexRule {
     regex: Regex,
     rule: usize,
     detector: Option<Detector>,
+    /// The longest match, in bytes (`None`: unbounded).
+    longest: Option<usize>,
+    /// The bytes a match can contain.
+    bytes: ByteSet,
+}
+
+/// A set of bytes. Bytes past ASCII are all in or all out, so a byte outside the set
+/// always ends a whole character.
+#[derive(Clone, Copy)]
+struct ByteSet([bool; 256]);
+
+impl ByteSet {
+    /// The bytes any match of `hir` can contain (look-arounds match none).
+    fn of(hir: &regex_syntax::hir::Hir) -> Self {
+        let mut set = Self([false; 256]);
+        set.add(hir);
+        if set.0[0x80..].iter().any(|&b| b) {
+            set.0[0x80..].fill(true);
+        }
+        set
+    }
+
+    fn add(&mut self, hir: &regex_syntax::hir::Hir) {
+        use regex_syntax::hir::{Class, HirKind};
+        match hir.kind() {
+            HirKind::Empty | HirKind::Look(_) => {}
+            HirKind::Literal(lit) => lit.0.iter().for_each(|&b| self.0[usize::from(b)] = true),
+            HirKind::Class(Class::Bytes(c)) => {
+                for r in c.ranges() {
+                    self.0[usize::from(r.start())..=usize::from(r.end())].fill(true);
+                }
+            }
+            HirKind::Class(Class::Unicode(c)) => {
+                for r in c.ranges() {
+                    let (start, end) = (u32::from(r.start()), u32::from(r.end()));
+                    if start < 0x80 {
+                        self.0[start as usize..=end.min(0x7f) as usize].fill(true);
+                    }
+                    if end >= 0x80 {
+                        self.0[0x80..].fill(true);
+                    }
+                }
+            }
+            HirKind::Repetition(rep) => self.add(&rep.sub),
+            HirKind::Capture(cap) => self.add(&cap.sub),
+            HirKind::Concat(subs) | HirKind::Alternation(subs) => {
+                subs.iter().for_each(|h| self.add(h))
+            }
+        }
+    }
+
+    fn contains(&self, b: u8) -> bool {
+        self.0[usize::from(b)]
+    }
 }
 
 /// A compiled set of rules' patterns.
@@ -59,8 +113,6 @@ pub struct Matcher {
     regexes: Vec<RegexRule>,
     /// The longest literal, in bytes.
     longest_literal: usize,
-    /// The longest any regex can match, in bytes; `None` if some regex is unbounded.
-    longest_regex: Option<usize>,
 }
 
 impl std::fmt::Debug for Matcher {
@@ -69,14 +121,14 @@ impl std::fmt::Debug for Matcher {
             .field("automata", &self.automata.len())
             .field("regexes", &self.regexes.len())
             .field("longest_literal", &self.longest_literal)
-            .field("longest_regex", &self.longest_regex)
             .finish()
     }
 }
 
-fn max_len(pattern: &str) -> Result<Option<usize>, PatternError> {
+/// The longest match of `pattern` (`None`: unbounded) and the bytes a match can contain.
+fn shape(pattern: &str) -> Result<(Option<usize>, ByteSet), PatternError> {
     let hir = regex_syntax::parse(pattern).map_err(|e| PatternError::Regex(e.to_string()))?;
-    Ok(hir.properties().maximum_len())
+    Ok((hir.properties().maximum_len(), ByteSet::of(&hir)))
 }
 
 impl Matcher {
@@ -86,7 +138,6 @@ impl Matcher {
         let mut errors = Vec::new();
         let mut by_case: [(Vec<String>, Vec<usize>); 2] = Default::default();
         let mut regexes = Vec::new();
-        let mut longest_regex = Some(0usize);
         for (rule, pattern) in patterns.iter().enumerate() {
             let (source, detector) = match pattern {
                 Pattern::Literals {
@@ -106,8 +157,8 @@ impl Matcher {
                 Pattern::Regex(source) => (source.as_str(), None),
                 Pattern::Detector(d) => (d.pattern(), Some(*d)),
             };
-            let len = match max_len(source) {
-                Ok(len) => len,
+            let (len, bytes) = match shape(source) {
+                Ok(shape) => shape,
                 Err(e) => {
                     errors.push((rule, e));
                     continue;
@@ -117,12 +168,13 @@ impl Matcher {
                 errors.push((rule, PatternError::Unbounded));
                 continue;
             }
-            longest_regex = longest_regex.zip(len).map(|(a, b)| a.max(b));
             match Regex::new(source) {
                 Ok(regex) => regexes.push(RegexRule {
                     regex,
                     rule,
                     detector,
+                    longest: len,
+                    bytes,
                 }),
                 Err(e) => errors.push((rule, PatternError::Regex(e.to_string()))),
             }
@@ -163,7 +215,6 @@ impl Matcher {
                 automata,
                 regexes,
                 longest_literal,
-                longest_regex,
             })
         } else {
             Err(errors)
@@ -176,7 +227,6 @@ impl Matcher {
             automata: Vec::new(),
             regexes: Vec::new(),
             longest_literal: 0,
-            longest_regex: Some(0),
         }
     }
 
@@ -247,10 +297,18 @@ impl Matcher {
     pub fn hold_from(&self, text: &str, pos: usize) -> usize {
         let len = text.len();
         let mut hold = len;
-        if let Some(longest) = self.longest_regex.filter(|_| !self.regexes.is_empty()) {
-            // A regex match starting here could reach past the end (or depend on the next
-            // character, as \b and $ do).
-            hold = floor_char(text, len.saturating_sub(longest));
+        for r in &self.regexes {
+            // A match starting before `len - longest` cannot reach the end (nor depend on
+            // the next character, as \b and $ do), and none can span a byte it cannot
+            // contain: after the last such byte, the text is still open.
+            let window = r
+                .longest
+                .map_or(pos, |longest| len.saturating_sub(longest).max(pos));
+            let open = text.as_bytes()[window..]
+                .iter()
+                .rposition(|&b| !r.bytes.contains(b))
+                .map_or(window, |i| window + i + 1);
+            hold = hold.min(floor_char(text, open));
         }
         if self.longest_literal > 1 {
             let first = floor_char(text, len.saturating_sub(self.longest_literal - 1));
@@ -355,8 +413,14 @@ mod tests {
         assert_eq!(m.hold_from("a big r", 7), 7, "never before pos");
         let r = Matcher::new(&[Pattern::Regex(r"\bab{1,3}\b".into())], true).unwrap();
         // Its longest match is 4 bytes: one starting in the last 4 could still grow, or
-        // hinge on the \b after it.
-        assert_eq!(r.hold_from("0123456789", 0), 6);
+        // hinge on the \b after it; but a match holds only `a` and `b`.
+        assert_eq!(r.hold_from("0123abbb", 0), 4);
+        assert_eq!(r.hold_from("0123ababab", 0), 6);
+        assert_eq!(r.hold_from("01234 ab", 0), 6);
+        assert_eq!(r.hold_from("0123456789", 0), 10);
+        // Past ASCII, a class of letters lets any non-ASCII character through.
+        let w = Matcher::new(&[Pattern::Regex(r"\w{1,6}".into())], true).unwrap();
+        assert_eq!(w.hold_from("ab, żółw", 0), 4);
     }
 
     #[test]
