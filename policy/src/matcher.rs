@@ -5,6 +5,7 @@
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Input, MatchKind};
 use regex::Regex;
+use regex_syntax::hir::{Class, Hir, HirKind};
 
 use crate::detect::Detector;
 
@@ -55,6 +56,8 @@ struct RegexRule {
     longest: Option<usize>,
     /// The bytes a match can contain.
     bytes: ByteSet,
+    /// The bytes a match can start with (`None`: it can be empty).
+    first: Option<ByteSet>,
 }
 
 /// A set of bytes. Bytes past ASCII are all in or all out, so a byte outside the set
@@ -63,27 +66,76 @@ struct RegexRule {
 struct ByteSet([bool; 256]);
 
 impl ByteSet {
-    /// The bytes any match of `hir` can contain (look-arounds match none).
-    fn of(hir: &regex_syntax::hir::Hir) -> Self {
-        let mut set = Self([false; 256]);
-        set.add(hir);
-        if set.0[0x80..].iter().any(|&b| b) {
-            set.0[0x80..].fill(true);
-        }
-        set
+    fn empty() -> Self {
+        Self([false; 256])
     }
 
-    fn add(&mut self, hir: &regex_syntax::hir::Hir) {
-        use regex_syntax::hir::{Class, HirKind};
+    /// The bytes any match of `hir` can contain (look-arounds match none).
+    fn of(hir: &Hir) -> Self {
+        let mut set = Self::empty();
+        set.add(hir);
+        set.widen()
+    }
+
+    /// The bytes a match of `hir` can start with; `None` when it can match the empty
+    /// text (then it can start anywhere).
+    fn first_of(hir: &Hir) -> Option<Self> {
+        let mut set = Self::empty();
+        (!set.add_first(hir)).then(|| set.widen())
+    }
+
+    fn widen(mut self) -> Self {
+        if self.0[0x80..].iter().any(|&b| b) {
+            self.0[0x80..].fill(true);
+        }
+        self
+    }
+
+    fn add(&mut self, hir: &Hir) {
         match hir.kind() {
             HirKind::Empty | HirKind::Look(_) => {}
             HirKind::Literal(lit) => lit.0.iter().for_each(|&b| self.0[usize::from(b)] = true),
-            HirKind::Class(Class::Bytes(c)) => {
+            HirKind::Class(class) => self.add_class(class),
+            HirKind::Repetition(rep) => self.add(&rep.sub),
+            HirKind::Capture(cap) => self.add(&cap.sub),
+            HirKind::Concat(subs) | HirKind::Alternation(subs) => {
+                subs.iter().for_each(|h| self.add(h))
+            }
+        }
+    }
+
+    /// Adds the bytes a match of `hir` can start with; returns whether it can be empty.
+    fn add_first(&mut self, hir: &Hir) -> bool {
+        match hir.kind() {
+            HirKind::Empty | HirKind::Look(_) => true,
+            HirKind::Literal(lit) => match lit.0.first() {
+                Some(&b) => {
+                    self.0[usize::from(b)] = true;
+                    false
+                }
+                None => true,
+            },
+            HirKind::Class(class) => {
+                self.add_class(class);
+                false
+            }
+            HirKind::Repetition(rep) => self.add_first(&rep.sub) || rep.min == 0,
+            HirKind::Capture(cap) => self.add_first(&cap.sub),
+            HirKind::Concat(subs) => subs.iter().all(|h| self.add_first(h)),
+            HirKind::Alternation(subs) => subs
+                .iter()
+                .fold(false, |empty, h| self.add_first(h) || empty),
+        }
+    }
+
+    fn add_class(&mut self, class: &Class) {
+        match class {
+            Class::Bytes(c) => {
                 for r in c.ranges() {
                     self.0[usize::from(r.start())..=usize::from(r.end())].fill(true);
                 }
             }
-            HirKind::Class(Class::Unicode(c)) => {
+            Class::Unicode(c) => {
                 for r in c.ranges() {
                     let (start, end) = (u32::from(r.start()), u32::from(r.end()));
                     if start < 0x80 {
@@ -93,11 +145,6 @@ impl ByteSet {
                         self.0[0x80..].fill(true);
                     }
                 }
-            }
-            HirKind::Repetition(rep) => self.add(&rep.sub),
-            HirKind::Capture(cap) => self.add(&cap.sub),
-            HirKind::Concat(subs) | HirKind::Alternation(subs) => {
-                subs.iter().for_each(|h| self.add(h))
             }
         }
     }
@@ -125,10 +172,21 @@ impl std::fmt::Debug for Matcher {
     }
 }
 
-/// The longest match of `pattern` (`None`: unbounded) and the bytes a match can contain.
-fn shape(pattern: &str) -> Result<(Option<usize>, ByteSet), PatternError> {
+/// What a regex's matches can be: their longest length (`None`: unbounded), the bytes
+/// they can contain and start with.
+struct Shape {
+    longest: Option<usize>,
+    bytes: ByteSet,
+    first: Option<ByteSet>,
+}
+
+fn shape(pattern: &str) -> Result<Shape, PatternError> {
     let hir = regex_syntax::parse(pattern).map_err(|e| PatternError::Regex(e.to_string()))?;
-    Ok((hir.properties().maximum_len(), ByteSet::of(&hir)))
+    Ok(Shape {
+        longest: hir.properties().maximum_len(),
+        bytes: ByteSet::of(&hir),
+        first: ByteSet::first_of(&hir),
+    })
 }
 
 impl Matcher {
@@ -157,14 +215,14 @@ impl Matcher {
                 Pattern::Regex(source) => (source.as_str(), None),
                 Pattern::Detector(d) => (d.pattern(), Some(*d)),
             };
-            let (len, bytes) = match shape(source) {
+            let shape = match shape(source) {
                 Ok(shape) => shape,
                 Err(e) => {
                     errors.push((rule, e));
                     continue;
                 }
             };
-            if bounded && len.is_none() {
+            if bounded && shape.longest.is_none() {
                 errors.push((rule, PatternError::Unbounded));
                 continue;
             }
@@ -173,8 +231,9 @@ impl Matcher {
                     regex,
                     rule,
                     detector,
-                    longest: len,
-                    bytes,
+                    longest: shape.longest,
+                    bytes: shape.bytes,
+                    first: shape.first,
                 }),
                 Err(e) => errors.push((rule, PatternError::Regex(e.to_string()))),
             }
@@ -299,15 +358,23 @@ impl Matcher {
         let mut hold = len;
         for r in &self.regexes {
             // A match starting before `len - longest` cannot reach the end (nor depend on
-            // the next character, as \b and $ do), and none can span a byte it cannot
-            // contain: after the last such byte, the text is still open.
+            // the next character, as \b and $ do), none can span a byte it cannot
+            // contain, and each starts with one of its first bytes: the earliest such
+            // byte after the last one no match can contain is where the text is open.
             let window = r
                 .longest
                 .map_or(pos, |longest| len.saturating_sub(longest).max(pos));
-            let open = text.as_bytes()[window..]
+            let tail = &text.as_bytes()[window..];
+            let mut open = tail
                 .iter()
                 .rposition(|&b| !r.bytes.contains(b))
                 .map_or(window, |i| window + i + 1);
+            if let Some(first) = &r.first {
+                open += text.as_bytes()[open..]
+                    .iter()
+                    .position(|&b| first.contains(b))
+                    .unwrap_or(len - open);
+            }
             hold = hold.min(floor_char(text, open));
         }
         if self.longest_literal > 1 {
@@ -416,8 +483,13 @@ mod tests {
         // hinge on the \b after it; but a match holds only `a` and `b`.
         assert_eq!(r.hold_from("0123abbb", 0), 4);
         assert_eq!(r.hold_from("0123ababab", 0), 6);
+        assert_eq!(r.hold_from("0123abbbbb", 0), 10, "a match starts with `a`");
         assert_eq!(r.hold_from("01234 ab", 0), 6);
         assert_eq!(r.hold_from("0123456789", 0), 10);
+        assert_eq!(r.hold_from("0123bbbb", 0), 8);
+        // A regex that can match the empty text can start anywhere in the open tail.
+        let e = Matcher::new(&[Pattern::Regex(r"a{0,3}b{0,3}".into())], true).unwrap();
+        assert_eq!(e.hold_from("0123bbbb", 0), 4);
         // Past ASCII, a class of letters lets any non-ASCII character through.
         let w = Matcher::new(&[Pattern::Regex(r"\w{1,6}".into())], true).unwrap();
         assert_eq!(w.hold_from("ab, żółw", 0), 4);
