@@ -122,9 +122,14 @@ impl ByteSet {
             HirKind::Repetition(rep) => self.add_first(&rep.sub) || rep.min == 0,
             HirKind::Capture(cap) => self.add_first(&cap.sub),
             HirKind::Concat(subs) => subs.iter().all(|h| self.add_first(h)),
-            HirKind::Alternation(subs) => subs
-                .iter()
-                .fold(false, |empty, h| self.add_first(h) || empty),
+            HirKind::Alternation(subs) => {
+                // Every branch adds its first bytes: no short circuit.
+                let mut empty = false;
+                for h in subs {
+                    empty |= self.add_first(h);
+                }
+                empty
+            }
         }
     }
 
