@@ -495,6 +495,10 @@ mod tests {
         // A regex that can match the empty text can start anywhere in the open tail.
         let e = Matcher::new(&[Pattern::Regex(r"a{0,3}b{0,3}".into())], true).unwrap();
         assert_eq!(e.hold_from("0123bbbb", 0), 4);
+        // Every branch of an alternation gives its first bytes, after an empty one too.
+        let alt = Matcher::new(&[Pattern::Regex(r"(?:a{0,1}|b)c{1,2}".into())], true).unwrap();
+        assert_eq!(alt.hold_from("00b", 0), 2);
+        assert_eq!(alt.hold_from("00d", 0), 3);
         // Past ASCII, a class of letters lets any non-ASCII character through.
         let w = Matcher::new(&[Pattern::Regex(r"\w{1,6}".into())], true).unwrap();
         assert_eq!(w.hold_from("ab, żółw", 0), 4);
