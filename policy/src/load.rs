@@ -273,7 +273,9 @@ fn pattern_errors(errs: Vec<(usize, PatternError)>, at: &[String], errors: &mut 
     for (i, e) in errs {
         let path = match e {
             PatternError::EmptyLiteral => format!("{}.match.literals", at[i]),
-            PatternError::Regex(_) | PatternError::Unbounded => format!("{}.match.regex", at[i]),
+            PatternError::Regex(_) | PatternError::Unbounded | PatternError::MatchesEmpty => {
+                format!("{}.match.regex", at[i])
+            }
         };
         errors.push(err(path, e));
     }

@@ -29,6 +29,8 @@ pub enum PatternError {
     EmptyLiteral,
     #[error("this regex can match text of any length; on streams a rule must be bounded (use {{m,n}} instead of + or *)")]
     Unbounded,
+    #[error("this regex can match empty text; a rule must match at least one character")]
+    MatchesEmpty,
 }
 
 /// One match: bytes `start..end` of the text, found by rule `rule`.
@@ -180,6 +182,7 @@ impl std::fmt::Debug for Matcher {
 /// What a regex's matches can be: their longest length (`None`: unbounded), the bytes
 /// they can contain and start with.
 struct Shape {
+    shortest: Option<usize>,
     longest: Option<usize>,
     bytes: ByteSet,
     first: Option<ByteSet>,
@@ -188,6 +191,7 @@ struct Shape {
 fn shape(pattern: &str) -> Result<Shape, PatternError> {
     let hir = regex_syntax::parse(pattern).map_err(|e| PatternError::Regex(e.to_string()))?;
     Ok(Shape {
+        shortest: hir.properties().minimum_len(),
         longest: hir.properties().maximum_len(),
         bytes: ByteSet::of(&hir),
         first: ByteSet::first_of(&hir),
@@ -227,6 +231,12 @@ impl Matcher {
                     continue;
                 }
             };
+            // An empty match found first would hide a real one after it (the search
+            // stops there), and where it is found depends on where the search starts.
+            if shape.shortest == Some(0) {
+                errors.push((rule, PatternError::MatchesEmpty));
+                continue;
+            }
             if bounded && shape.longest.is_none() {
                 errors.push((rule, PatternError::Unbounded));
                 continue;
@@ -492,9 +502,6 @@ mod tests {
         assert_eq!(r.hold_from("01234 ab", 0), 6);
         assert_eq!(r.hold_from("0123456789", 0), 10);
         assert_eq!(r.hold_from("0123bbbb", 0), 8);
-        // A regex that can match the empty text can start anywhere in the open tail.
-        let e = Matcher::new(&[Pattern::Regex(r"a{0,3}b{0,3}".into())], true).unwrap();
-        assert_eq!(e.hold_from("0123bbbb", 0), 4);
         // Every branch of an alternation gives its first bytes, after an empty one too.
         let alt = Matcher::new(&[Pattern::Regex(r"(?:a{0,1}|b)c{1,2}".into())], true).unwrap();
         assert_eq!(alt.hold_from("00b", 0), 2);
@@ -511,13 +518,18 @@ mod tests {
                 lits(&[""], true),
                 Pattern::Regex("(".into()),
                 Pattern::Regex("a+".into()),
+                Pattern::Regex("a{0,3}|b".into()),
             ],
             true,
         )
         .unwrap_err();
         let rules: Vec<_> = errs.iter().map(|(r, _)| *r).collect();
-        assert_eq!(rules, vec![0, 1, 2]);
+        assert_eq!(rules, vec![0, 1, 2, 3]);
         assert_eq!(errs[2].1, PatternError::Unbounded);
+        // An empty match would stop the search before a real one: streams and whole
+        // texts would disagree (found by the policy_loader fuzz target).
+        assert_eq!(errs[3].1, PatternError::MatchesEmpty);
+        assert!(Matcher::new(&[Pattern::Regex("x*".into())], false).is_err());
         assert!(
             Matcher::new(&[Pattern::Regex("a+".into())], false).is_ok(),
             "prompt rules may be unbounded"

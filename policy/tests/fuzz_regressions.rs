@@ -27,3 +27,22 @@ fn a_held_regex_match_keeps_the_text_before_it() {
     let (whole, _) = policy.response.apply("a PIN 1234\nhalt");
     assert_eq!(whole.text, "a #\n#");
 }
+
+/// `policy_loader`: a regex with an empty branch (`e>>>||...`) matched empty text at the
+/// start of a whole answer, which stopped its search there, while a stream whose held
+/// text began at the `e` found the real match: the two disagreed. Such a regex is now
+/// refused, naming the rule.
+#[test]
+fn a_regex_that_can_match_empty_text_is_refused() {
+    let err = load(
+        r#"{"apiVersion": "kube-gateway.io/v1alpha1", "responseRules": [{"name": "pin", "match": {"regex": "e>>>>||or>>\\bPIN-0[ 9]{4}\\b"}, "action": "redact"}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].path, "responseRules[0].match.regex");
+    assert!(
+        err.0[0].message.contains("empty text"),
+        "{}",
+        err.0[0].message
+    );
+}
