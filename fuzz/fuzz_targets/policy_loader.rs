@@ -35,7 +35,12 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(policy.format, again.format);
 
     // Run what was compiled on text that contains its own literals.
-    let sample = &text[..text.len().min(512)];
+    // Its first 512 bytes, cut back to a character boundary.
+    let mut end = text.len().min(512);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let sample = &text[..end];
     for model in ["", "gpt-4o", "llama3.2:1b", sample] {
         let _ = policy.models.decide(model, b"key");
         let _ = policy.max_tokens.clamp(model, Some(100));
