@@ -38,20 +38,24 @@ impl StreamEvent {
     /// Bytes that are not UTF-8 read as U+FFFD, as in [`observe`]: a frame reports the
     /// same whether or not the gateway may rewrite it (a byte serde_json skips unchecked
     /// in an ignored field, say an `id`, made [`observe`] count a usage chunk this did
-    /// not, which then reached a client that had not asked for it).
+    /// not, which then reached a client that had not asked for it). Likewise a number
+    /// too large for an `f64` (`1e400`) reads as `null`.
     pub fn parse(endpoint: Endpoint, json: &[u8]) -> Option<Self> {
         let value: Value = match serde_json::from_slice(json) {
             Ok(v) => v,
             Err(_) => {
                 // The same leniency serde_json shows a typed read that skips a field:
                 // bytes that are not UTF-8, and `\u` escapes of lone surrogates, read as
-                // U+FFFD (only on this failure path: valid JSON is parsed once).
+                // U+FFFD, numbers out of range as null (only on this failure path: valid
+                // JSON is parsed once).
                 let text = String::from_utf8_lossy(json);
                 let fixed = without_lone_surrogates(&text);
-                if matches!((&text, &fixed), (Cow::Borrowed(_), Cow::Borrowed(_))) {
+                let numbers = without_overflowing_numbers(&fixed);
+                let unchanged = |c: &Cow<'_, str>| matches!(c, Cow::Borrowed(_));
+                if unchanged(&text) && unchanged(&fixed) && unchanged(&numbers) {
                     return None;
                 }
-                serde_json::from_str(&fixed).ok()?
+                serde_json::from_str(&numbers).ok()?
             }
         };
         let obs = match endpoint.dialect() {
@@ -122,6 +126,56 @@ fn without_lone_surrogates(text: &str) -> Cow<'_, str> {
     }
 }
 
+/// `text` with each number outside strings that an `f64` cannot hold (it reads as
+/// infinite: `1e400`) written as `null`; borrowed when there is none. serde_json refuses
+/// such a number in a value but skips it unchecked in a field a typed read ignores.
+fn without_overflowing_numbers(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut in_string = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1, // the escaped byte is never a closing quote
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b != b'-' && !b.is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let end = bytes[i..]
+            .iter()
+            .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+            .map_or(bytes.len(), |n| i + n);
+        if text[i..end].parse::<f64>().is_ok_and(f64::is_infinite) {
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(&text[copied..i]);
+            o.push_str("null");
+            copied = end;
+        }
+        i = end;
+    }
+    match out {
+        Some(mut o) => {
+            o.push_str(&text[copied..]);
+            Cow::Owned(o)
+        }
+        None => Cow::Borrowed(text),
+    }
+}
+
 /// Where a stream event of `endpoint` carries its generated text (a JSON pointer).
 pub fn text_pointer(endpoint: Endpoint) -> &'static str {
     match endpoint {
@@ -166,6 +220,48 @@ mod surrogates {
             Some(ev.obs),
             crate::api::observe(Endpoint::Embeddings, &found)
         );
+    }
+}
+
+#[cfg(test)]
+mod overflowing_numbers {
+    use super::*;
+
+    #[test]
+    fn numbers_an_f64_cannot_hold_read_as_null() {
+        let fixed = |t: &str| without_overflowing_numbers(t).into_owned();
+        assert_eq!(
+            fixed(r#"{"a":1e400,"b":-2E+999}"#),
+            r#"{"a":null,"b":null}"#
+        );
+        // In range (underflow included), inside strings, and escaped quotes stay.
+        for kept in [
+            r#"{"a":1e308,"b":1e-400,"c":-0.5}"#,
+            r#"{"a":"1e400","b\"1e400":2}"#,
+            r#"[12345678901234567890123, "x\\", 3]"#,
+        ] {
+            assert!(
+                matches!(without_overflowing_numbers(kept), Cow::Borrowed(_)),
+                "{kept}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ignored_number_out_of_range_reads_as_observe_reads_it() {
+        // The fuzzer's input (usage_extraction, 10 M run): observe() skipped the number
+        // in an ignored key unchecked; the parse into a value refused the object.
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},"x":66666661e36666666666666666666666664}"#;
+        let observed = crate::api::observe(Endpoint::ChatCompletions, usage).expect("observed");
+        assert_eq!(observed.usage.output, Some(4));
+        let ev = StreamEvent::parse(Endpoint::ChatCompletions, usage).expect("parsed");
+        assert_eq!(ev.obs, observed);
+        assert_eq!(ev.value["x"], Value::Null);
+        // As found: an ignored key with bytes that are not UTF-8, the number after it.
+        let found = b"{\"m\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffq\":66666661e36666666666666666666666664}";
+        let observed = crate::api::observe(Endpoint::Chat, found).expect("observed");
+        let ev = StreamEvent::parse(Endpoint::Chat, found).expect("parsed");
+        assert_eq!(ev.obs, observed);
     }
 }
 
