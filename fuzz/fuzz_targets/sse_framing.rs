@@ -12,7 +12,7 @@
 //! this one. The events and the bytes are the same.
 #![no_main]
 
-use kube_gateway::stream::sse::{parse_event, with_data, SseBoundary, SseEvent};
+use kube_gateway::stream::sse::{self, parse_event, with_data, SseBoundary, SseEvent};
 use kube_gateway::stream::Framer;
 use kube_gateway_fuzz::{check_bounded, pieces, FRAME_LIMITS};
 use libfuzzer_sys::fuzz_target;
@@ -113,6 +113,11 @@ fuzz_target!(|data: &[u8]| {
 
     for raw in &whole {
         let ev = parse_event(raw);
+        let bytes = sse::data(raw).map(|d| String::from_utf8_lossy(&d).into_owned());
+        assert_eq!(
+            bytes, ev.data,
+            "the data bytes differ from the parsed event's"
+        );
         let rewritten = parse_event(&with_data(raw, "{\"a\":1}"));
         let expected = SseEvent {
             event: ev.event.clone(),

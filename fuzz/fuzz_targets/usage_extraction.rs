@@ -40,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
         let ev = StreamEvent::parse(endpoint, body).unwrap_or_else(|| {
             panic!("observed but not parsed: {}", String::from_utf8_lossy(body))
         });
-        assert_eq!(ev.obs, obs, "bytes and value read differently");
+        assert_eq!(ev.obs, obs);
+        assert_eq!(ev.reread(), Some(obs), "bytes and value read differently");
     }
 
     let (whole_out, whole) = meter(endpoint, format, hide_usage, &[body]);

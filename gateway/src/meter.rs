@@ -6,6 +6,7 @@
 //! the response rules change, and the end of an answer cut at its budget.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -103,13 +104,7 @@ impl Wire {
     /// `[DONE]`, blank lines).
     fn payload(self, raw: &[u8]) -> Option<Cow<'_, [u8]>> {
         match self {
-            Wire::Sse => {
-                let event = sse::parse_event(raw);
-                if event.is_done() {
-                    return None;
-                }
-                event.data.map(|d| Cow::Owned(d.into_bytes()))
-            }
+            Wire::Sse => sse::data(raw).filter(|d| &d[..] != b"[DONE]"),
             Wire::Ndjson => line_json(raw).map(Cow::Borrowed),
         }
     }
@@ -123,6 +118,32 @@ impl Wire {
                 out.extend_from_slice(b"\n");
             }
         }
+    }
+
+    /// The frame `raw` with bytes `span` of its payload `json` (a JSON string) replaced
+    /// by `text` as a JSON string, every other byte as it came: when the payload is a
+    /// part of the frame (one `data` line, an NDJSON line). `false` for a payload joined
+    /// from several `data` lines (it holds line ends: the caller writes the object anew).
+    fn splice(
+        self,
+        out: &mut BytesMut,
+        raw: &[u8],
+        json: &[u8],
+        span: Range<usize>,
+        text: &str,
+    ) -> bool {
+        let at = (json.as_ptr() as usize)
+            .checked_sub(raw.as_ptr() as usize)
+            .filter(|at| at + json.len() <= raw.len());
+        let Some(at) = at else {
+            return false;
+        };
+        let quoted = Value::String(text.to_owned()).to_string();
+        out.reserve(raw.len() + quoted.len());
+        out.extend_from_slice(&raw[..at + span.start]);
+        out.extend_from_slice(quoted.as_bytes());
+        out.extend_from_slice(&raw[at + span.end..]);
+        true
     }
 
     /// An object of the gateway's after the current frame (an SSE event named by the
@@ -229,7 +250,7 @@ impl Meter {
 
     /// Counts an event's text against the budget; at the line, the event that ends the
     /// answer (to send after this one).
-    fn budget_step(&mut self, ev: &StreamEvent) -> Option<Value> {
+    fn budget_step(&mut self, ev: &mut StreamEvent) -> Option<Value> {
         let cut = self.cut.as_mut()?;
         if !ev.obs.text.is_empty() {
             cut.used += cut.tokens.count(cut.encoding, &ev.obs.text).unwrap_or(0);
@@ -255,7 +276,9 @@ impl Meter {
 
     fn note_guard(&mut self) {
         if let Some(g) = &self.guard {
-            self.collected.policy_hits = g.hits.clone();
+            if self.collected.policy_hits.len() != g.hits.len() {
+                self.collected.policy_hits.clone_from(&g.hits);
+            }
             if g.is_ended() {
                 self.collected.blocked = true;
                 self.ended = true;
@@ -382,10 +405,13 @@ impl Meter {
                     continue;
                 }
             };
-            let event = wire.payload(raw).and_then(|json| {
+            let json = wire.payload(raw);
+            if json.is_some() {
                 self.collected.frames += 1;
-                StreamEvent::parse(self.endpoint, &json)
-            });
+            }
+            let event = json
+                .as_deref()
+                .and_then(|json| StreamEvent::parse(self.endpoint, json));
             if let Some(ev) = &event {
                 self.collect(&ev.obs);
             }
@@ -417,19 +443,31 @@ impl Meter {
     fn rewrite(&mut self, wire: Wire, raw: &[u8], mut ev: StreamEvent, out: &mut BytesMut) {
         let mut changed = false;
         if self.hide_usage {
-            match hide_usage(&mut ev.value) {
+            match hide_usage(ev.value()) {
                 Hidden::Drop => return,
                 Hidden::Changed => changed = true,
                 Hidden::Keep => {}
             }
         }
         let step = match self.guard.as_mut() {
-            Some(guard) => guard.event(&ev),
+            Some(guard) => guard.event(&mut ev),
             None => Step::Keep,
         };
         match step {
             Step::Keep if !changed => out.extend_from_slice(raw),
-            Step::Keep => wire.replace(out, raw, &ev.value.to_string()),
+            Step::Keep => wire.replace(out, raw, &ev.value().to_string()),
+            Step::Text(text) => {
+                // Only the text changes: the new string goes where the old one was.
+                let spliced = !changed
+                    && ev
+                        .text_span()
+                        .is_some_and(|span| wire.splice(out, raw, ev.json(), span, &text));
+                if !spliced {
+                    let mut v = ev.value().clone();
+                    response::set_text(&mut v, self.endpoint, text);
+                    wire.replace(out, raw, &v.to_string());
+                }
+            }
             Step::Replace { objects, end } => {
                 for (i, mut o) in objects.into_iter().enumerate() {
                     if self.hide_usage {
@@ -448,7 +486,7 @@ impl Meter {
             }
         }
         if !self.ended {
-            if let Some(last) = self.budget_step(&ev) {
+            if let Some(last) = self.budget_step(&mut ev) {
                 wire.append(out, &last);
                 wire.end(out, self.endpoint);
             }
@@ -468,11 +506,11 @@ impl Meter {
                         return buf.freeze();
                     };
                     self.collect(&ev.obs);
-                    match response::whole(&mut ev.value, self.endpoint, &rules) {
+                    match response::whole(ev.value(), self.endpoint, &rules) {
                         Some((hits, blocked)) => {
                             self.collected.policy_hits = hits;
                             self.collected.blocked = blocked;
-                            Bytes::from(ev.value.to_string())
+                            Bytes::from(ev.value().to_string())
                         }
                         None => buf.freeze(),
                     }
@@ -742,6 +780,44 @@ data: [DONE]\n\n";
         run(&mut m, &[&stream]);
         assert_eq!(m.collected.text.len(), 1_000);
         assert_eq!(m.collected.text_bytes, 3_003);
+    }
+
+    #[test]
+    fn a_changed_text_is_spliced_into_the_event_as_it_came() {
+        // Spellings a re-serialization would change (an exponent, an escaped slash, the
+        // space after a colon) stay as they came; only the text differs.
+        let ev = |t: &str| {
+            format!("data: {{\"x\": 1E2,\"u\":\"a\\/b\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}}}}]}}\n\n")
+        };
+        let stream = format!("{}{}data: [DONE]\n\n", ev("a rabbit"), ev(" ran"));
+        let expected = format!("{}{}data: [DONE]\n\n", ev("a ***"), ev(" ran"));
+        let mut m = bounded(Format::Sse, 1 << 20, Some(response_rules()));
+        let out = run(&mut m, &[stream.as_bytes()]);
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(m.collected.policy_hits, ["r"]);
+
+        let line = |t: &str| {
+            format!("{{\"message\":{{\"content\":\"{t}\"}},\"n\":1.50,\"done\":false}}\n")
+        };
+        let stream = format!("{}{}", line("one rabbit"), line("."));
+        let mut m = bounded(Format::Ndjson, 1 << 20, Some(response_rules()));
+        let out = run(&mut m, &[stream.as_bytes()]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{}{}", line("one ***"), line("."))
+        );
+    }
+
+    #[test]
+    fn an_event_of_several_data_lines_is_rewritten_on_one() {
+        // Its data holds a line end: spliced, it would break the event.
+        let stream = "data: {\"choices\":[{\"index\":0,\ndata: \"delta\":{\"content\":\"a rabbit\"}}]}\n\ndata: [DONE]\n\n";
+        let mut m = bounded(Format::Sse, 1 << 20, Some(response_rules()));
+        let out = String::from_utf8(run(&mut m, &[stream.as_bytes()])).unwrap();
+        let first = out.split("\n\n").next().unwrap();
+        assert_eq!(first.lines().count(), 1, "{out}");
+        let v: Value = serde_json::from_str(first.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["choices"][0]["delta"]["content"], "a ***");
     }
 
     #[test]

@@ -125,6 +125,11 @@ impl ResponseFilter {
         self.ended
     }
 
+    /// How many matches so far (what [`ResponseFilter::hits`] names).
+    pub fn hit_count(&self) -> usize {
+        self.hits.len()
+    }
+
     /// The names of the rules that matched so far, in order.
     pub fn hits(&self) -> Vec<String> {
         self.hits
@@ -166,7 +171,10 @@ impl ResponseFilter {
                 _ => {
                     out.push_str(&buf[pos..hold]);
                     let keep = buf[..hold].char_indices().next_back().map_or(0, |(i, _)| i);
-                    self.pending = buf[keep..].to_owned();
+                    // The held text stays in the same buffer (no allocation an event).
+                    let mut buf = buf;
+                    buf.drain(..keep);
+                    self.pending = buf;
                     self.context = hold - keep;
                     return Emit {
                         text: out,

@@ -24,52 +24,110 @@ pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
     })
 }
 
-/// A frame's object, parsed once, with what it reports.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StreamEvent {
-    pub value: Value,
+/// A frame's object: what it reports, read once from its bytes, and the parsed object
+/// itself, made only when the gateway rewrites the frame (most frames pass as they came:
+/// a typed read of the few fields it reports costs a fraction of a whole parse).
+#[derive(Debug, Clone)]
+pub struct StreamEvent<'a> {
+    endpoint: Endpoint,
+    json: &'a [u8],
     pub obs: Observation,
+    /// The parsed object, once asked for.
+    value: Option<Value>,
 }
 
-impl StreamEvent {
-    /// Parses one object; `None` when it is not JSON. JSON of another shape than its
+impl<'a> StreamEvent<'a> {
+    /// Reads one object; `None` when it is not JSON. JSON of another shape than its
     /// dialect's reports nothing, but rules still see (and may rewrite) its texts.
     ///
     /// Bytes that are not UTF-8 read as U+FFFD, as in [`observe`]: a frame reports the
     /// same whether or not the gateway may rewrite it (a byte serde_json skips unchecked
-    /// in an ignored field, say an `id`, made [`observe`] count a usage chunk this did
-    /// not, which then reached a client that had not asked for it). Likewise a number
-    /// too large for an `f64` (`1e400`) reads as `null`.
-    pub fn parse(endpoint: Endpoint, json: &[u8]) -> Option<Self> {
-        let value: Value = match serde_json::from_slice(json) {
-            Ok(v) => v,
-            Err(_) => {
-                // The same leniency serde_json shows a typed read that skips a field:
-                // bytes that are not UTF-8, and `\u` escapes of lone surrogates, read as
-                // U+FFFD, numbers out of range as null (only on this failure path: valid
-                // JSON is parsed once).
-                let text = String::from_utf8_lossy(json);
-                let fixed = without_lone_surrogates(&text);
-                let numbers = without_overflowing_numbers(&fixed);
-                let unchanged = |c: &Cow<'_, str>| matches!(c, Cow::Borrowed(_));
-                if unchanged(&text) && unchanged(&fixed) && unchanged(&numbers) {
-                    return None;
-                }
-                serde_json::from_str(&numbers).ok()?
-            }
-        };
-        let obs = match endpoint.dialect() {
-            Dialect::OpenAi => openai::observe_value(endpoint, &value),
-            Dialect::Ollama => ollama::observe_value(endpoint, &value),
+    /// in an ignored field, say an `id`, made [`observe`] count a usage chunk the parse
+    /// into a value did not, which then reached a client that had not asked for it).
+    /// Likewise a number too large for an `f64` (`1e400`) reads as `null`.
+    pub fn parse(endpoint: Endpoint, json: &'a [u8]) -> Option<Self> {
+        if let Some(obs) = observe(endpoint, json) {
+            // Whatever `observe` reads, the value parse reads too, with the same report
+            // (the usage_extraction fuzz target holds both to it).
+            return Some(Self {
+                endpoint,
+                json,
+                obs,
+                value: None,
+            });
         }
-        .unwrap_or_default();
-        Some(Self { value, obs })
+        let value = parse_value(json)?;
+        let obs = observe_value(endpoint, &value).unwrap_or_default();
+        Some(Self {
+            endpoint,
+            json,
+            obs,
+            value: Some(value),
+        })
+    }
+
+    /// The parsed object (parsed on first use), to read or change in place.
+    pub fn value(&mut self) -> &mut Value {
+        let json = self.json;
+        self.value.get_or_insert_with(|| {
+            parse_value(json).unwrap_or_else(|| {
+                // Not reached while `observe` and the value parse agree (see `parse`); if
+                // they ever did not, a rewrite carries no text rather than the old one.
+                tracing::error!("internal: an observed event failed to parse; rewritten empty");
+                Value::Object(serde_json::Map::new())
+            })
+        })
+    }
+
+    /// What the object reports when parsed into a value (`None`: it does not parse, or
+    /// reports nothing): for checks that it reads as [`StreamEvent::obs`] does.
+    pub fn reread(&self) -> Option<Observation> {
+        match &self.value {
+            Some(v) => observe_value(self.endpoint, v),
+            None => observe_value(self.endpoint, &parse_value(self.json)?),
+        }
+    }
+
+    /// The object's bytes.
+    pub fn json(&self) -> &'a [u8] {
+        self.json
+    }
+
+    /// Where the generated text is in [`StreamEvent::json`]: the bytes of the JSON string
+    /// at its endpoint's place for it; `None` when no string is there.
+    pub fn text_span(&self) -> Option<std::ops::Range<usize>> {
+        super::span::string_span(self.json, text_pointer(self.endpoint))
     }
 
     /// The object's `type` (Responses API events).
-    pub fn kind(&self) -> Option<&str> {
-        self.value.get("type").and_then(Value::as_str)
+    pub fn kind(&mut self) -> Option<&str> {
+        self.value().get("type").and_then(Value::as_str)
     }
+}
+
+fn observe_value(endpoint: Endpoint, value: &Value) -> Option<Observation> {
+    match endpoint.dialect() {
+        Dialect::OpenAi => openai::observe_value(endpoint, value),
+        Dialect::Ollama => ollama::observe_value(endpoint, value),
+    }
+}
+
+/// Parses an object into a value, with the leniency serde_json shows a typed read that
+/// skips a field: bytes that are not UTF-8, and `\u` escapes of lone surrogates, read as
+/// U+FFFD, numbers out of range as null (only on the failure path: valid JSON is parsed
+/// once).
+fn parse_value(json: &[u8]) -> Option<Value> {
+    if let Ok(v) = serde_json::from_slice(json) {
+        return Some(v);
+    }
+    let text = String::from_utf8_lossy(json);
+    let fixed = without_lone_surrogates(&text);
+    let numbers = without_overflowing_numbers(&fixed);
+    let unchanged = |c: &Cow<'_, str>| matches!(c, Cow::Borrowed(_));
+    if unchanged(&text) && unchanged(&fixed) && unchanged(&numbers) {
+        return None;
+    }
+    serde_json::from_str(&numbers).ok()
 }
 
 /// `text` with each `\u` escape of a lone surrogate (a high one not followed by a low
@@ -209,15 +267,12 @@ mod surrogates {
         // unchecked, the parse into a value refused it.
         let body = br#"{"object":"list","data":[],"model":"e","usagn":{"prompt_toOk\ud83dTudep0l_toiens":5}}"#;
         let ev = StreamEvent::parse(Endpoint::Embeddings, body).expect("parsed");
-        assert_eq!(
-            Some(ev.obs),
-            crate::api::observe(Endpoint::Embeddings, body)
-        );
+        assert_eq!(ev.reread(), crate::api::observe(Endpoint::Embeddings, body));
         // As found: with a byte that is not UTF-8 in the same key.
         let found = [&body[..53], &[0x93], &body[53..]].concat();
         let ev = StreamEvent::parse(Endpoint::Embeddings, &found).expect("parsed");
         assert_eq!(
-            Some(ev.obs),
+            ev.reread(),
             crate::api::observe(Endpoint::Embeddings, &found)
         );
     }
@@ -254,14 +309,14 @@ mod overflowing_numbers {
         let usage = br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},"x":66666661e36666666666666666666666664}"#;
         let observed = crate::api::observe(Endpoint::ChatCompletions, usage).expect("observed");
         assert_eq!(observed.usage.output, Some(4));
-        let ev = StreamEvent::parse(Endpoint::ChatCompletions, usage).expect("parsed");
-        assert_eq!(ev.obs, observed);
-        assert_eq!(ev.value["x"], Value::Null);
+        let mut ev = StreamEvent::parse(Endpoint::ChatCompletions, usage).expect("parsed");
+        assert_eq!(ev.reread(), Some(observed));
+        assert_eq!(ev.value()["x"], Value::Null);
         // As found: an ignored key with bytes that are not UTF-8, the number after it.
         let found = b"{\"m\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xffq\":66666661e36666666666666666666666664}";
         let observed = crate::api::observe(Endpoint::Chat, found).expect("observed");
         let ev = StreamEvent::parse(Endpoint::Chat, found).expect("parsed");
-        assert_eq!(ev.obs, observed);
+        assert_eq!(ev.reread(), Some(observed));
     }
 }
 
@@ -287,17 +342,15 @@ mod tests {
             (Endpoint::Generate, br#"{"response":"y","done":false}"#),
         ];
         for (endpoint, json) in cases {
-            let ev = StreamEvent::parse(endpoint, json).unwrap();
-            assert_eq!(
-                Some(ev.obs.clone()),
-                observe(endpoint, json),
-                "{endpoint:?}"
-            );
+            let mut ev = StreamEvent::parse(endpoint, json).unwrap();
+            assert_eq!(ev.reread(), observe(endpoint, json), "{endpoint:?}");
+            assert_eq!(Some(ev.obs.clone()), observe(endpoint, json));
+            let expected = ev.obs.text.clone();
             let text = ev
-                .value
+                .value()
                 .pointer(text_pointer(endpoint))
                 .and_then(Value::as_str);
-            assert_eq!(text, Some(ev.obs.text.as_str()), "{endpoint:?}");
+            assert_eq!(text, Some(expected.as_str()), "{endpoint:?}");
         }
         assert!(StreamEvent::parse(Endpoint::Chat, b"not json").is_none());
     }

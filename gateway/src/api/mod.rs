@@ -5,6 +5,7 @@ pub mod event;
 pub mod ollama;
 pub mod openai;
 pub mod request;
+pub mod span;
 
 use http::Method;
 

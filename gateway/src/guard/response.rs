@@ -19,7 +19,7 @@ pub fn notice(rule: &str) -> String {
 
 /// Sets an event's generated text where its endpoint carries it, creating the field
 /// where a final chat chunk has an empty delta.
-fn set_text(v: &mut Value, endpoint: Endpoint, text: String) {
+pub fn set_text(v: &mut Value, endpoint: Endpoint, text: String) {
     if let Some(Value::String(s)) = v.pointer_mut(text_pointer(endpoint)) {
         *s = text;
     } else if let Some(delta) = v
@@ -95,11 +95,11 @@ fn incomplete(reason: &str) -> Value {
 /// The event that ends an answer cut at a budget: shaped like `ev` (the event just
 /// sent), with no text and `finish_reason: "length"` (Ollama `done_reason`); for the
 /// Responses API a `response.incomplete`.
-pub fn length_cut_event(ev: &StreamEvent, endpoint: Endpoint) -> Value {
+pub fn length_cut_event(ev: &mut StreamEvent, endpoint: Endpoint) -> Value {
     if endpoint == Endpoint::Responses {
         return incomplete("max_output_tokens");
     }
-    let mut v = ev.value.clone();
+    let mut v = ev.value().clone();
     set_text(&mut v, endpoint, String::new());
     if let Some(delta) = v
         .pointer_mut("/choices/0/delta")
@@ -134,6 +134,8 @@ pub fn whole(
 pub enum Step {
     /// Send the event as it is.
     Keep,
+    /// Send the event with this generated text in place of its own.
+    Text(String),
     /// Send these objects instead (in order); with `end`, the answer ends after them.
     Replace { objects: Vec<Value>, end: bool },
 }
@@ -163,7 +165,7 @@ impl StreamGuard {
     }
 
     /// One event, as the meter parsed it.
-    pub fn event(&mut self, ev: &StreamEvent) -> Step {
+    pub fn event(&mut self, ev: &mut StreamEvent) -> Step {
         if self.blocked.is_some() {
             return Step::Replace {
                 objects: Vec::new(),
@@ -171,14 +173,20 @@ impl StreamGuard {
             };
         }
         let responses = self.endpoint == Endpoint::Responses;
-        let kind = ev.kind();
-        // Responses API events that repeat the full text are checked whole.
+        // Responses API events that repeat the full text are checked whole (only these
+        // need the parsed object to be read; other events use what `obs` holds).
+        let kind = if responses {
+            ev.kind().map(str::to_owned)
+        } else {
+            None
+        };
+        let kind = kind.as_deref();
         if responses && kind != Some("response.output_text.delta") {
             let mut extra = Vec::new();
             if kind == Some("response.output_text.done") {
                 let rest = self.filter.finish();
                 if !rest.text.is_empty() {
-                    let mut delta = ev.value.clone();
+                    let mut delta = ev.value().clone();
                     delta["type"] = json!("response.output_text.delta");
                     if let Some(o) = delta.as_object_mut() {
                         o.remove("text");
@@ -189,7 +197,7 @@ impl StreamGuard {
             }
             // The text these repeat was filtered as it streamed: its hits are counted
             // there. A block found only here (text no delta carried) still ends the answer.
-            let mut v = ev.value.clone();
+            let mut v = ev.value().clone();
             let mut hits = Vec::new();
             let blocked = filter_whole(&mut v, &self.rules, &mut hits);
             extra.push(v);
@@ -212,10 +220,12 @@ impl StreamGuard {
             emit.text.push_str(&rest.text);
             emit.blocked = rest.blocked;
         }
-        self.hits = self.filter.hits();
+        if self.filter.hit_count() != self.hits.len() {
+            self.hits = self.filter.hits();
+        }
         match emit.blocked {
             Some(rule) => {
-                let mut v = ev.value.clone();
+                let mut v = ev.value().clone();
                 set_text(
                     &mut v,
                     self.endpoint,
@@ -231,14 +241,7 @@ impl StreamGuard {
             }
             // Nothing changed: the event goes as it is.
             None if emit.text == text => Step::Keep,
-            None => {
-                let mut v = ev.value.clone();
-                set_text(&mut v, self.endpoint, emit.text);
-                Step::Replace {
-                    objects: vec![v],
-                    end: false,
-                }
-            }
+            None => Step::Text(emit.text),
         }
     }
 }
@@ -255,22 +258,28 @@ mod tests {
             .clone()
     }
 
-    fn event(endpoint: Endpoint, v: Value) -> StreamEvent {
-        StreamEvent::parse(endpoint, v.to_string().as_bytes()).unwrap()
+    fn event(endpoint: Endpoint, v: Value) -> StreamEvent<'static> {
+        let json = v.to_string().into_bytes().leak();
+        StreamEvent::parse(endpoint, json).unwrap()
     }
 
-    fn chat(content: &str) -> StreamEvent {
+    fn chat(content: &str) -> StreamEvent<'static> {
         event(
             Endpoint::ChatCompletions,
             json!({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]}),
         )
     }
 
-    fn texts(steps: Vec<Step>, originals: &[StreamEvent]) -> String {
+    fn texts(steps: Vec<Step>, originals: &mut [StreamEvent]) -> String {
         let mut out = String::new();
-        for (step, orig) in steps.into_iter().zip(originals) {
+        for (step, orig) in steps.into_iter().zip(originals.iter_mut()) {
             let objs = match step {
-                Step::Keep => vec![orig.value.clone()],
+                Step::Keep => vec![orig.value().clone()],
+                Step::Text(text) => {
+                    let mut v = orig.value().clone();
+                    set_text(&mut v, Endpoint::ChatCompletions, text);
+                    vec![v]
+                }
                 Step::Replace { objects, .. } => objects,
             };
             for o in objs {
@@ -297,8 +306,9 @@ mod tests {
                 json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
             ),
         ];
-        let steps: Vec<Step> = events.iter().map(|e| g.event(e)).collect();
-        assert_eq!(texts(steps, &events), "a *** ran");
+        let mut events = events;
+        let steps: Vec<Step> = events.iter_mut().map(|e| g.event(e)).collect();
+        assert_eq!(texts(steps, &mut events), "a *** ran");
         assert_eq!(g.hits, ["rabbits"]);
     }
 
@@ -306,11 +316,11 @@ mod tests {
     fn block_ends_an_ollama_stream_with_done_reason() {
         let r = rules();
         let mut g = StreamGuard::new(&r, Endpoint::Chat);
-        let line = event(
+        let mut line = event(
             Endpoint::Chat,
             json!({"model": "m", "message": {"role": "assistant", "content": "this is FORBIDDEN text"}, "done": false}),
         );
-        let Step::Replace { objects, end } = g.event(&line) else {
+        let Step::Replace { objects, end } = g.event(&mut line) else {
             panic!("not replaced")
         };
         assert!(end);
@@ -339,12 +349,12 @@ mod tests {
         // whole; a block there ends the answer like a block in a delta does.
         let r = rules();
         let mut g = StreamGuard::new(&r, Endpoint::Responses);
-        let completed = event(
+        let mut completed = event(
             Endpoint::Responses,
             json!({"type": "response.completed", "response": {"output": [
             {"type": "message", "content": [{"type": "output_text", "text": "a FORBIDDEN word"}]}]}}),
         );
-        let Step::Replace { objects, end } = g.event(&completed) else {
+        let Step::Replace { objects, end } = g.event(&mut completed) else {
             panic!("the event must be rewritten")
         };
         assert!(end, "the answer ends");

@@ -8,10 +8,7 @@ pub struct LineBoundary;
 
 impl Boundary for LineBoundary {
     fn scan(&mut self, buf: &[u8], from: usize) -> Option<usize> {
-        buf[from..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|p| from + p + 1)
+        memchr::memchr(b'\n', &buf[from..]).map(|p| from + p + 1)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Server-sent events (OpenAI streams): events end at a blank line; lines end in LF, CR
 //! or CRLF; `data` lines join with LF (the WHATWG event-stream rules).
 
+use std::borrow::Cow;
+
 use super::Boundary;
 
 /// Event boundaries of an SSE stream.
@@ -24,6 +26,10 @@ impl Boundary for SseBoundary {
     fn scan(&mut self, buf: &[u8], from: usize) -> Option<usize> {
         let mut i = from;
         while i < buf.len() {
+            if !self.at_line_start && !self.after_cr {
+                // Inside a line only a line end changes the state: jump to the next one.
+                i += memchr::memchr2(b'\n', b'\r', &buf[i..])?;
+            }
             let b = buf[i];
             i += 1;
             if std::mem::take(&mut self.after_cr) && b == b'\n' {
@@ -70,10 +76,7 @@ fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-            .unwrap_or(rest.len());
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
         let line = &rest[..end];
         let mut next = end;
         if rest.get(end) == Some(&b'\r') && rest.get(end + 1) == Some(&b'\n') {
@@ -86,6 +89,44 @@ fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// A line's field name and value (one space after the colon is not part of it).
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b':', line) {
+        Some(p) => {
+            let v = &line[p + 1..];
+            (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
+        }
+        None => (line, &b""[..]),
+    }
+}
+
+/// An event's data (its `data` lines joined by LF), as bytes: borrowed from `raw` when
+/// one line holds it, as it does in every LLM stream. `None` when it has no data line.
+/// The same data as [`parse_event`]'s, without its reading of invalid UTF-8 as U+FFFD
+/// (the JSON readers after it do that).
+pub fn data(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    for line in lines(raw) {
+        if line.is_empty() || line[0] == b':' {
+            continue;
+        }
+        let (name, value) = field(line);
+        if name != b"data" {
+            continue;
+        }
+        data = Some(match data {
+            None => Cow::Borrowed(value),
+            Some(joined) => {
+                let mut joined = joined.into_owned();
+                joined.push(b'\n');
+                joined.extend_from_slice(value);
+                Cow::Owned(joined)
+            }
+        });
+    }
+    data
+}
+
 /// Parses one event's raw bytes (as released by the framer).
 pub fn parse_event(raw: &[u8]) -> SseEvent {
     let mut ev = SseEvent::default();
@@ -93,13 +134,7 @@ pub fn parse_event(raw: &[u8]) -> SseEvent {
         if line.is_empty() || line[0] == b':' {
             continue;
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
-            Some(p) => {
-                let v = &line[p + 1..];
-                (&line[..p], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
+        let (name, value) = field(line);
         let value = String::from_utf8_lossy(value);
         match name {
             b"data" => match &mut ev.data {
@@ -158,6 +193,19 @@ mod tests {
         }
         bytes.extend_from_slice(&framer.take_rest());
         (events, bytes)
+    }
+
+    #[test]
+    fn data_is_borrowed_from_one_line_and_joined_from_several() {
+        let one = b"event: x\r\ndata: {\"a\":1}\r\n: note\r\n\r\n";
+        assert!(matches!(data(one), Some(Cow::Borrowed(b"{\"a\":1}"))));
+        let two = b"data:a\ndata\ndata: b\n\n";
+        assert_eq!(data(two).as_deref(), Some(&b"a\n\nb"[..]));
+        assert_eq!(data(b": only a comment\n\n"), None);
+        for raw in [&one[..], two, b"data: \xff\n\n"] {
+            let lossy = data(raw).map(|d| String::from_utf8_lossy(&d).into_owned());
+            assert_eq!(lossy, parse_event(raw).data);
+        }
     }
 
     #[test]
