@@ -3,7 +3,7 @@
 //! tie, then the first rule) and, for streams, tells how much of a text's end could
 //! still become the start of a match once more text arrives.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Input, MatchKind};
+use aho_corasick::{packed, AhoCorasick, AhoCorasickBuilder, Input, MatchKind, Span};
 use regex::Regex;
 use regex_syntax::hir::{Class, Hir, HirKind};
 
@@ -43,12 +43,60 @@ pub struct Match {
 
 struct Automaton {
     ac: AhoCorasick,
+    /// The same words as a packed (SIMD) searcher, when they are few enough for one:
+    /// the automaton's own prefilter picks rare bytes of the words, which English
+    /// prompts are full of, and then steps through the text byte by byte.
+    packed: Option<packed::Searcher>,
     /// Pattern id to rule index.
     rules: Vec<usize>,
     /// The literals, lower-cased when the automaton ignores case, for prefix checks.
     words: Vec<Vec<u8>>,
+    /// The longest of them, in bytes.
+    longest: usize,
     ignore_case: bool,
 }
+
+impl Automaton {
+    /// The leftmost-longest match in `text[span]`: start, end, pattern.
+    fn find_in(&self, text: &[u8], span: std::ops::Range<usize>) -> Option<(usize, usize, usize)> {
+        let m = match &self.packed {
+            Some(packed) => packed.find_in(text, Span::from(span))?,
+            None => self.ac.find(Input::new(text).range(span))?,
+        };
+        Some((m.start(), m.end(), m.pattern().as_usize()))
+    }
+
+    /// The leftmost-longest match at or after `pos`: start, end, pattern.
+    fn find_at(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
+        if !self.ignore_case {
+            return self.find_in(text, pos..text.len());
+        }
+        // Lower-cased a window at a time, so that a search stopping at its first match
+        // costs what it reads (a prompt with many matches is searched once per match).
+        let window = FOLD_WINDOW.max(2 * self.longest);
+        let mut from = pos;
+        loop {
+            let end = from.saturating_add(window).min(text.len());
+            let folded = text.get(from..end)?.to_ascii_lowercase();
+            match self.find_in(&folded, 0..folded.len()) {
+                // Settled when no match starting before it can run past the window.
+                Some((start, stop, pattern))
+                    if end == text.len() || from + start + self.longest <= end =>
+                {
+                    return Some((from + start, from + stop, pattern));
+                }
+                // Look again from its start, with all of its possible length in view.
+                Some((start, _, _)) => from += start,
+                None if end == text.len() => return None,
+                // A match may span the window's end: the next one overlaps it.
+                None => from = end - (self.longest - 1),
+            }
+        }
+    }
+}
+
+/// How much text a case-ignoring literal search lower-cases at a time.
+const FOLD_WINDOW: usize = 4096;
 
 struct RegexRule {
     regex: Regex,
@@ -261,24 +309,30 @@ impl Matcher {
             }
             let ignore_case = i == 1;
             longest_literal = longest_literal.max(words.iter().map(String::len).max().unwrap_or(0));
+            // Case is ignored by searching lower-cased text for lower-cased words: the
+            // automaton then keeps its fast literal prefilter (with ASCII case folding
+            // it must step through every byte of a prompt itself; 64 KiB of prompt took
+            // ~95 us that way). Lower-casing ASCII keeps every byte offset.
+            let folded: Vec<String> = if ignore_case {
+                words.iter().map(|w| w.to_ascii_lowercase()).collect()
+            } else {
+                words.clone()
+            };
             let ac = AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostLongest)
-                .ascii_case_insensitive(ignore_case)
-                .build(&words);
+                .build(&folded);
+            let packed = packed::Config::new()
+                .match_kind(packed::MatchKind::LeftmostLongest)
+                .builder()
+                .extend(&folded)
+                .build();
             match ac {
                 Ok(ac) => automata.push(Automaton {
                     ac,
+                    packed,
                     rules,
-                    words: words
-                        .iter()
-                        .map(|w| {
-                            if ignore_case {
-                                w.to_ascii_lowercase().into_bytes()
-                            } else {
-                                w.clone().into_bytes()
-                            }
-                        })
-                        .collect(),
+                    longest: folded.iter().map(String::len).max().unwrap_or(1),
+                    words: folded.into_iter().map(String::into_bytes).collect(),
                     ignore_case,
                 }),
                 Err(e) => errors.push((rules[0], PatternError::Regex(e.to_string()))),
@@ -325,11 +379,11 @@ impl Matcher {
             }
         };
         for a in &self.automata {
-            if let Some(m) = a.ac.find(Input::new(text).range(pos..)) {
+            if let Some((start, end, pattern)) = a.find_at(text.as_bytes(), pos) {
                 consider(Match {
-                    start: m.start(),
-                    end: m.end(),
-                    rule: a.rules[m.pattern().as_usize()],
+                    start,
+                    end,
+                    rule: a.rules[pattern],
                 });
             }
         }
@@ -534,5 +588,52 @@ mod tests {
             Matcher::new(&[Pattern::Regex("a+".into())], false).is_ok(),
             "prompt rules may be unbounded"
         );
+    }
+
+    #[test]
+    fn a_case_ignoring_match_across_a_window_end_is_found_whole() {
+        let m = Matcher::new(&[lits(&["a", "aaaaaa", "bcd"], false)], false).unwrap();
+        for off in FOLD_WINDOW - 8..FOLD_WINDOW + 8 {
+            // The longer word at the same start wins, though the shorter fits the window.
+            let text = format!("{}AaAaAa", " ".repeat(off));
+            let found: Vec<_> = m.find_iter(&text).map(|f| (f.start, f.end)).collect();
+            assert_eq!(found, [(off, off + 6)], "at {off}");
+            // A word that only fits across the window's end.
+            let text = format!("{}BcD xyz {}BCD", " ".repeat(off), " ".repeat(off));
+            let found: Vec<_> = m.find_iter(&text).map(|f| f.start).collect();
+            assert_eq!(found, [off, 2 * off + 8], "at {off}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Case is ignored by lower-casing windows of the text: the matches are those of
+        /// an automaton folding ASCII case itself, across window ends too.
+        #[test]
+        fn folded_windows_find_what_case_folding_finds(
+            text in "[abAB é]{0,9000}|([ é]{3000,4200}[abAé]{1,14}){1,3}",
+            words in proptest::collection::vec("[abAé]{1,12}", 1..4),
+        ) {
+            let m = Matcher::new(&[lits(&words.iter().map(String::as_str).collect::<Vec<_>>(), false)], false).unwrap();
+            let reference = AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostLongest)
+                .ascii_case_insensitive(true)
+                .build(&words)
+                .unwrap();
+            let expected: Vec<(usize, usize)> =
+                reference.find_iter(&text).map(|f| (f.start(), f.end())).collect();
+            let found: Vec<(usize, usize)> = m.find_iter(&text).map(|f| (f.start, f.end)).collect();
+            proptest::prop_assert_eq!(found, expected);
+            // Case kept: the packed searcher finds what the automaton does.
+            let m = Matcher::new(&[lits(&words.iter().map(String::as_str).collect::<Vec<_>>(), true)], false).unwrap();
+            let reference = AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&words)
+                .unwrap();
+            let expected: Vec<(usize, usize)> =
+                reference.find_iter(&text).map(|f| (f.start(), f.end())).collect();
+            let found: Vec<(usize, usize)> = m.find_iter(&text).map(|f| (f.start, f.end)).collect();
+            proptest::prop_assert_eq!(found, expected);
+        }
     }
 }
