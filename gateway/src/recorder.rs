@@ -262,6 +262,18 @@ impl Exchange {
 /// missed costs nothing but a sample).
 const LESSONS: usize = 64;
 
+/// Answers with usage that all teach the calibration; after them one in
+/// [`LESSON_EVERY`] does. Every lesson counts its text with the tokenizer on a blocking
+/// thread: at tens of thousands of answers a second, lessons from all of them cost the
+/// gateway a tenth of its CPU and teach a settled fit nothing new.
+const LESSONS_FIRST: u64 = 1024;
+const LESSON_EVERY: u64 = 16;
+
+/// Whether the `n`th answer with usage (from 1) teaches the calibration.
+fn teaches(n: u64) -> bool {
+    n <= LESSONS_FIRST || n % LESSON_EVERY == 0
+}
+
 /// Text past which an estimate leaves the recorder's task: counting 64 KiB takes a few
 /// milliseconds; more would delay every record queued behind it.
 const HEAVY_BYTES: u64 = 64 * 1024;
@@ -338,6 +350,7 @@ pub fn spawn_recorder(
         // tokenizer anyway), so it is corrected by all that came before.
         let mut queue: VecDeque<(Exchange, bool)> = VecDeque::new();
         let mut lessons = 0usize;
+        let mut reported = 0u64;
         let mut counting: JoinSet<(Exchange, Counted, bool)> = JoinSet::new();
         // Owned by this task alone, so it takes no lock: the blocking thread only
         // counts, and the counts come back here to teach it and be corrected by it, in
@@ -361,7 +374,10 @@ pub fn spawn_recorder(
                 _ = tick.tick(), if open => loop {
                     match rx.try_recv() {
                         Ok(exchange) if exchange.fully_reported() => {
-                            let lesson = exchange.lesson().filter(|_| lessons < LESSONS);
+                            reported += 1;
+                            let lesson = (teaches(reported) && lessons < LESSONS)
+                                .then(|| exchange.lesson())
+                                .flatten();
                             let finished = sinks.finish(exchange, Counted::default(), &calibration);
                             sinks.deliver(finished).await;
                             if let Some(lesson) = lesson {
@@ -515,6 +531,13 @@ fn access_log(r: &UsageRecord, bodies: Option<String>) {
 mod tests {
     use super::*;
     use crate::budget::SystemClock;
+
+    #[test]
+    fn the_first_answers_all_teach_then_one_in_sixteen() {
+        assert!((1..=LESSONS_FIRST).all(teaches));
+        let later = (LESSONS_FIRST + 1..=LESSONS_FIRST + 1600).filter(|&n| teaches(n));
+        assert_eq!(later.count(), 100);
+    }
 
     fn exchange(seq: u64) -> Exchange {
         Exchange {
