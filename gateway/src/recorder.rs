@@ -271,7 +271,7 @@ const LESSON_EVERY: u64 = 16;
 
 /// Whether the `n`th answer with usage (from 1) teaches the calibration.
 fn teaches(n: u64) -> bool {
-    n <= LESSONS_FIRST || n % LESSON_EVERY == 0
+    n <= LESSONS_FIRST || n.is_multiple_of(LESSON_EVERY)
 }
 
 /// Text past which an estimate leaves the recorder's task: counting 64 KiB takes a few
