@@ -808,6 +808,45 @@ data: [DONE]\n\n";
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// A text spliced into an event's bytes reads as the event parsed, its text set
+        /// and written anew: the same object, whatever the texts hold (escapes, quotes,
+        /// characters past ASCII) and wherever the text sits among other fields.
+        #[test]
+        fn a_spliced_text_reads_as_the_rewritten_object(
+            old in "[a-z\"\\\n\u{e9}\u{1f600}/ ]{0,12}",
+            new in "[a-z\"\\\n\u{e9}\u{1f600}/ ]{0,12}",
+            escaped_slash in proptest::bool::ANY,
+            before in proptest::bool::ANY,
+            ndjson in proptest::bool::ANY,
+        ) {
+            let mut quoted = serde_json::to_string(&old).unwrap();
+            if escaped_slash {
+                quoted = quoted.replace('/', "\\/");
+            }
+            let (endpoint, json) = if ndjson {
+                (Endpoint::Chat, format!(r#"{{"model":"m","message":{{"role":"assistant","content":{quoted}}},"done":false}}"#))
+            } else if before {
+                (Endpoint::ChatCompletions, format!(r#"{{"choices":[{{"delta":{{"content":{quoted}}},"index":0}}],"x":{{"content":"y"}}}}"#))
+            } else {
+                (Endpoint::ChatCompletions, format!(r#"{{"id":"c","x":[{{"content":"y"}}],"choices":[{{"index":0,"delta":{{"role":"r","content":{quoted}}},"finish_reason":null}}]}}"#))
+            };
+            let raw = if ndjson { format!("{json}\n") } else { format!("data: {json}\n\n") };
+            let wire = if ndjson { Wire::Ndjson } else { Wire::Sse };
+            let payload = wire.payload(raw.as_bytes()).unwrap();
+            let mut ev = StreamEvent::parse(endpoint, &payload).unwrap();
+            proptest::prop_assert_eq!(&ev.obs.text, &old);
+            let span = ev.text_span().unwrap();
+            let mut out = BytesMut::new();
+            proptest::prop_assert!(wire.splice(&mut out, raw.as_bytes(), ev.json(), span, &new));
+            let spliced: Value = serde_json::from_slice(wire.payload(&out).unwrap().as_ref()).unwrap();
+            let mut expected = ev.value().clone();
+            response::set_text(&mut expected, endpoint, new);
+            proptest::prop_assert_eq!(spliced, expected);
+        }
+    }
+
     #[test]
     fn an_event_of_several_data_lines_is_rewritten_on_one() {
         // Its data holds a line end: spliced, it would break the event.
