@@ -838,6 +838,9 @@ data: [DONE]\n\n";
             let mut ev = StreamEvent::parse(endpoint, &payload).unwrap();
             proptest::prop_assert_eq!(&ev.obs.text, &old);
             let span = ev.text_span().unwrap();
+            // The reader's note of the text's place is the pointer's.
+            let pointer = crate::api::event::text_pointer(endpoint);
+            proptest::prop_assert_eq!(Some(span.clone()), crate::api::span::string_span(ev.json(), pointer));
             let mut out = BytesMut::new();
             proptest::prop_assert!(wire.splice(&mut out, raw.as_bytes(), ev.json(), span, &new));
             let spliced: Value = serde_json::from_slice(wire.payload(&out).unwrap().as_ref()).unwrap();

@@ -6,6 +6,7 @@
 //! endpoint.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use serde_json::Value;
 
@@ -32,6 +33,8 @@ pub struct StreamEvent<'a> {
     endpoint: Endpoint,
     json: &'a [u8],
     pub obs: Observation,
+    /// Where the generated text is in `json`, when the reader saw it.
+    text_span: Option<Range<usize>>,
     /// The parsed object, once asked for.
     value: Option<Value>,
 }
@@ -46,13 +49,21 @@ impl<'a> StreamEvent<'a> {
     /// into a value did not, which then reached a client that had not asked for it).
     /// Likewise a number too large for an `f64` (`1e400`) reads as `null`.
     pub fn parse(endpoint: Endpoint, json: &'a [u8]) -> Option<Self> {
-        if let Some(obs) = observe(endpoint, json) {
+        let spanned = match endpoint.dialect() {
+            Dialect::OpenAi => openai::observe_spanned(endpoint, json),
+            Dialect::Ollama => ollama::observe_spanned(endpoint, json),
+        };
+        // Read as `observe` reads, bytes that are not UTF-8 included (then the text's
+        // place is found again if a rewrite needs it).
+        let read = spanned.or_else(|| observe(endpoint, json).map(|obs| (obs, None)));
+        if let Some((obs, text_span)) = read {
             // Whatever `observe` reads, the value parse reads too, with the same report
             // (the usage_extraction fuzz target holds both to it).
             return Some(Self {
                 endpoint,
                 json,
                 obs,
+                text_span,
                 value: None,
             });
         }
@@ -62,6 +73,7 @@ impl<'a> StreamEvent<'a> {
             endpoint,
             json,
             obs,
+            text_span: None,
             value: Some(value),
         })
     }
@@ -95,8 +107,10 @@ impl<'a> StreamEvent<'a> {
 
     /// Where the generated text is in [`StreamEvent::json`]: the bytes of the JSON string
     /// at its endpoint's place for it; `None` when no string is there.
-    pub fn text_span(&self) -> Option<std::ops::Range<usize>> {
-        super::span::string_span(self.json, text_pointer(self.endpoint))
+    pub fn text_span(&self) -> Option<Range<usize>> {
+        self.text_span
+            .clone()
+            .or_else(|| super::span::string_span(self.json, text_pointer(self.endpoint)))
     }
 
     /// The object's `type` (Responses API events).

@@ -3,11 +3,14 @@
 use serde::Deserialize;
 use serde_json::json;
 
+use std::ops::Range;
+
+use super::span::Spanned;
 use super::{Endpoint, Observation, ReportedUsage};
 
 #[derive(Deserialize)]
 struct Message {
-    content: Option<String>,
+    content: Option<Spanned>,
 }
 
 /// Any Ollama response object or stream line.
@@ -15,7 +18,7 @@ struct Message {
 struct Object {
     model: Option<String>,
     message: Option<Message>,
-    response: Option<String>,
+    response: Option<Spanned>,
     done: Option<bool>,
     done_reason: Option<String>,
     prompt_eval_count: Option<u64>,
@@ -25,9 +28,25 @@ struct Object {
 
 /// Reads one JSON object of an Ollama response: the whole body, or one NDJSON line.
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
-    serde_json::from_slice(json)
-        .ok()
-        .map(|obj| read(endpoint, obj))
+    observe_spanned(endpoint, json).map(|(obs, _)| obs)
+}
+
+/// [`observe`], and where in `json` the text a rewrite replaces is (the string at the
+/// endpoint's text pointer), when it could be seen without another pass.
+pub fn observe_spanned(
+    endpoint: Endpoint,
+    json: &[u8],
+) -> Option<(Observation, Option<Range<usize>>)> {
+    let obj: Object = serde_json::from_slice(json).ok()?;
+    let span = match endpoint {
+        Endpoint::Chat => obj
+            .message
+            .as_ref()
+            .and_then(|m| m.content.as_ref()?.span_in(json)),
+        Endpoint::Generate => obj.response.as_ref().and_then(|r| r.span_in(json)),
+        _ => None,
+    };
+    Some((read(endpoint, obj), span))
 }
 
 /// [`observe`] of an object already parsed (a frame the gateway may rewrite).
@@ -47,10 +66,10 @@ fn read(endpoint: Endpoint, obj: Object) -> Observation {
         ..Observation::default()
     };
     if let Some(t) = obj.message.and_then(|m| m.content) {
-        obs.text.push_str(&t);
+        obs.text.push_str(&t.text);
     }
     if let Some(t) = obj.response {
-        obs.text.push_str(&t);
+        obs.text.push_str(&t.text);
     }
     let done = obj.done.unwrap_or(false);
     if done {

@@ -4,6 +4,9 @@
 use serde::Deserialize;
 use serde_json::json;
 
+use std::ops::Range;
+
+use super::span::{Content, Spanned};
 use super::{Endpoint, Observation, ReportedUsage};
 
 #[derive(Deserialize, Default)]
@@ -50,12 +53,12 @@ impl Usage {
 
 #[derive(Deserialize, Default)]
 struct Message {
-    content: Option<serde_json::Value>,
+    content: Option<Content>,
 }
 
 #[derive(Deserialize)]
 struct Choice {
-    text: Option<String>,
+    text: Option<Spanned>,
     message: Option<Message>,
     delta: Option<Message>,
     finish_reason: Option<String>,
@@ -94,10 +97,10 @@ struct Object {
     error: Option<serde_json::Value>,
 }
 
-fn content_text(content: &serde_json::Value, out: &mut String) {
+fn content_text(content: &Content, out: &mut String) {
     match content {
-        serde_json::Value::String(s) => out.push_str(s),
-        serde_json::Value::Array(parts) => parts
+        Content::Text(s) => out.push_str(&s.text),
+        Content::Other(serde_json::Value::Array(parts)) => parts
             .iter()
             .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
             .for_each(|t| out.push_str(t)),
@@ -118,9 +121,26 @@ fn error_message(error: serde_json::Value) -> String {
 
 /// Reads one JSON object of an OpenAI response: the whole body, or one SSE `data`.
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
-    serde_json::from_slice(json)
-        .ok()
-        .map(|obj| read(endpoint, obj))
+    observe_spanned(endpoint, json).map(|(obs, _)| obs)
+}
+
+/// [`observe`], and where in `json` the text a rewrite replaces is (the string at the
+/// endpoint's text pointer), when it could be seen without another pass.
+pub fn observe_spanned(
+    endpoint: Endpoint,
+    json: &[u8],
+) -> Option<(Observation, Option<Range<usize>>)> {
+    let obj: Object = serde_json::from_slice(json).ok()?;
+    let first = obj.choices.first();
+    let span = match endpoint {
+        Endpoint::ChatCompletions => match first.and_then(|c| c.delta.as_ref()?.content.as_ref()) {
+            Some(Content::Text(s)) => s.span_in(json),
+            _ => None,
+        },
+        Endpoint::Completions => first.and_then(|c| c.text.as_ref()?.span_in(json)),
+        _ => None,
+    };
+    Some((read(endpoint, obj), span))
 }
 
 /// [`observe`] of an object already parsed (a frame the gateway may rewrite).
@@ -149,7 +169,7 @@ fn read(endpoint: Endpoint, mut obj: Object) -> Observation {
     }
     for choice in obj.choices {
         if let Some(t) = choice.text {
-            obs.text.push_str(&t);
+            obs.text.push_str(&t.text);
         }
         if let Some(c) = choice.message.or(choice.delta).and_then(|m| m.content) {
             content_text(&c, &mut obs.text);

@@ -1,13 +1,127 @@
-//! Where one value sits in an object's JSON bytes, found by a JSON pointer in one pass
-//! that builds nothing: the response rules change an event's text by splicing the new
-//! string into the original bytes, so an event is never parsed into a whole value and
-//! written again only to change one field (every other byte stays as it came).
+//! Where one value sits in an object's JSON bytes: the response rules change an event's
+//! text by splicing the new string into the original bytes, so an event is never parsed
+//! into a whole value and written again only to change one field (every other byte stays
+//! as it came). The dialects' readers note where a text they read was ([`Spanned`]);
+//! [`string_span`] finds it by a JSON pointer in one pass that builds nothing when they
+//! could not (a text with escapes).
 
 use std::fmt;
 use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+/// A JSON string read from an object's bytes, with where its characters were when the
+/// reader could borrow them (no escapes): their address and length.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Spanned {
+    pub text: String,
+    at: Option<(usize, usize)>,
+}
+
+impl Spanned {
+    /// The bytes of the string (quotes included) in `json`, the bytes it was read from;
+    /// `None` when it was not borrowed from them.
+    pub fn span_in(&self, json: &[u8]) -> Option<Range<usize>> {
+        let (addr, len) = self.at?;
+        let start = addr.checked_sub(json.as_ptr() as usize)?.checked_sub(1)?;
+        let end = start + len + 2;
+        let quoted = json.get(start..end)?;
+        (quoted.first() == Some(&b'"') && quoted.last() == Some(&b'"')).then_some(start..end)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Spanned {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_str(SpannedVisitor)
+    }
+}
+
+struct SpannedVisitor;
+
+impl<'de> Visitor<'de> for SpannedVisitor {
+    type Value = Spanned;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Spanned, E> {
+        Ok(Spanned {
+            text: s.to_owned(),
+            at: Some((s.as_ptr() as usize, s.len())),
+        })
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Spanned, E> {
+        Ok(Spanned {
+            text: s.to_owned(),
+            at: None,
+        })
+    }
+
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Spanned, E> {
+        Ok(Spanned { text: s, at: None })
+    }
+}
+
+/// A message's `content` as OpenAI sends it: a string (noted where it was) or another
+/// value (content parts).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    Text(Spanned),
+    Other(serde_json::Value),
+}
+
+impl<'de> de::Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_any(ContentVisitor)
+    }
+}
+
+struct ContentVisitor;
+
+impl<'de> Visitor<'de> for ContentVisitor {
+    type Value = Content;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Content, E> {
+        SpannedVisitor.visit_borrowed_str(s).map(Content::Text)
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Content, E> {
+        SpannedVisitor.visit_str(s).map(Content::Text)
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Content, E> {
+        SpannedVisitor.visit_string(s).map(Content::Text)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+        let value = de::Deserialize::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Content::Other(value))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Content, A::Error> {
+        let value = de::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Content::Other(value))
+    }
+    // Scalars carry no text.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Content, E> {
+        Ok(Content::Other(serde_json::Value::Null))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Content, E> {
+        Ok(Content::Other(serde_json::Value::Null))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Content, E> {
+        Ok(Content::Other(serde_json::Value::Null))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Content, E> {
+        Ok(Content::Other(serde_json::Value::Null))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Content, E> {
+        Ok(Content::Other(serde_json::Value::Null))
+    }
+}
 
 /// The bytes of the JSON string at `pointer` (quotes included) in `json`; `None` when
 /// the pointer reaches no string, or `json` is not JSON a borrowed read accepts. As in
@@ -126,6 +240,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     fn at<'a>(json: &'a str, pointer: &str) -> Option<&'a str> {
         string_span(json.as_bytes(), pointer).map(|r| &json[r])
@@ -158,6 +273,30 @@ mod tests {
         assert_eq!(at(r#"{"res\u0070onse":"e"}"#, "/response"), Some(r#""e""#));
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(v["response"], "second");
+    }
+
+    #[test]
+    fn a_read_string_knows_its_place_when_it_was_borrowed() {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            response: Spanned,
+        }
+        let plain = br#"{"done":false,"response":"two words"}"#;
+        let line: Line = serde_json::from_slice(plain).unwrap();
+        assert_eq!(line.response.text, "two words");
+        let span = line.response.span_in(plain).unwrap();
+        assert_eq!(&plain[span], br#""two words""#);
+        // Another buffer, an escape (read into a scratch copy), a parsed value: none.
+        assert_eq!(line.response.span_in(&plain.clone()), None);
+        let escaped = br#"{"response":"a\nb"}"#;
+        let line: Line = serde_json::from_slice(escaped).unwrap();
+        assert_eq!(
+            (line.response.text.as_str(), line.response.span_in(escaped)),
+            ("a\nb", None)
+        );
+        let value = serde_json::json!({"response": "x"});
+        let line = Line::deserialize(&value).unwrap();
+        assert_eq!(line.response.span_in(plain), None);
     }
 
     #[test]
