@@ -15,12 +15,18 @@ use super::{ollama, openai, Dialect, Endpoint, Observation};
 /// Reads what one object reports, from its bytes (frames nobody rewrites). Bytes that
 /// are not UTF-8 read as U+FFFD, as in [`StreamEvent::parse`].
 pub fn observe(endpoint: Endpoint, json: &[u8]) -> Option<Observation> {
+    observe_spanned(endpoint, json).map(|(obs, _)| obs)
+}
+
+/// [`observe`], and where the generated text is in `json` when the dialect's reader saw
+/// it (never for bytes read again as UTF-8: they are not `json`'s).
+fn observe_spanned(endpoint: Endpoint, json: &[u8]) -> Option<(Observation, Option<Range<usize>>)> {
     let read = |json: &[u8]| match endpoint.dialect() {
-        Dialect::OpenAi => openai::observe(endpoint, json),
-        Dialect::Ollama => ollama::observe(endpoint, json),
+        Dialect::OpenAi => openai::observe_spanned(endpoint, json),
+        Dialect::Ollama => ollama::observe_spanned(endpoint, json),
     };
     read(json).or_else(|| match String::from_utf8_lossy(json) {
-        Cow::Owned(text) => read(text.as_bytes()),
+        Cow::Owned(text) => read(text.as_bytes()).map(|(obs, _)| (obs, None)),
         Cow::Borrowed(_) => None,
     })
 }
@@ -49,14 +55,9 @@ impl<'a> StreamEvent<'a> {
     /// into a value did not, which then reached a client that had not asked for it).
     /// Likewise a number too large for an `f64` (`1e400`) reads as `null`.
     pub fn parse(endpoint: Endpoint, json: &'a [u8]) -> Option<Self> {
-        let spanned = match endpoint.dialect() {
-            Dialect::OpenAi => openai::observe_spanned(endpoint, json),
-            Dialect::Ollama => ollama::observe_spanned(endpoint, json),
-        };
         // Read as `observe` reads, bytes that are not UTF-8 included (then the text's
         // place is found again if a rewrite needs it).
-        let read = spanned.or_else(|| observe(endpoint, json).map(|obs| (obs, None)));
-        if let Some((obs, text_span)) = read {
+        if let Some((obs, text_span)) = observe_spanned(endpoint, json) {
             // Whatever `observe` reads, the value parse reads too, with the same report
             // (the usage_extraction fuzz target holds both to it).
             return Some(Self {
