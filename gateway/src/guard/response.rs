@@ -175,15 +175,16 @@ impl StreamGuard {
         let responses = self.endpoint == Endpoint::Responses;
         // Responses API events that repeat the full text are checked whole (only these
         // need the parsed object to be read; other events use what `obs` holds).
-        let kind = if responses {
-            ev.kind().map(str::to_owned)
-        } else {
-            None
+        let (delta, done) = match responses.then(|| ev.kind()).flatten() {
+            Some(kind) => (
+                kind == "response.output_text.delta",
+                kind == "response.output_text.done",
+            ),
+            None => (false, false),
         };
-        let kind = kind.as_deref();
-        if responses && kind != Some("response.output_text.delta") {
+        if responses && !delta {
             let mut extra = Vec::new();
-            if kind == Some("response.output_text.done") {
+            if done {
                 let rest = self.filter.finish();
                 if !rest.text.is_empty() {
                     let mut delta = ev.value().clone();
