@@ -104,7 +104,7 @@ impl Wire {
     /// `[DONE]`, blank lines).
     fn payload(self, raw: &[u8]) -> Option<Cow<'_, [u8]>> {
         match self {
-            Wire::Sse => sse::data(raw).filter(|d| &d[..] != b"[DONE]"),
+            Wire::Sse => sse::data(raw).filter(|d| !sse::is_done(d)),
             Wire::Ndjson => line_json(raw).map(Cow::Borrowed),
         }
     }

@@ -66,8 +66,13 @@ pub struct SseEvent {
 impl SseEvent {
     /// Whether this is OpenAI's end-of-stream marker.
     pub fn is_done(&self) -> bool {
-        self.data.as_deref() == Some("[DONE]")
+        self.data.as_deref().is_some_and(|d| is_done(d.as_bytes()))
     }
+}
+
+/// Whether an event's data is OpenAI's end-of-stream marker.
+pub fn is_done(data: &[u8]) -> bool {
+    data == b"[DONE]"
 }
 
 fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
