@@ -10,7 +10,8 @@
 # then streaming time to first chunk against the demo LLM (ai-demo ttfc).
 # Knobs: DURATION=10s (a wrk run; each is preceded by a 3 s warm-up), CONNS=64,
 # TTFB_N=500 (probe requests a path and workload), TTFC_N=3000,
-# WORKLOADS="tiny big sse ndjson" (a subset runs only those), TTFC=1 (0 skips it).
+# WORKLOADS="tiny big sse ndjson" (a subset runs only those), TTFC=1 (0 skips it),
+# ACCESS_LOG=1 (0: the gateways' access log off; nginx's is always off).
 # About 3.5 minutes with the defaults.
 # Needs: nginx (Debian nginx-light), wrk, python3. Run as root or a user that can run nginx.
 set -euo pipefail
@@ -67,11 +68,15 @@ nginx_start "$work/up" 2 "$(canned_server 18081)" \
 nginx_start "$work/proxy" 2 "client_body_buffer_size 128k;" \
     "$(proxy_to 18082 18081) $(proxy_to 18083 18084) $(proxy_to 18087 18085) $(proxy_to 18088 18086)"
 "$bin/ai-demo" serve --listen 127.0.0.1:18084 2>/dev/null & pids+=($!)
+# The gateway's log as it ships: the access log on (RUST_LOG unset, i.e. info), stdout
+# to a file as a container runtime collects it. ACCESS_LOG=0 turns it off (RUST_LOG=warn).
 gateway() { # listen upstream flags...
     local listen=$1 upstream=$2
     shift 2
-    RUST_LOG=warn "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$listen" \
-        --upstream "127.0.0.1:$upstream" --store none --spool "$work/spool-$listen" "$@" >/dev/null &
+    if [ "${ACCESS_LOG:-1}" = 0 ]; then local -x RUST_LOG=warn; else unset RUST_LOG; fi
+    "$bin/kube-gateway" run --threads 2 --listen "127.0.0.1:$listen" \
+        --upstream "127.0.0.1:$upstream" --store none --spool "$work/spool-$listen" "$@" \
+        >"$work/gateway-$listen.log" &
     pids+=($!)
 }
 policy=gateway/benches/llm-policy.yaml
