@@ -3,11 +3,12 @@
 //! every endpoint's dialect, fed in arbitrary pieces. What the meter collects (model,
 //! usage, text, finish reason, errors, frames) and what it sends on do not depend on
 //! how the body was split; a meter that hides nothing sends the body unchanged; each
-//! object reads the same from its bytes as from its parsed value.
+//! object reads the same from its bytes as from its parsed value, and the same read by
+//! its stream's shape (`gateway/src/api/shape.rs`, the body's lines as the stream).
 #![no_main]
 
 use bytes::Bytes;
-use kube_gateway::api::{observe, Endpoint, StreamEvent};
+use kube_gateway::api::{observe, Endpoint, ShapeReader, StreamEvent};
 use kube_gateway::meter::{Bounds, Format, Meter};
 use kube_gateway::record::Collected;
 use kube_gateway_fuzz::pieces;
@@ -42,6 +43,15 @@ fuzz_target!(|data: &[u8]| {
         });
         assert_eq!(ev.obs, obs);
         assert_eq!(ev.reread(), Some(obs), "bytes and value read differently");
+    }
+
+    // Its lines as one stream's events: each read against the one before it (by
+    // shape) reports what it reports read alone.
+    let mut reader = ShapeReader::new(endpoint);
+    for line in body.split(|&b| b == b'\n') {
+        let by_shape = reader.parse(line).map(|ev| (ev.text_span(), ev.obs));
+        let alone = StreamEvent::parse(endpoint, line).map(|ev| (ev.text_span(), ev.obs));
+        assert_eq!(by_shape, alone, "{}", String::from_utf8_lossy(line));
     }
 
     let (whole_out, whole) = meter(endpoint, format, hide_usage, &[body]);

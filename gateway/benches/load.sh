@@ -11,7 +11,8 @@
 # Knobs: DURATION=10s (a wrk run; each is preceded by a 3 s warm-up), CONNS=64,
 # TTFB_N=500 (probe requests a path and workload), TTFC_N=3000,
 # WORKLOADS="tiny big sse ndjson" (a subset runs only those), TTFC=1 (0 skips it),
-# ACCESS_LOG=1 (0: the gateways' access log off; nginx's is always off).
+# ACCESS_LOG=1 (0: the gateways' access log off; nginx's is always off),
+# KGW_BIN_DIR (the directory of another build's binaries; default: build this tree).
 # About 3.5 minutes with the defaults.
 # Needs: nginx (Debian nginx-light), wrk, python3. Run as root or a user that can run nginx.
 set -euo pipefail
@@ -37,7 +38,9 @@ for port in "${ports[@]}"; do
     fi
 done
 
-build_bins release
+# KGW_BIN_DIR: measure another build's kube-gateway and ai-demo (say, an earlier commit's
+# release build in a git worktree) with this script; none: build this tree's.
+if [ -n "${KGW_BIN_DIR:-}" ]; then bin=$KGW_BIN_DIR; else build_bins release; fi
 start_work
 chmod 755 "$work"
 python3 gateway/benches/llm_bodies.py "$work"

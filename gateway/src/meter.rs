@@ -9,11 +9,11 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use kube_gateway_policy::ResponseRules;
 use serde_json::Value;
 
-use crate::api::{self, Endpoint, Observation, StreamEvent};
+use crate::api::{self, Endpoint, Observation, ShapeReader, StreamEvent};
 use crate::error::stream_error_frame;
 use crate::guard::response::{self, Step, StreamGuard};
 use crate::record::Collected;
@@ -138,10 +138,12 @@ impl Wire {
         let Some(at) = at else {
             return false;
         };
-        let quoted = Value::String(text.to_owned()).to_string();
-        out.reserve(raw.len() + quoted.len());
+        out.reserve(raw.len() + text.len() + 2);
         out.extend_from_slice(&raw[..at + span.start]);
-        out.extend_from_slice(quoted.as_bytes());
+        let mut w = out.writer();
+        // Writing a string into memory cannot fail.
+        let _ = serde_json::to_writer(&mut w, text);
+        let out = w.into_inner();
         out.extend_from_slice(&raw[at + span.end..]);
         true
     }
@@ -185,6 +187,8 @@ pub struct Meter {
     ended: bool,
     /// The budget line for a streamed answer.
     cut: Option<BudgetCut>,
+    /// Reads a stream's events against the last one read in full.
+    events: ShapeReader,
     pub collected: Collected,
 }
 
@@ -224,6 +228,7 @@ impl Meter {
             whole_rules,
             ended: false,
             cut: None,
+            events: ShapeReader::new(endpoint),
             collected: Collected::default(),
         }
     }
@@ -289,8 +294,12 @@ impl Meter {
     /// Adds what one object reports to what the meter collected.
     fn collect(&mut self, obs: &Observation) {
         let c = &mut self.collected;
-        if obs.model.is_some() {
-            c.model.clone_from(&obs.model);
+        if let Some(m) = obs
+            .model
+            .as_deref()
+            .filter(|m| c.model.as_deref() != Some(*m))
+        {
+            c.model = Some(m.to_owned());
         }
         c.usage.merge(obs.usage);
         if !obs.text.is_empty() {
@@ -369,8 +378,8 @@ impl Meter {
                     Piece::Frame(raw) => {
                         if let Some(json) = wire.payload(raw) {
                             self.collected.frames += 1;
-                            if let Some(obs) = api::observe(self.endpoint, &json) {
-                                self.collect(&obs);
+                            if let Some(ev) = self.events.parse(&json) {
+                                self.collect(&ev.obs);
                             }
                         }
                     }
@@ -409,9 +418,7 @@ impl Meter {
             if json.is_some() {
                 self.collected.frames += 1;
             }
-            let event = json
-                .as_deref()
-                .and_then(|json| StreamEvent::parse(self.endpoint, json));
+            let event = json.as_deref().and_then(|json| self.events.parse(json));
             if let Some(ev) = &event {
                 self.collect(&ev.obs);
             }

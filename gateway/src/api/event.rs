@@ -79,6 +79,28 @@ impl<'a> StreamEvent<'a> {
         })
     }
 
+    /// An object already read (by its stream's [`super::shape::ShapeReader`]): what it
+    /// reports, and where its text is.
+    pub(super) fn read(
+        endpoint: Endpoint,
+        json: &'a [u8],
+        obs: Observation,
+        text_span: Option<Range<usize>>,
+    ) -> Self {
+        Self {
+            endpoint,
+            json,
+            obs,
+            text_span,
+            value: None,
+        }
+    }
+
+    /// Whether the dialect's typed reader read it (not the lenient parse into a value).
+    pub(super) fn read_by_type(&self) -> bool {
+        self.value.is_none()
+    }
+
     /// The parsed object (parsed on first use), to read or change in place.
     pub fn value(&mut self) -> &mut Value {
         let json = self.json;

@@ -5,12 +5,14 @@ pub mod event;
 pub mod ollama;
 pub mod openai;
 pub mod request;
+pub mod shape;
 pub mod span;
 
 use http::Method;
 
 pub use event::{observe, StreamEvent};
 pub use request::{LlmRequest, ParseError, PromptShape};
+pub use shape::ShapeReader;
 
 /// The API family of a recognized request; errors are answered in its format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,7 +131,8 @@ impl ReportedUsage {
 /// What one parsed response object (a whole body, an SSE event or an NDJSON line) says.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Observation {
-    pub model: Option<String>,
+    /// Shared: a stream's events mostly name the same model, read once.
+    pub model: Option<std::sync::Arc<str>>,
     pub usage: ReportedUsage,
     /// Generated text carried by this object.
     pub text: String,

@@ -58,7 +58,7 @@ pub fn observe_value(endpoint: Endpoint, value: &serde_json::Value) -> Option<Ob
 
 fn read(endpoint: Endpoint, obj: Object) -> Observation {
     let mut obs = Observation {
-        model: obj.model,
+        model: obj.model.map(Into::into),
         error: obj.error.filter(|e| !e.is_null()).map(|e| match e {
             serde_json::Value::String(s) => s,
             other => other.to_string(),

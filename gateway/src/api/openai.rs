@@ -163,7 +163,7 @@ fn read(endpoint: Endpoint, mut obj: Object) -> Observation {
             (obj, kind)
         }
     };
-    obs.model = obj.model;
+    obs.model = obj.model.map(Into::into);
     if let Some(usage) = obj.usage {
         obs.usage = usage.reported(endpoint.is_embedding());
     }
