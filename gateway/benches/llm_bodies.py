@@ -152,12 +152,14 @@ def sse(rng):
 
 
 def ndjson(rng):
-    def line(obj):
-        return json.dumps({"model": "gemma2:2b", "created_at": "2026-12-03T12:00:00.000000000Z",
-                           **obj}, separators=(",", ":")) + "\n"
-    out = [line({"message": {"role": "assistant", "content": token(rng, i)}, "done": False})
+    # Ollama stamps every line with its own time (created_at changes line to line).
+    def line(i, obj):
+        at = f"2026-12-03T12:00:{i * 2.5 / 1000:012.9f}Z"
+        return json.dumps({"model": "gemma2:2b", "created_at": at, **obj},
+                          separators=(",", ":")) + "\n"
+    out = [line(i, {"message": {"role": "assistant", "content": token(rng, i)}, "done": False})
            for i in range(STREAM_EVENTS)]
-    out.append(line({"message": {"role": "assistant", "content": ""}, "done_reason": "stop",
+    out.append(line(STREAM_EVENTS, {"message": {"role": "assistant", "content": ""}, "done_reason": "stop",
                      "done": True, "total_duration": 2500000000, "load_duration": 1000000,
                      "prompt_eval_count": 24, "prompt_eval_duration": 10000000,
                      "eval_count": STREAM_EVENTS, "eval_duration": 2400000000}))
