@@ -5,10 +5,11 @@
 //! A request goes one way through the modules: `listener` (accept, sniff) -> `http`
 //! (server side, proxy) -> `api` (dialect, typed request) -> `guard` (policy) and
 //! `budget` (admission) -> `upstream` -> `meter` (each response frame, once) ->
-//! `recorder` -> sinks: `store` and `telemetry`, which never import each other. `record`
+//! `recorder` -> sinks: `store`, `telemetry` and the `access` log, which never import each other. `record`
 //! is the leaf they all share. `app` wires the parts; `runtime` runs them.
 
 pub mod accept;
+pub mod access;
 pub mod admin;
 pub mod alloc;
 pub mod api;

@@ -46,6 +46,7 @@ pub struct LogGuard {
 
 /// The access log's writer and what it has dropped, once logging is set up.
 struct AccessSink {
+    format: LogFormat,
     writer: NonBlocking,
     dropped: ErrorCounter,
     reported: AtomicUsize,
@@ -123,6 +124,30 @@ fn report_drops() {
             "access log: stdout is not keeping up; a batch of access lines was dropped (usage records are not affected)"
         );
     }
+}
+
+/// Writes one access line with `write` (given the log's format and where to append):
+/// into this thread's open batch, or straight to the access writer. `false` when the
+/// gateway's logging is not set up (nothing was written).
+pub fn write_access(write: impl FnOnce(LogFormat, &mut Vec<u8>)) -> bool {
+    let Some(sink) = ACCESS.get() else {
+        return false;
+    };
+    let full = BATCH.with(|b| match b.borrow_mut().0.as_mut() {
+        Some(batch) => {
+            write(sink.format, batch);
+            (batch.len() >= BATCH_BYTES).then(|| std::mem::take(batch))
+        }
+        None => {
+            let mut line = Vec::with_capacity(640);
+            write(sink.format, &mut line);
+            Some(line)
+        }
+    });
+    if let Some(lines) = full {
+        hand_over(&lines);
+    }
+    true
 }
 
 /// Where one formatted line goes: the general writer, or this thread's open batch.
@@ -215,6 +240,7 @@ pub fn init(format: LogFormat, to: LogTo) -> LogGuard {
     };
     let ((lines, lines_guard), (access, access_guard)) = (lines, access);
     let _ = ACCESS.set(AccessSink {
+        format,
         dropped: access.error_counter(),
         writer: access,
         reported: AtomicUsize::new(0),
@@ -271,6 +297,7 @@ mod tests {
         let (batches, access_guard) = NonBlockingBuilder::default().finish(access.clone());
         assert!(ACCESS
             .set(AccessSink {
+                format: LogFormat::Text,
                 dropped: batches.error_counter(),
                 writer: batches,
                 reported: AtomicUsize::new(0),

@@ -507,7 +507,7 @@ impl Sinks {
             self.ledger
                 .settle(&r, record.input_tokens, record.output_tokens);
         }
-        access_log(&record, bodies);
+        crate::access::log(&record, bodies.as_deref());
         // Metrics, and the OTLP span when that export is on.
         if let Some(t) = &self.telemetry {
             t.record(&record);
@@ -523,42 +523,6 @@ impl Sinks {
         // No subscriber is fine: the access log above is the record then.
         let _ = self.out.send(record);
     }
-}
-
-fn access_log(r: &UsageRecord, bodies: Option<String>) {
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    tracing::info!(
-        target: crate::logging::ACCESS_TARGET,
-        request_id = %r.request_id,
-        namespace = %r.workload.namespace,
-        pod = %r.workload.pod,
-        service_account = %r.workload.service_account,
-        api = r.api_name(),
-        endpoint = r.endpoint_name(),
-        method = %r.method,
-        path = %r.path,
-        peer = %r.peer,
-        destination = %r.destination,
-        requested_model = r.requested_model.as_deref().unwrap_or(""),
-        used_model = r.used_model.as_deref().unwrap_or(""),
-        status = r.status,
-        outcome = r.outcome.as_str(),
-        input_tokens = r.input_tokens,
-        input_source = r.input_source.as_str(),
-        output_tokens = r.output_tokens,
-        output_source = r.output_source.as_str(),
-        cached_tokens = r.cached_tokens.unwrap_or(0),
-        reasoning_tokens = r.reasoning_tokens.unwrap_or(0),
-        streamed = r.streamed,
-        latency_ms = ms(r.latency),
-        first_chunk_ms = r.first_chunk.map(ms).unwrap_or(-1.0),
-        bytes_in = r.bytes_in,
-        bytes_out = r.bytes_out,
-        error = r.error.as_deref().unwrap_or(""),
-        rules = r.rules.join(",").as_str(),
-        bodies = bodies.as_deref().unwrap_or(""),
-        "request"
-    );
 }
 
 #[cfg(test)]
