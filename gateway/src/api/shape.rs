@@ -143,6 +143,7 @@ impl Template {
             return None;
         }
         let mut walk = Walk {
+            endpoint,
             b: json,
             i: 0,
             literals: Vec::with_capacity(16),
@@ -410,6 +411,7 @@ const MAX_DEPTH: usize = 64;
 
 /// One walk over an event the typed reader accepted, noting its changeable literals.
 struct Walk<'a> {
+    endpoint: Endpoint,
     b: &'a [u8],
     i: usize,
     literals: Vec<Literal>,
@@ -533,7 +535,9 @@ impl Walk<'_> {
                 Ctx::OpenAiChoice => match key {
                     b"text" => {
                         carriers += 1;
-                        Ctx::Text { at_pointer: true }
+                        Ctx::Text {
+                            at_pointer: self.endpoint == Endpoint::Completions,
+                        }
                     }
                     b"message" => {
                         carriers += 1;
@@ -541,7 +545,9 @@ impl Walk<'_> {
                     }
                     b"delta" => {
                         carriers += 1;
-                        Ctx::OpenAiMessage { at_pointer: true }
+                        Ctx::OpenAiMessage {
+                            at_pointer: self.endpoint == Endpoint::ChatCompletions,
+                        }
                     }
                     b"finish_reason" => Ctx::Read,
                     _ => Ctx::Ignored,
@@ -553,14 +559,18 @@ impl Walk<'_> {
                 Ctx::OllamaTop => match key {
                     b"model" => Ctx::Model,
                     b"message" => Ctx::OllamaMessage,
-                    b"response" => Ctx::Text { at_pointer: true },
+                    b"response" => Ctx::Text {
+                        at_pointer: self.endpoint == Endpoint::Generate,
+                    },
                     b"done" | b"done_reason" | b"prompt_eval_count" | b"eval_count" | b"error" => {
                         Ctx::Read
                     }
                     _ => Ctx::Ignored,
                 },
                 Ctx::OllamaMessage => match key {
-                    b"content" => Ctx::Text { at_pointer: true },
+                    b"content" => Ctx::Text {
+                        at_pointer: self.endpoint == Endpoint::Chat,
+                    },
                     _ => Ctx::Ignored,
                 },
                 // Read values (usage, finish reasons) and anything else: as they are.
@@ -841,7 +851,7 @@ mod tests {
             }
         }
 
-        fn next(&mut self, endpoint: Endpoint, edits: &[Edit]) -> Vec<u8> {
+        fn next(&mut self, shape_of: Endpoint, edits: &[Edit]) -> Vec<u8> {
             let (mut raw, mut cut) = (None, None);
             for e in edits {
                 match e {
@@ -862,7 +872,7 @@ mod tests {
                     Edit::Cut(at) => cut = Some(*at),
                 }
             }
-            let v = match endpoint.dialect() {
+            let v = match shape_of.dialect() {
                 super::super::Dialect::OpenAi => {
                     json!({"id": self.envelope, "created": self.created, "model": self.model,
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": self.text}, "finish_reason": self.finish}],
@@ -890,14 +900,24 @@ mod tests {
         /// Any sequence of events of one stream reads by shape exactly as in full.
         #[test]
         fn events_read_by_shape_report_what_a_full_read_does(
-            chat in any::<bool>(),
+            endpoint in endpoint(),
+            shape_of in endpoint(),
             steps in proptest::collection::vec(proptest::collection::vec(edit(), 0..3), 1..12),
         ) {
-            let endpoint = if chat { Endpoint::ChatCompletions } else { Endpoint::Chat };
             let mut stream = Stream::new();
-            let events: Vec<Vec<u8>> = steps.iter().map(|edits| stream.next(endpoint, edits)).collect();
+            let events: Vec<Vec<u8>> = steps.iter().map(|edits| stream.next(shape_of, edits)).collect();
             read_all(endpoint, &events);
         }
+    }
+
+    /// The endpoints read by shape.
+    fn endpoint() -> impl Strategy<Value = Endpoint> {
+        proptest::sample::select(vec![
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Chat,
+            Endpoint::Generate,
+        ])
     }
 
     fn base() -> impl Strategy<Value = Vec<Edit>> {
@@ -927,8 +947,7 @@ mod tests {
         /// reads by shape as in full (a literal the reader reads, taken for one it
         /// ignores, fails here).
         #[test]
-        fn one_change_reads_by_shape_as_in_full(chat in any::<bool>(), first in base(), change in edit()) {
-            let endpoint = if chat { Endpoint::ChatCompletions } else { Endpoint::Chat };
+        fn one_change_reads_by_shape_as_in_full(endpoint in endpoint(), first in base(), change in edit()) {
             let mut stream = Stream::new();
             let a = stream.next(endpoint, &first);
             let b = stream.next(endpoint, &[change]);
@@ -981,6 +1000,29 @@ mod tests {
             })
             .collect();
         assert_eq!(read_all(Endpoint::ChatCompletions, &events), 49);
+    }
+
+    #[test]
+    fn the_text_span_is_the_endpoints_pointers_only() {
+        // Found by the usage_extraction fuzz target: a Generate-shaped line read as a
+        // chat line (whose text pointer is /message/content) had its `response` span.
+        let line = |r: &str| {
+            format!(r#"{{"model":"m","response":"{r}","done":true,"pdone":false}}"#).into_bytes()
+        };
+        for endpoint in [Endpoint::Chat, Endpoint::Generate] {
+            read_all(endpoint, &[line("a"), line(""), line("bc")]);
+        }
+        let chunk = |field: &str, t: &str| {
+            format!(r#"{{"choices":[{{"{field}":{{"content":"{t}"}}}}]}}"#).into_bytes()
+        };
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
+            read_all(endpoint, &[chunk("message", "a"), chunk("message", "b")]);
+            read_all(endpoint, &[chunk("delta", "a"), chunk("delta", "b")]);
+        }
+        let text = |t: &str| format!(r#"{{"choices":[{{"text":"{t}"}}]}}"#).into_bytes();
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
+            read_all(endpoint, &[text("a"), text("b")]);
+        }
     }
 
     #[test]
