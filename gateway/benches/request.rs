@@ -114,10 +114,10 @@ fn big_request() -> String {
 
 /// What the proxy does with a request body before it goes upstream.
 fn proxy(policy: &Policy, original: &Bytes) -> Bytes {
-    let mut req = LlmRequest::parse(Endpoint::ChatCompletions, &original[..]).unwrap();
+    let mut req = LlmRequest::parse(Endpoint::ChatCompletions, original.clone()).unwrap();
     apply(policy, &mut req, b"bench").unwrap();
     req.ensure_stream_usage();
-    req.body(original.clone())
+    req.body()
 }
 
 fn bench(c: &mut Criterion) {

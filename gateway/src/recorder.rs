@@ -600,9 +600,7 @@ mod tests {
         ex.path = "/v1/chat/completions".into();
         let body = serde_json::json!({"model": "m", "stream": streamed,
             "messages": [{"role": "user", "content": prompt}]});
-        ex.request = Some(
-            LlmRequest::parse(Endpoint::ChatCompletions, body.to_string().as_bytes()).unwrap(),
-        );
+        ex.request = Some(LlmRequest::parse(Endpoint::ChatCompletions, body.to_string()).unwrap());
         ex.streamed = streamed;
         ex.collected.model = Some("m".into());
         ex.collected.text = answer.into();
@@ -734,7 +732,7 @@ mod tests {
         slow.request = Some(
             LlmRequest::parse(
                 Endpoint::Chat,
-                br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
             )
             .unwrap(),
         );

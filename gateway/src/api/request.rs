@@ -1,14 +1,25 @@
 //! A recognized request's JSON body: typed where the gateway acts (model, stream,
-//! stream options), raw everywhere else, so every field the client sent reaches the
-//! upstream unchanged. The original bytes are forwarded unless something changed.
+//! stream options, the prompt's texts, max tokens), bytes everywhere else. The body is
+//! read once, into where its members and texts are; what the gateway changes is spliced
+//! over those bytes, every other byte reaches the upstream as the client wrote it, and
+//! the original bytes are forwarded unchanged unless something changed.
+
+mod object;
+mod prompt;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
 
 use bytes::Bytes;
-use indexmap::IndexMap;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::Endpoint;
 use kube_gateway_policy::Role;
+use object::{Object, Raw, Splices};
+use prompt::{Field, Prompts};
 
 /// Why a body could not be read as a request of its endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,30 +37,65 @@ pub enum ParseError {
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
     pub endpoint: Endpoint,
-    /// The body's top-level fields in their original order, values as the client wrote them.
-    fields: IndexMap<String, Box<RawValue>>,
     /// The model the client asked for (`None` when the body names none).
     pub model: Option<String>,
     /// Whether the answer will stream, with the endpoint's default applied.
     pub stream: bool,
-    changed: bool,
+    /// The body as it came.
+    original: Bytes,
+    /// Its top-level members, in their order, as spans of `original`.
+    object: Object,
+    /// The texts of the endpoint's prompt fields, in `prompt_fields` order.
+    prompt: [Field; 2],
+    /// Changed values: a member's whole value, or one text's string.
+    splices: Splices,
+    /// Members the gateway added, written last (name, JSON value).
+    added: Vec<(&'static str, String)>,
 }
 
-#[derive(Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
+/// The fields that hold an endpoint's prompt, with the role of their bare strings.
+fn prompt_fields(endpoint: Endpoint) -> &'static [(&'static str, Role)] {
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Chat => &[("messages", Role::User)],
+        Endpoint::Completions => &[("prompt", Role::User)],
+        Endpoint::Embeddings | Endpoint::Embed => &[("input", Role::User)],
+        Endpoint::Responses => &[("instructions", Role::System), ("input", Role::User)],
+        Endpoint::Generate => &[("system", Role::System), ("prompt", Role::User)],
+        Endpoint::LegacyEmbeddings => &[("prompt", Role::User)],
+    }
 }
 
 impl LlmRequest {
-    pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Self, ParseError> {
-        let fields: IndexMap<String, Box<RawValue>> =
-            serde_json::from_slice(body).map_err(|e| ParseError::NotAnObject(e.to_string()))?;
+    pub fn parse(endpoint: Endpoint, body: impl Into<Bytes>) -> Result<Self, ParseError> {
+        let body: Bytes = body.into();
+        let slots = prompt_fields(endpoint);
+        let mut prompts = Prompts::new(&body, slots);
+        let (object, prompt) = match Object::read(&body, &mut prompts) {
+            Ok(object) => (object, prompts.fields),
+            // A body serde_json reads only raw: a prompt with a lone surrogate escape, a
+            // number past f64 or nesting past 128 levels in it. Its other fields are read
+            // as before this reader existed; such a prompt field has no texts.
+            Err(_) => {
+                let object = Object::read(&body, &mut Raw)
+                    .map_err(|e| ParseError::NotAnObject(e.to_string()))?;
+                let mut prompt: [Field; 2] = Default::default();
+                for (i, (name, role)) in slots.iter().enumerate() {
+                    if let Some(m) = object.get(&body, name) {
+                        prompt[i] = prompt::read(&body, m.value.clone(), *role).unwrap_or_default();
+                    }
+                }
+                (object, prompt)
+            }
+        };
         let mut req = Self {
             endpoint,
-            fields,
             model: None,
             stream: endpoint.streams_by_default(),
-            changed: false,
+            original: body,
+            object,
+            prompt,
+            splices: Splices::default(),
+            added: Vec::new(),
         };
         req.model = req.field::<Option<String>>("model")?.flatten();
         if let Some(stream) = req.field::<Option<bool>>("stream")?.flatten() {
@@ -58,15 +104,31 @@ impl LlmRequest {
         Ok(req)
     }
 
+    /// The JSON of a top-level field as it is now (the last, when the name repeats).
+    fn value(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        if let Some((_, json)) = self.added.iter().find(|(n, _)| *n == name) {
+            return Some(Cow::Borrowed(json.as_bytes()));
+        }
+        let range = self.object.get(&self.original, name)?.value.clone();
+        if let Some(json) = self.splices.exact(&range) {
+            return Some(Cow::Borrowed(json.as_bytes()));
+        }
+        if self.splices.touch(&range) {
+            let mut out = Vec::with_capacity(range.len());
+            self.splices.write(&self.original, range, &mut out);
+            return Some(Cow::Owned(out));
+        }
+        Some(Cow::Borrowed(&self.original[range]))
+    }
+
     /// A top-level field, typed; `None` when absent.
-    pub fn field<T: for<'de> Deserialize<'de>>(
+    fn field<T: for<'de> Deserialize<'de>>(
         &self,
         name: &'static str,
     ) -> Result<Option<T>, ParseError> {
-        self.fields
-            .get(name)
+        self.value(name)
             .map(|raw| {
-                serde_json::from_str(raw.get()).map_err(|e| ParseError::FieldType {
+                serde_json::from_slice(&raw).map_err(|e| ParseError::FieldType {
                     field: name,
                     message: e.to_string(),
                 })
@@ -74,26 +136,30 @@ impl LlmRequest {
             .transpose()
     }
 
-    /// The raw JSON of a top-level field.
-    pub fn raw_field(&self, name: &str) -> Option<&str> {
-        self.fields.get(name).map(|raw| raw.get())
+    /// The raw JSON of a top-level field as it is now.
+    pub fn raw_field(&self, name: &str) -> Option<Cow<'_, str>> {
+        match self.value(name)? {
+            Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+            Cow::Owned(v) => String::from_utf8(v).ok().map(Cow::Owned),
+        }
     }
 
-    fn set_raw(&mut self, name: &str, json: String) {
-        match RawValue::from_string(json) {
-            Ok(raw) => {
-                self.fields.insert(name.to_owned(), raw);
-                self.changed = true;
-            }
-            // Only ever called with serializer output, which is valid JSON.
-            Err(e) => tracing::error!(field = name, error = %e, "internal: invalid JSON for field"),
+    /// Sets a top-level field to `json`: spliced over its value, or added last.
+    fn set(&mut self, name: &'static str, json: String) {
+        if let Some((_, old)) = self.added.iter_mut().find(|(n, _)| *n == name) {
+            *old = json;
+            return;
+        }
+        match self.object.get(&self.original, name) {
+            Some(m) => self.splices.replace(m.value.clone(), json),
+            None => self.added.push((name, json)),
         }
     }
 
     /// Replaces the model.
     pub fn set_model(&mut self, model: &str) {
         if let Ok(json) = serde_json::to_string(model) {
-            self.set_raw("model", json);
+            self.set("model", json);
             self.model = Some(model.to_owned());
         }
     }
@@ -109,75 +175,73 @@ impl LlmRequest {
         {
             return false;
         }
-        let wanted = self
-            .field::<StreamOptions>("stream_options")
-            .ok()
-            .flatten()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        if wanted {
+        let options = self.value("stream_options");
+        let asked = options.as_deref().is_some_and(|o| {
+            // Duplicates are not an answer: the whole option is written anew below.
+            !object::repeated(o, "include_usage")
+                && object::member(o, "include_usage")
+                    .and_then(|v| serde_json::from_slice::<Option<bool>>(v).ok())
+                    .flatten()
+                    .unwrap_or(false)
+        });
+        if asked {
             return false;
         }
         // Keep whatever other stream options the client set.
-        let mut options: IndexMap<String, Box<RawValue>> = self
-            .raw_field("stream_options")
-            .and_then(|raw| serde_json::from_str(raw).ok())
-            .unwrap_or_default();
-        let Ok(yes) = RawValue::from_string("true".to_owned()) else {
-            return false;
+        let json = match options {
+            Some(o) => object::with_member(&o, "include_usage", "true".to_owned()),
+            None => r#"{"include_usage":true}"#.to_owned(),
         };
-        options.insert("include_usage".to_owned(), yes);
-        match serde_json::to_string(&options) {
-            Ok(json) => {
-                self.set_raw("stream_options", json);
-                true
-            }
-            Err(_) => false,
-        }
+        self.set("stream_options", json);
+        true
     }
 
-    /// The body to send upstream: `original` when nothing changed, else re-serialized.
-    pub fn body(&self, original: Bytes) -> Bytes {
-        if !self.changed {
-            return original;
+    /// The body to send upstream: the original bytes when nothing changed, else those
+    /// bytes with the changes spliced in (written anew when a name repeats).
+    pub fn body(&self) -> Bytes {
+        if self.splices.is_empty() && self.added.is_empty() {
+            return self.original.clone();
         }
-        match serde_json::to_vec(&self.fields) {
-            Ok(v) => Bytes::from(v),
-            Err(_) => original,
+        Bytes::from(
+            self.object
+                .write(&self.original, &self.splices, &self.added),
+        )
+    }
+
+    /// A prompt text as it is now: its string's characters, or what replaced them.
+    fn text<'a>(original: &'a [u8], t: &'a prompt::Text) -> Option<&'a str> {
+        match &t.owned {
+            Some(s) => Some(s),
+            None => std::str::from_utf8(&original[t.span.start + 1..t.span.end - 1]).ok(),
         }
     }
 
     /// Calls `f` on every text of the prompt with the role that wrote it. `f` keeps the
-    /// text, replaces it, or stops the walk. Fields with a replaced text are
-    /// re-serialized; the others keep their bytes.
+    /// text, replaces it, or stops the walk. A replaced text's JSON string is spliced over
+    /// the old one; every other byte is kept.
     pub fn visit_prompt<F>(&mut self, mut f: F)
     where
         F: FnMut(Role, &str) -> Visit,
     {
-        let fields: &[(&str, Role)] = match self.endpoint {
-            Endpoint::ChatCompletions | Endpoint::Chat => &[("messages", Role::User)],
-            Endpoint::Completions => &[("prompt", Role::User)],
-            Endpoint::Embeddings | Endpoint::Embed => &[("input", Role::User)],
-            Endpoint::Responses => &[("instructions", Role::System), ("input", Role::User)],
-            Endpoint::Generate => &[("system", Role::System), ("prompt", Role::User)],
-            Endpoint::LegacyEmbeddings => &[("prompt", Role::User)],
-        };
-        for (field, role) in fields {
-            let Some(Ok(mut value)) = self
-                .raw_field(field)
-                .map(serde_json::from_str::<serde_json::Value>)
-            else {
+        let Self {
+            original,
+            prompt,
+            splices,
+            ..
+        } = self;
+        for t in prompt.iter_mut().flat_map(|p| p.texts.iter_mut()) {
+            let Some(text) = Self::text(original, t) else {
                 continue;
             };
-            let mut changed = false;
-            let stop = walk(&mut value, *role, &mut f, &mut changed);
-            if changed {
-                if let Ok(json) = serde_json::to_string(&value) {
-                    self.set_raw(field, json);
+            match f(t.role(), text) {
+                Visit::Keep => {}
+                Visit::Replace(new) => {
+                    if let Ok(json) = serde_json::to_string(&new) {
+                        splices.replace(t.span.clone(), json);
+                        t.owned = Some(new);
+                    }
                 }
-            }
-            if stop {
-                return;
+                Visit::Stop => return,
             }
         }
     }
@@ -193,16 +257,10 @@ impl LlmRequest {
             Endpoint::Completions => positive(self.field("max_tokens").ok().flatten()),
             Endpoint::Responses => positive(self.field("max_output_tokens").ok().flatten()),
             // Ollama: -1 (and -2) mean no limit. Only `num_predict` is read: another option
-            // serde_json's Value refuses (a lone surrogate escape) must not hide it.
-            Endpoint::Chat | Endpoint::Generate => positive(
-                self.field::<IndexMap<String, Box<RawValue>>>("options")
-                    .ok()
-                    .flatten()
-                    .and_then(|o| {
-                        o.get("num_predict")
-                            .and_then(|raw| serde_json::from_str::<i64>(raw.get()).ok())
-                    }),
-            ),
+            // serde_json refuses as a value (a lone surrogate escape) must not hide it.
+            Endpoint::Chat | Endpoint::Generate => positive(self.value("options").and_then(|o| {
+                object::member(&o, "num_predict").and_then(|v| serde_json::from_slice(v).ok())
+            })),
             Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => None,
         }
     }
@@ -212,8 +270,8 @@ impl LlmRequest {
         let field = match self.endpoint {
             Endpoint::ChatCompletions => {
                 // Newer models accept only max_completion_tokens; keep what the client used.
-                if self.raw_field("max_completion_tokens").is_some()
-                    || self.raw_field("max_tokens").is_none()
+                if self.value("max_completion_tokens").is_some()
+                    || self.value("max_tokens").is_none()
                 {
                     "max_completion_tokens"
                 } else {
@@ -223,44 +281,43 @@ impl LlmRequest {
             Endpoint::Completions => "max_tokens",
             Endpoint::Responses => "max_output_tokens",
             Endpoint::Chat | Endpoint::Generate => {
-                let mut options: IndexMap<String, Box<RawValue>> = self
-                    .raw_field("options")
-                    .and_then(|raw| serde_json::from_str(raw).ok())
-                    .unwrap_or_default();
-                if let Ok(v) = RawValue::from_string(n.to_string()) {
-                    options.insert("num_predict".to_owned(), v);
-                }
-                if let Ok(json) = serde_json::to_string(&options) {
-                    self.set_raw("options", json);
-                }
+                let json = match self.value("options") {
+                    Some(o) => object::with_member(&o, "num_predict", n.to_string()),
+                    None => format!(r#"{{"num_predict":{n}}}"#),
+                };
+                self.set("options", json);
                 return;
             }
             Endpoint::Embeddings | Endpoint::Embed | Endpoint::LegacyEmbeddings => return,
         };
-        self.set_raw(field, n.to_string());
+        self.set(field, n.to_string());
+    }
+
+    /// The prompt's texts as they are now, in order.
+    fn texts(&self) -> impl Iterator<Item = (&prompt::Text, &str)> {
+        self.prompt
+            .iter()
+            .flat_map(|p| &p.texts)
+            .filter_map(|t| Some((t, Self::text(&self.original, t)?)))
     }
 
     /// The prompt's text, for token estimates: every text the model will read.
     pub fn prompt_text(&self) -> String {
-        let mut out = String::new();
-        let keys: &[&str] = match self.endpoint {
-            Endpoint::ChatCompletions | Endpoint::Chat => &["messages"],
-            Endpoint::Completions => &["prompt"],
-            Endpoint::Embeddings | Endpoint::Embed => &["input"],
-            Endpoint::Responses => &["instructions", "input"],
-            Endpoint::Generate => &["system", "prompt"],
-            Endpoint::LegacyEmbeddings => &["prompt"],
-        };
-        for key in keys {
-            if let Some(Ok(value)) = self
-                .raw_field(key)
-                .map(serde_json::from_str::<serde_json::Value>)
-            {
-                collect_text(&value, &mut out);
-            }
+        let len = self.texts().map(|(_, s)| s.len() + 1).sum();
+        let mut out = String::with_capacity(len);
+        for (_, s) in self.texts() {
+            push_line(&mut out, s);
         }
         out
     }
+}
+
+/// Appends a text, on a line of its own after the first.
+fn push_line(out: &mut String, s: &str) {
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(s);
 }
 
 /// How a prompt is laid out, beyond its text: what a server's chat template and its
@@ -279,30 +336,29 @@ pub struct PromptShape {
 impl LlmRequest {
     /// The prompt's layout (see [`PromptShape`]).
     pub fn prompt_shape(&self) -> PromptShape {
-        use serde_json::Value;
         let mut shape = PromptShape::default();
-        let parse = |key: &str| {
-            self.raw_field(key)
-                .and_then(|raw| serde_json::from_str::<Value>(raw).ok())
+        // Which prompt field is a list of messages, which are system text.
+        let (list, system): (Option<usize>, Option<usize>) = match self.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Chat => (Some(0), None),
+            Endpoint::Responses => (Some(1), Some(0)),
+            Endpoint::Generate => (None, Some(0)),
+            _ => (None, None),
         };
-        let (list, system_fields): (&str, &[&str]) = match self.endpoint {
-            Endpoint::ChatCompletions | Endpoint::Chat => ("messages", &[]),
-            Endpoint::Responses => ("input", &["instructions"]),
-            Endpoint::Generate => ("", &["system"]),
-            _ => ("", &[]),
-        };
-        for key in system_fields {
-            if let Some(v) = parse(key) {
-                collect_text(&v, &mut shape.system);
+        if let Some(field) = system.map(|i| &self.prompt[i]) {
+            for t in &field.texts {
+                if let Some(s) = Self::text(&self.original, t) {
+                    push_line(&mut shape.system, s);
+                }
             }
         }
-        if let Some(Value::Array(items)) = (!list.is_empty()).then(|| parse(list)).flatten() {
-            for item in &items {
-                shape.messages += 1;
-                let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
-                if Role::from_message_role(role) == Role::System {
-                    shape.system_messages += 1;
-                    collect_text(item, &mut shape.system);
+        if let Some(field) = list.map(|i| &self.prompt[i]) {
+            if let Some((items, system)) = field.list {
+                shape.messages = items;
+                shape.system_messages = system;
+            }
+            for t in field.texts.iter().filter(|t| t.system_message) {
+                if let Some(s) = Self::text(&self.original, t) {
+                    push_line(&mut shape.system, s);
                 }
             }
         }
@@ -316,227 +372,4 @@ pub enum Visit {
     Keep,
     Replace(String),
     Stop,
-}
-
-/// Walks a prompt value: strings are texts of `role`; messages carry their own role;
-/// content parts with `text` are texts; images and other parts are left alone.
-fn walk<F>(value: &mut serde_json::Value, role: Role, f: &mut F, changed: &mut bool) -> bool
-where
-    F: FnMut(Role, &str) -> Visit,
-{
-    use serde_json::Value;
-    match value {
-        Value::String(s) => match f(role, s) {
-            Visit::Keep => false,
-            Visit::Replace(new) => {
-                *s = new;
-                *changed = true;
-                false
-            }
-            Visit::Stop => true,
-        },
-        Value::Array(items) => items.iter_mut().any(|i| walk(i, role, f, changed)),
-        Value::Object(o) => {
-            let role = o
-                .get("role")
-                .and_then(Value::as_str)
-                .map_or(role, Role::from_message_role);
-            for key in ["content", "text"] {
-                if let Some(v) = o.get_mut(key) {
-                    if walk(v, role, f, changed) {
-                        return true;
-                    }
-                }
-            }
-            false
-        }
-        _ => false,
-    }
-}
-
-/// Appends the text a model reads from a prompt value: strings, message `content`,
-/// and the `text` of content parts; images and other parts are skipped.
-fn collect_text(value: &serde_json::Value, out: &mut String) {
-    use serde_json::Value;
-    match value {
-        Value::String(s) => {
-            if !out.is_empty() {
-                out.push('\n');
-            }
-            out.push_str(s);
-        }
-        Value::Array(items) => items.iter().for_each(|i| collect_text(i, out)),
-        Value::Object(o) => {
-            for key in ["content", "text"] {
-                if let Some(v) = o.get(key) {
-                    collect_text(v, out);
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unchanged_body_is_forwarded_as_is() {
-        let body = Bytes::from_static(br#"{ "model" : "a",  "x": [1, 2.50, {"y": null}] }"#);
-        let req = LlmRequest::parse(Endpoint::ChatCompletions, &body).unwrap();
-        assert_eq!(req.model.as_deref(), Some("a"));
-        assert!(!req.stream);
-        assert_eq!(req.body(body.clone()), body);
-    }
-
-    #[test]
-    fn model_rewrite_keeps_every_other_field_verbatim() {
-        let body = Bytes::from_static(
-            br#"{"model":"a","temperature":0.70,"x":{"deep":[1e3, "\u00e9"]},"zzz":true}"#,
-        );
-        let mut req = LlmRequest::parse(Endpoint::Chat, &body).unwrap();
-        assert!(req.stream, "Ollama chat streams by default");
-        req.set_model("b");
-        assert_eq!(
-            &req.body(body)[..],
-            br#"{"model":"b","temperature":0.70,"x":{"deep":[1e3, "\u00e9"]},"zzz":true}"#
-        );
-    }
-
-    #[test]
-    fn stream_usage_is_added_once_and_keeps_other_options() {
-        let body =
-            Bytes::from_static(br#"{"model":"a","stream":true,"stream_options":{"other":1}}"#);
-        let mut req = LlmRequest::parse(Endpoint::ChatCompletions, &body).unwrap();
-        assert!(req.ensure_stream_usage());
-        let out = req.body(body);
-        assert_eq!(
-            &out[..],
-            br#"{"model":"a","stream":true,"stream_options":{"other":1,"include_usage":true}}"#
-        );
-        let mut again = LlmRequest::parse(Endpoint::ChatCompletions, &out).unwrap();
-        assert!(!again.ensure_stream_usage());
-        let plain = LlmRequest::parse(Endpoint::ChatCompletions, br#"{"model":"a"}"#);
-        assert!(!plain.unwrap().ensure_stream_usage(), "not a stream");
-    }
-
-    #[test]
-    fn bad_bodies_are_typed_errors() {
-        assert!(matches!(
-            LlmRequest::parse(Endpoint::Chat, b"[1]"),
-            Err(ParseError::NotAnObject(_))
-        ));
-        assert!(matches!(
-            LlmRequest::parse(Endpoint::Chat, br#"{"model":"a""#),
-            Err(ParseError::NotAnObject(_))
-        ));
-        assert!(matches!(
-            LlmRequest::parse(Endpoint::Chat, br#"{"model":5}"#),
-            Err(ParseError::FieldType { field: "model", .. })
-        ));
-    }
-
-    #[test]
-    fn prompt_text_reads_messages_parts_and_prompts() {
-        let req = LlmRequest::parse(
-            Endpoint::ChatCompletions,
-            br#"{"model":"a","messages":[{"role":"system","content":"be brief"},
-                {"role":"user","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"u"}}]}]}"#,
-        )
-        .unwrap();
-        assert_eq!(req.prompt_text(), "be brief\nhi");
-        let gen = LlmRequest::parse(
-            Endpoint::Generate,
-            br#"{"model":"a","system":"s","prompt":"p"}"#,
-        )
-        .unwrap();
-        assert_eq!(gen.prompt_text(), "s\np");
-    }
-}
-
-#[cfg(test)]
-mod prompt_tests {
-    use super::*;
-
-    fn texts(req: &mut LlmRequest) -> Vec<(Role, String)> {
-        let mut out = Vec::new();
-        req.visit_prompt(|role, text| {
-            out.push((role, text.to_owned()));
-            Visit::Keep
-        });
-        out
-    }
-
-    #[test]
-    fn visits_every_text_with_its_role() {
-        let mut chat = LlmRequest::parse(
-            Endpoint::ChatCompletions,
-            br#"{"model":"m","messages":[{"role":"developer","content":"rules"},{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:x"}}]},{"role":"assistant","content":"ok"},{"role":"tool","content":"42"}]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            texts(&mut chat),
-            vec![
-                (Role::System, "rules".into()),
-                (Role::User, "look".into()),
-                (Role::Assistant, "ok".into()),
-                (Role::Tool, "42".into())
-            ]
-        );
-        let mut gen = LlmRequest::parse(
-            Endpoint::Generate,
-            br#"{"model":"m","system":"s","prompt":"p","images":["aGk="]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            texts(&mut gen),
-            vec![(Role::System, "s".into()), (Role::User, "p".into())]
-        );
-        let mut resp = LlmRequest::parse(Endpoint::Responses, br#"{"model":"m","instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"t"}]}]}"#).unwrap();
-        assert_eq!(
-            texts(&mut resp),
-            vec![(Role::System, "i".into()), (Role::User, "t".into())]
-        );
-    }
-
-    #[test]
-    fn replacing_a_text_rewrites_only_its_field() {
-        let body = Bytes::from_static(br#"{"model":"m","temperature":0.50,"messages":[{"role":"user","content":"my secret"}]}"#);
-        let mut req = LlmRequest::parse(Endpoint::Chat, &body).unwrap();
-        req.visit_prompt(|_, t| Visit::Replace(t.replace("secret", "[X]")));
-        assert_eq!(
-            &req.body(body)[..],
-            br#"{"model":"m","temperature":0.50,"messages":[{"role":"user","content":"my [X]"}]}"#
-        );
-    }
-
-    #[test]
-    fn max_tokens_read_and_set_per_dialect() {
-        let mut c = LlmRequest::parse(
-            Endpoint::ChatCompletions,
-            br#"{"model":"m","max_tokens":500}"#,
-        )
-        .unwrap();
-        assert_eq!(c.max_tokens(), Some(500));
-        c.set_max_tokens(100);
-        assert_eq!(c.raw_field("max_tokens"), Some("100"));
-        let mut fresh = LlmRequest::parse(Endpoint::ChatCompletions, br#"{"model":"m"}"#).unwrap();
-        fresh.set_max_tokens(64);
-        assert_eq!(fresh.raw_field("max_completion_tokens"), Some("64"));
-        let mut o = LlmRequest::parse(
-            Endpoint::Chat,
-            br#"{"model":"m","options":{"temperature":0,"num_predict":-1}}"#,
-        )
-        .unwrap();
-        assert_eq!(o.max_tokens(), None, "-1 is unlimited");
-        o.set_max_tokens(50);
-        assert_eq!(
-            o.raw_field("options"),
-            Some(r#"{"temperature":0,"num_predict":50}"#)
-        );
-        let mut r = LlmRequest::parse(Endpoint::Responses, br#"{"model":"m"}"#).unwrap();
-        r.set_max_tokens(7);
-        assert_eq!(r.max_tokens(), Some(7));
-    }
 }

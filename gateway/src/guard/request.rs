@@ -102,7 +102,7 @@ promptRules:
         if let Some(n) = max_tokens {
             body["max_tokens"] = n.into();
         }
-        LlmRequest::parse(Endpoint::ChatCompletions, body.to_string().as_bytes()).unwrap()
+        LlmRequest::parse(Endpoint::ChatCompletions, body.to_string()).unwrap()
     }
 
     fn policy() -> Policy {

@@ -258,7 +258,7 @@ impl Proxy {
 
         let mut hide_usage = false;
         let policy = self.policy.current();
-        let body = match LlmRequest::parse(endpoint, &original) {
+        let body = match LlmRequest::parse(endpoint, original.clone()) {
             Ok(mut parsed) => {
                 ex.requested_model = parsed.model.clone();
                 ex.streamed = parsed.stream;
@@ -292,7 +292,7 @@ impl Proxy {
                     }
                 }
                 hide_usage = parsed.ensure_stream_usage();
-                let body = parsed.body(original);
+                let body = parsed.body();
                 ex.request = Some(parsed);
                 body
             }
