@@ -513,6 +513,10 @@ impl Meter {
                         return buf.freeze();
                     };
                     self.collect(&ev.obs);
+                    // Read as a value only when a rule will change it.
+                    if response::acts_on_whole(&buf, &rules) == Some(false) {
+                        return buf.freeze();
+                    }
                     match response::whole(ev.value(), self.endpoint, &rules) {
                         Some((hits, blocked)) => {
                             self.collected.policy_hits = hits;

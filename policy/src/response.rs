@@ -64,6 +64,12 @@ impl ResponseRules {
         self.rules.len()
     }
 
+    /// Whether any rule acts on `text` (what [`apply`](Self::apply) would hit), read
+    /// without copying it.
+    pub fn acts_on(&self, text: &str) -> bool {
+        self.matcher.find_at(text, 0).is_some()
+    }
+
     /// A filter for one streamed answer.
     pub fn stream(self: &Arc<Self>) -> ResponseFilter {
         ResponseFilter {

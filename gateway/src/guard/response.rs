@@ -53,13 +53,132 @@ fn filter_whole(
     blocked
 }
 
+/// Whether a rule acts on any generated text of a whole answer (as [`whole`] would find
+/// one), read from its bytes: most answers pass untouched, and then no value is built.
+/// Every member is read, duplicates too, so it can only say yes more often than
+/// [`whole`] (which reads the last of duplicate keys); `None` when serde_json does not
+/// read the bytes (the caller takes the value path, as before).
+pub fn acts_on_whole(json: &[u8], rules: &ResponseRules) -> Option<bool> {
+    use serde::de::DeserializeSeed;
+    let mut hit = false;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    Scan {
+        rules,
+        hit: &mut hit,
+        text: false,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    Some(hit)
+}
+
+/// One value of [`acts_on_whole`]'s walk; `text`: it is a text field's value.
+struct Scan<'a> {
+    rules: &'a ResponseRules,
+    hit: &'a mut bool,
+    text: bool,
+}
+
+impl Scan<'_> {
+    fn nested(&mut self, text: bool) -> Scan<'_> {
+        Scan {
+            rules: self.rules,
+            hit: &mut *self.hit,
+            text,
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        if self.text && !*self.hit && self.rules.acts_on(s) {
+            *self.hit = true;
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(text) = map.next_key_seed(TextKey)? {
+            map.next_value_seed(self.nested(text))?;
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self.nested(false))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// A member name, read as whether it names a text field (no copy).
+struct TextKey;
+
+impl<'de> serde::de::DeserializeSeed<'de> for TextKey {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TextKey {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(is_text_key(key))
+    }
+}
+
+fn is_text_key(key: &str) -> bool {
+    matches!(key, "content" | "text" | "response")
+}
+
 /// Generated text fields: `content`, `text` and Ollama's `response`, when strings.
 fn walk_texts(v: &mut Value, f: &mut dyn FnMut(&mut String)) {
     match v {
         Value::Object(o) => {
             for (k, val) in o.iter_mut() {
                 match (k.as_str(), val) {
-                    ("content" | "text" | "response", Value::String(s)) => f(s),
+                    (k, Value::String(s)) if is_text_key(k) => f(s),
                     (_, other) => walk_texts(other, f),
                 }
             }
@@ -251,6 +370,7 @@ impl StreamGuard {
 mod tests {
     use super::*;
     use kube_gateway_policy::load;
+    use proptest::prelude::*;
 
     fn rules() -> Arc<ResponseRules> {
         load("apiVersion: kube-gateway.io/v1alpha1\nresponseRules:\n  - name: rabbits\n    match: { literals: [rabbit] }\n    action: redact\n    mask: '***'\n  - name: stop\n    match: { literals: [FORBIDDEN] , caseSensitive: true }\n    action: block\n")
@@ -342,6 +462,81 @@ mod tests {
         assert_eq!((hits, blocked), (vec!["rabbits".to_owned()], false));
         let mut clean = json!({"response": "clean"});
         assert!(whole(&mut clean, Endpoint::Generate, &rules()).is_none());
+    }
+
+    /// Any JSON value whose member names include the text fields, whose strings the
+    /// rules hit or not, escaped or not.
+    fn answer() -> impl Strategy<Value = Value> {
+        let key = prop::sample::select(vec![
+            "content",
+            "text",
+            "response",
+            "role",
+            "message",
+            "choices",
+            "tool_calls",
+        ]);
+        let string = prop::sample::select(vec![
+            "clean",
+            "one rabbit",
+            "a FORBIDDEN word",
+            "rab\"bit",
+            "rabbit\n",
+            "\u{e9}t\u{e9}",
+            "forbidden",
+            "",
+        ])
+        .prop_map(|s| Value::String(s.to_owned()));
+        let leaf = prop_oneof![
+            string,
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (-1e9f64..1e9).prop_map(|n| json!(n)),
+        ];
+        leaf.prop_recursive(5, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..5).prop_map(|members| {
+                    Value::Object(
+                        members
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The byte scan says a rule acts exactly when the value walk finds a hit.
+        #[test]
+        fn the_byte_scan_agrees_with_the_value_walk(v in answer()) {
+            let bytes = v.to_string();
+            let scanned = acts_on_whole(bytes.as_bytes(), &rules());
+            let mut walked = v.clone();
+            let acted = whole(&mut walked, Endpoint::ChatCompletions, &rules()).is_some();
+            prop_assert_eq!(scanned, Some(acted), "{}", bytes);
+        }
+    }
+
+    #[test]
+    fn the_byte_scan_reads_duplicates_and_refuses_what_serde_refuses() {
+        let r = rules();
+        // The walk reads the last `content` (clean); the scan may say yes, never no.
+        assert_eq!(
+            acts_on_whole(br#"{"content":"a rabbit","content":"clean"}"#, &r),
+            Some(true)
+        );
+        assert_eq!(acts_on_whole(br#"{"content":"clean"}"#, &r), Some(false));
+        assert_eq!(
+            acts_on_whole(br#"{"content":"rab\u0062it"}"#, &r),
+            Some(true)
+        );
+        assert_eq!(acts_on_whole(br#"{"role":"rabbit"}"#, &r), Some(false));
+        assert_eq!(acts_on_whole(br#"{"content":"clean"} x"#, &r), None);
+        assert_eq!(acts_on_whole(br#"{"content":"#, &r), None);
     }
 
     #[test]
