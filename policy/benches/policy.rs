@@ -113,6 +113,26 @@ fn evaluate(c: &mut Criterion) {
             out + f.finish().text.len()
         })
     });
+    // The response rules of load.sh's stream workloads (gateway/benches/llm-policy.yaml)
+    // on token-sized pieces, as a model streams them.
+    let llm = load(
+        "apiVersion: kube-gateway.io/v1alpha1\nresponseRules:\n\
+         - { name: profanity, match: { literals: [darn, heck], caseSensitive: false }, action: redact, mask: '****' }\n\
+         - { name: leaked-keys, match: { detector: openai-key }, action: redact }\n\
+         - { name: ssn, match: { regex: '\\b\\d{3}-\\d{2}-\\d{4}\\b' }, action: redact }\n",
+    )
+    .expect("response rules");
+    let tokens: Vec<&str> = answer.split_inclusive(' ').collect();
+    g.bench_function("stream_filter_llm_policy_word_tokens", |b| {
+        b.iter(|| {
+            let mut f = llm.response.stream();
+            let mut out = 0;
+            for t in &tokens {
+                out += f.push(t).text.len();
+            }
+            out + f.finish().text.len()
+        })
+    });
     g.finish();
 }
 

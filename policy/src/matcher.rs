@@ -75,10 +75,22 @@ impl Automaton {
         // costs what it reads (a prompt with many matches is searched once per match).
         let window = FOLD_WINDOW.max(2 * self.longest);
         let mut from = pos;
+        // A short text (a streamed piece) is folded on the stack.
+        let mut stack = [0u8; SHORT_FOLD];
+        let mut heap = Vec::new();
         loop {
             let end = from.saturating_add(window).min(text.len());
-            let folded = text.get(from..end)?.to_ascii_lowercase();
-            match self.find_in(&folded, 0..folded.len()) {
+            let piece = text.get(from..end)?;
+            let folded: &mut [u8] = if piece.len() <= SHORT_FOLD {
+                &mut stack[..piece.len()]
+            } else {
+                heap.clear();
+                heap.resize(piece.len(), 0);
+                &mut heap
+            };
+            folded.copy_from_slice(piece);
+            folded.make_ascii_lowercase();
+            match self.find_in(folded, 0..folded.len()) {
                 // Settled when no match starting before it can run past the window.
                 Some((start, stop, pattern))
                     if end == text.len() || from + start + self.longest <= end =>
@@ -97,6 +109,9 @@ impl Automaton {
 
 /// How much text a case-ignoring literal search lower-cases at a time.
 const FOLD_WINDOW: usize = 4096;
+
+/// Text up to this long is lower-cased in a buffer on the stack.
+const SHORT_FOLD: usize = 256;
 
 struct RegexRule {
     regex: Regex,
@@ -593,7 +608,8 @@ mod tests {
     #[test]
     fn a_case_ignoring_match_across_a_window_end_is_found_whole() {
         let m = Matcher::new(&[lits(&["a", "aaaaaa", "bcd"], false)], false).unwrap();
-        for off in FOLD_WINDOW - 8..FOLD_WINDOW + 8 {
+        // Around the window's end, and around the largest text folded on the stack.
+        for off in (FOLD_WINDOW - 8..FOLD_WINDOW + 8).chain(SHORT_FOLD - 12..SHORT_FOLD + 4) {
             // The longer word at the same start wins, though the shorter fits the window.
             let text = format!("{}AaAaAa", " ".repeat(off));
             let found: Vec<_> = m.find_iter(&text).map(|f| (f.start, f.end)).collect();
