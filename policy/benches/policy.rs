@@ -128,7 +128,7 @@ fn evaluate(c: &mut Criterion) {
             let mut f = llm.response.stream();
             let mut out = 0;
             for t in &tokens {
-                out += f.push(t).text.len();
+                out += f.push_released(t).text.len();
             }
             out + f.finish().text.len()
         })

@@ -19,5 +19,5 @@ pub use model::{
     ModelDecision, ModelPattern, ModelRewrite, ModelRewriteError, ModelRules, RewriteRule, Split,
 };
 pub use prompt::{PromptAction, Role};
-pub use response::{Emit, ResponseFilter, ResponseRules};
+pub use response::{Emit, Released, ResponseFilter, ResponseRules};
 pub use tokens::{Encoding, TokenCounter};

@@ -75,6 +75,7 @@ impl ResponseRules {
         ResponseFilter {
             rules: self.clone(),
             pending: String::new(),
+            out: String::new(),
             context: 0,
             ended: false,
             hits: Vec::new(),
@@ -85,8 +86,29 @@ impl ResponseRules {
     pub fn apply(self: &Arc<Self>, text: &str) -> (Emit, Vec<String>) {
         let mut f = self.stream();
         f.pending.push_str(text);
-        let emit = f.run(true);
+        let blocked = f.run(true);
+        let emit = Emit {
+            text: std::mem::take(&mut f.out),
+            blocked,
+        };
         (emit, f.hits())
+    }
+}
+
+/// What a push released, borrowed from the filter.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Released<'a> {
+    pub text: &'a str,
+    /// The rule that ended the answer, if one did: send nothing after `text`.
+    pub blocked: Option<String>,
+}
+
+impl Released<'_> {
+    fn to_emit(&self) -> Emit {
+        Emit {
+            text: self.text.to_owned(),
+            blocked: self.blocked.clone(),
+        }
     }
 }
 
@@ -94,6 +116,8 @@ impl ResponseRules {
 pub struct ResponseFilter {
     rules: Arc<ResponseRules>,
     pending: String,
+    /// What the last push released (kept: one buffer for the whole answer).
+    out: String,
     /// The first bytes of `pending` went out already: the character before the held
     /// text, kept so that a regex that looks behind its match (`\b`, `(?m)^`) sees what
     /// it would see in the whole answer.
@@ -105,11 +129,24 @@ pub struct ResponseFilter {
 impl ResponseFilter {
     /// Takes the next piece of generated text.
     pub fn push(&mut self, text: &str) -> Emit {
+        self.push_released(text).to_emit()
+    }
+
+    /// As [`push`](Self::push), what it releases borrowed: most pieces of an answer
+    /// go out as they came, and then nothing is allocated.
+    pub fn push_released(&mut self, text: &str) -> Released<'_> {
         if self.ended {
-            return Emit::default();
+            return Released {
+                text: "",
+                blocked: None,
+            };
         }
         self.pending.push_str(text);
-        self.run(false)
+        let blocked = self.run(false);
+        Released {
+            text: &self.out,
+            blocked,
+        }
     }
 
     /// The answer ended: releases what was held back, filtered.
@@ -118,7 +155,11 @@ impl ResponseFilter {
             return Emit::default();
         }
         self.ended = true;
-        self.run(true)
+        let blocked = self.run(true);
+        Emit {
+            text: std::mem::take(&mut self.out),
+            blocked,
+        }
     }
 
     /// Bytes held back now.
@@ -144,10 +185,12 @@ impl ResponseFilter {
             .collect()
     }
 
-    fn run(&mut self, last: bool) -> Emit {
+    /// Releases into `out` what is settled of `pending`; the rule that blocked, if one did.
+    fn run(&mut self, last: bool) -> Option<String> {
         let buf = std::mem::take(&mut self.pending);
         let matcher = &self.rules.matcher;
-        let mut out = String::with_capacity(buf.len());
+        let out = &mut self.out;
+        out.clear();
         let mut pos = std::mem::take(&mut self.context);
         loop {
             let hold = if last {
@@ -167,10 +210,7 @@ impl ResponseFilter {
                         }
                         ResponseAction::Block => {
                             self.ended = true;
-                            return Emit {
-                                text: out,
-                                blocked: Some(self.rules.rules[m.rule].0.clone()),
-                            };
+                            return Some(self.rules.rules[m.rule].0.clone());
                         }
                     }
                 }
@@ -182,10 +222,7 @@ impl ResponseFilter {
                     buf.drain(..keep);
                     self.pending = buf;
                     self.context = hold - keep;
-                    return Emit {
-                        text: out,
-                        blocked: None,
-                    };
+                    return None;
                 }
             }
         }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use kube_gateway_policy::{ResponseFilter, ResponseRules};
+use kube_gateway_policy::{Emit, ResponseFilter, ResponseRules};
 use serde_json::{json, Value};
 
 use crate::api::event::text_pointer;
@@ -283,6 +283,14 @@ impl StreamGuard {
         self.blocked.is_some()
     }
 
+    /// An event that goes out as it came (a rule may have hit earlier text it released).
+    fn kept(&mut self) -> Step {
+        if self.filter.hit_count() != self.hits.len() {
+            self.hits = self.filter.hits();
+        }
+        Step::Keep
+    }
+
     /// One event, as the meter parsed it.
     pub fn event(&mut self, ev: &mut StreamEvent) -> Step {
         if self.blocked.is_some() {
@@ -334,11 +342,29 @@ impl StreamGuard {
             };
         }
         let text = ev.obs.text.as_str();
-        let mut emit = self.filter.push(text);
+        let released = self.filter.push_released(text);
+        // Most events go out as they came: nothing to copy.
+        let unchanged = released.blocked.is_none() && released.text == text;
+        let mut emit = Emit {
+            text: if unchanged {
+                String::new()
+            } else {
+                released.text.to_owned()
+            },
+            blocked: released.blocked,
+        };
         if ev.obs.finish_reason.is_some() && emit.blocked.is_none() {
             let rest = self.filter.finish();
+            if unchanged && rest.text.is_empty() && rest.blocked.is_none() {
+                return self.kept();
+            }
+            if unchanged {
+                emit.text = text.to_owned();
+            }
             emit.text.push_str(&rest.text);
             emit.blocked = rest.blocked;
+        } else if unchanged {
+            return self.kept();
         }
         if self.filter.hit_count() != self.hits.len() {
             self.hits = self.filter.hits();
