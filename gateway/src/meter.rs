@@ -19,7 +19,7 @@ use crate::guard::response::{self, Step, StreamGuard};
 use crate::record::Collected;
 use crate::stream::ndjson::{line_json, LineBoundary};
 use crate::stream::sse::{self, SseBoundary};
-use crate::stream::{Framer, Frames, Piece};
+use crate::stream::{Framer, Frames, Output, Piece};
 
 /// How a response body is framed, from its content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,11 +388,16 @@ impl Meter {
             }
             return frames.bytes;
         }
-        let mut out = BytesMut::with_capacity(frames.bytes.len());
+        let mut out = Output::new(&frames.bytes);
+        let mut end = 0;
         for piece in frames.iter() {
+            let start = end;
+            end += match piece {
+                Piece::Frame(raw) | Piece::Oversize { bytes: raw, .. } => raw.len(),
+            };
             let raw = match piece {
                 Piece::Frame(raw) => raw,
-                Piece::Oversize { bytes, first } => {
+                Piece::Oversize { first, .. } => {
                     self.oversize(first);
                     if self.guard.is_some() || self.cut.is_some() {
                         // Rules or a budget cannot pass what they cannot read: the
@@ -401,7 +406,7 @@ impl Meter {
                             "an event of the answer is larger than --max-event-bytes ({} bytes); the answer was ended",
                             self.bounds.event
                         );
-                        out.extend_from_slice(&stream_error_frame(
+                        out.buf().extend_from_slice(&stream_error_frame(
                             matches!(wire, Wire::Sse),
                             &message,
                         ));
@@ -410,7 +415,7 @@ impl Meter {
                         break;
                     }
                     // Only the hidden usage could change it: it goes out as it came.
-                    out.extend_from_slice(bytes);
+                    out.keep(start..end);
                     continue;
                 }
             };
@@ -426,13 +431,13 @@ impl Meter {
                 break;
             }
             match event {
-                Some(ev) => self.rewrite(wire, raw, ev, &mut out),
+                Some(ev) => self.rewrite(wire, raw, start..end, ev, &mut out),
                 // No object, or not JSON: as it came.
-                None => out.extend_from_slice(raw),
+                None => out.keep(start..end),
             }
         }
         self.note_guard();
-        out.freeze()
+        out.finish()
     }
 
     /// A frame too large to hold started (`first`) or went on.
@@ -447,7 +452,14 @@ impl Meter {
     }
 
     /// One event of an answer the meter may rewrite.
-    fn rewrite(&mut self, wire: Wire, raw: &[u8], mut ev: StreamEvent, out: &mut BytesMut) {
+    fn rewrite(
+        &mut self,
+        wire: Wire,
+        raw: &[u8],
+        at: Range<usize>,
+        mut ev: StreamEvent,
+        out: &mut Output,
+    ) {
         let mut changed = false;
         if self.hide_usage {
             match hide_usage(ev.value()) {
@@ -461,18 +473,18 @@ impl Meter {
             None => Step::Keep,
         };
         match step {
-            Step::Keep if !changed => out.extend_from_slice(raw),
-            Step::Keep => wire.replace(out, raw, &ev.value().to_string()),
+            Step::Keep if !changed => out.keep(at),
+            Step::Keep => wire.replace(out.buf(), raw, &ev.value().to_string()),
             Step::Text(text) => {
                 // Only the text changes: the new string goes where the old one was.
                 let spliced = !changed
                     && ev
                         .text_span()
-                        .is_some_and(|span| wire.splice(out, raw, ev.json(), span, &text));
+                        .is_some_and(|span| wire.splice(out.buf(), raw, ev.json(), span, &text));
                 if !spliced {
                     let mut v = ev.value().clone();
                     response::set_text(&mut v, self.endpoint, text);
-                    wire.replace(out, raw, &v.to_string());
+                    wire.replace(out.buf(), raw, &v.to_string());
                 }
             }
             Step::Replace { objects, end } => {
@@ -481,21 +493,21 @@ impl Meter {
                         hide_usage(&mut o);
                     }
                     if i == 0 {
-                        wire.replace(out, raw, &o.to_string());
+                        wire.replace(out.buf(), raw, &o.to_string());
                     } else {
-                        wire.append(out, &o);
+                        wire.append(out.buf(), &o);
                     }
                 }
                 if end {
                     self.ended = true;
-                    wire.end(out, self.endpoint);
+                    wire.end(out.buf(), self.endpoint);
                 }
             }
         }
         if !self.ended {
             if let Some(last) = self.budget_step(&mut ev) {
-                wire.append(out, &last);
-                wire.end(out, self.endpoint);
+                wire.append(out.buf(), &last);
+                wire.end(out.buf(), self.endpoint);
             }
         }
     }

@@ -6,7 +6,10 @@
 //! end a broken stream with a well-formed error frame instead of after half a frame.
 
 pub mod ndjson;
+mod output;
 pub mod sse;
+
+pub use output::Output;
 
 use bytes::{Bytes, BytesMut};
 
