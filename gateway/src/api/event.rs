@@ -41,8 +41,9 @@ pub struct StreamEvent<'a> {
     pub obs: Observation,
     /// Where the generated text is in `json`, when the reader saw it.
     text_span: Option<Range<usize>>,
-    /// The parsed object, once asked for.
-    value: Option<Value>,
+    /// The parsed object, once asked for (boxed: an event is moved a few times on its
+    /// way through the meter, and most are never parsed).
+    value: Option<Box<Value>>,
 }
 
 impl<'a> StreamEvent<'a> {
@@ -75,7 +76,7 @@ impl<'a> StreamEvent<'a> {
             json,
             obs,
             text_span: None,
-            value: Some(value),
+            value: Some(Box::new(value)),
         })
     }
 
@@ -105,12 +106,12 @@ impl<'a> StreamEvent<'a> {
     pub fn value(&mut self) -> &mut Value {
         let json = self.json;
         self.value.get_or_insert_with(|| {
-            parse_value(json).unwrap_or_else(|| {
+            Box::new(parse_value(json).unwrap_or_else(|| {
                 // Not reached while `observe` and the value parse agree (see `parse`); if
                 // they ever did not, a rewrite carries no text rather than the old one.
                 tracing::error!("internal: an observed event failed to parse; rewritten empty");
                 Value::Object(serde_json::Map::new())
-            })
+            }))
         })
     }
 
