@@ -355,8 +355,8 @@ impl Meter {
                 }
                 return chunk;
             }
-            Framing::Sse(framer) => (Wire::Sse, framer.push(&chunk)),
-            Framing::Ndjson(framer) => (Wire::Ndjson, framer.push(&chunk)),
+            Framing::Sse(framer) => (Wire::Sse, framer.push_bytes(chunk)),
+            Framing::Ndjson(framer) => (Wire::Ndjson, framer.push_bytes(chunk)),
         };
         self.frames(wire, frames)
     }
@@ -380,6 +380,7 @@ impl Meter {
                             self.collected.frames += 1;
                             if let Some(ev) = self.events.parse(&json) {
                                 self.collect(&ev.obs);
+                                self.events.recycle(ev.obs.text);
                             }
                         }
                     }
@@ -431,7 +432,10 @@ impl Meter {
                 break;
             }
             match event {
-                Some(ev) => self.rewrite(wire, raw, start..end, ev, &mut out),
+                Some(mut ev) => {
+                    self.rewrite(wire, raw, start..end, &mut ev, &mut out);
+                    self.events.recycle(ev.obs.text);
+                }
                 // No object, or not JSON: as it came.
                 None => out.keep(start..end),
             }
@@ -457,7 +461,7 @@ impl Meter {
         wire: Wire,
         raw: &[u8],
         at: Range<usize>,
-        mut ev: StreamEvent,
+        ev: &mut StreamEvent,
         out: &mut Output,
     ) {
         let mut changed = false;
@@ -469,7 +473,7 @@ impl Meter {
             }
         }
         let step = match self.guard.as_mut() {
-            Some(guard) => guard.event(&mut ev),
+            Some(guard) => guard.event(ev),
             None => Step::Keep,
         };
         match step {
@@ -505,7 +509,7 @@ impl Meter {
             }
         }
         if !self.ended {
-            if let Some(last) = self.budget_step(&mut ev) {
+            if let Some(last) = self.budget_step(ev) {
                 wire.append(out.buf(), &last);
                 wire.end(out.buf(), self.endpoint);
             }

@@ -33,7 +33,12 @@ pub struct ShapeReader {
     barren: u32,
     /// Events to read in full before building a template again (after barren ones).
     wait: u32,
+    /// An event's text buffer handed back, for the next event's text.
+    spare: String,
 }
+
+/// The largest text buffer kept for the next event (a stream's events are a few words).
+const SPARE_ROOM: usize = 1024;
 
 /// Templates in a row without a match before building one only every
 /// [`BARREN_EVERY`] events.
@@ -47,6 +52,15 @@ impl ShapeReader {
             template: None,
             barren: 0,
             wait: 0,
+            spare: String::new(),
+        }
+    }
+
+    /// Takes back an event's text once the caller is done with it: the next event's
+    /// text is read into its room instead of a new allocation.
+    pub fn recycle(&mut self, text: String) {
+        if text.capacity() <= SPARE_ROOM && text.capacity() > self.spare.capacity() {
+            self.spare = text;
         }
     }
 
@@ -54,7 +68,7 @@ impl ShapeReader {
     /// text span when the reader saw it.
     pub fn parse<'a>(&mut self, json: &'a [u8]) -> Option<StreamEvent<'a>> {
         if let Some(t) = &mut self.template {
-            if let Some((obs, span)) = t.read(json) {
+            if let Some((obs, span)) = t.read(json, &mut self.spare) {
                 t.hits += 1;
                 return Some(StreamEvent::read(self.endpoint, json, obs, span));
             }
@@ -187,7 +201,13 @@ impl Template {
     /// What `json` reports, when it is this template with some of its literals
     /// replaced by others of the same kind; with the text's span when it is at the
     /// endpoint's text pointer.
-    pub fn read(&self, json: &[u8]) -> Option<(Observation, Option<Range<usize>>)> {
+    /// `spare`: room for the text, taken (a stream's events hand it back, see
+    /// [`ShapeReader::recycle`]).
+    pub fn read(
+        &self,
+        json: &[u8],
+        spare: &mut String,
+    ) -> Option<(Observation, Option<Range<usize>>)> {
         let t = &self.bytes[..];
         let (mut i, mut j) = (0, 0);
         let mut k = 0;
@@ -233,7 +253,8 @@ impl Template {
         let mut span = None;
         let text = match text {
             Some(r) => {
-                let decoded = decode(&json[r.clone()])?;
+                let mut decoded = std::mem::take(spare);
+                decode_into(&json[r.clone()], &mut decoded)?;
                 span = Some(r);
                 decoded
             }
@@ -355,12 +376,21 @@ fn number_end(json: &[u8], at: usize) -> Option<usize> {
 /// The text of a JSON string literal (quotes included) with only the escapes
 /// [`string_end`] takes.
 fn decode(quoted: &[u8]) -> Option<String> {
+    let mut out = String::new();
+    decode_into(quoted, &mut out)?;
+    Some(out)
+}
+
+/// [`decode`] into `out` (cleared first), reusing its room.
+fn decode_into(quoted: &[u8], out: &mut String) -> Option<()> {
+    out.clear();
     let inner = quoted.get(1..quoted.len().checked_sub(1)?)?;
     let text = std::str::from_utf8(inner).ok()?;
     if !text.contains('\\') {
-        return Some(text.to_owned());
+        out.push_str(text);
+        return Some(());
     }
-    let mut out = String::with_capacity(text.len());
+    out.reserve(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
         if c != '\\' {
@@ -379,7 +409,7 @@ fn decode(quoted: &[u8]) -> Option<String> {
             _ => return None,
         });
     }
-    Some(out)
+    Some(())
 }
 
 /// Where a value sits, as the dialect's typed reader sees it.
@@ -646,6 +676,10 @@ mod tests {
             );
             if reader.template.as_ref().map_or(0, |t| t.hits) > before {
                 by_shape += 1;
+            }
+            // As the meter does: the next event's text goes into this one's room.
+            if let Some(ev) = fast {
+                reader.recycle(ev.obs.text);
             }
         }
         by_shape

@@ -176,6 +176,41 @@ impl<B: Boundary> Framer<B> {
         }
     }
 
+    /// [`push`](Self::push) for a chunk the caller owns: with nothing held from earlier
+    /// chunks, the frames it completes go out as slices of it (no copy); only its
+    /// unfinished tail is kept.
+    pub fn push_bytes(&mut self, chunk: Bytes) -> Frames {
+        if !self.buf.is_empty() || self.oversize {
+            return self.push(&chunk);
+        }
+        let mut cuts = Vec::new();
+        let mut from = 0;
+        while let Some(end) = self.boundary.scan(&chunk, from) {
+            cuts.push(Cut {
+                end,
+                kind: CutKind::Frame,
+            });
+            from = end;
+        }
+        let complete = cuts.last().map_or(0, |c| c.end);
+        let pending = chunk.len() - complete;
+        if pending > self.max {
+            cuts.push(Cut {
+                end: chunk.len(),
+                kind: CutKind::OversizeFirst,
+            });
+            self.oversize = true;
+            self.scanned = 0;
+            return Frames { bytes: chunk, cuts };
+        }
+        self.extend(&chunk[complete..]);
+        self.scanned = pending;
+        Frames {
+            bytes: chunk.slice(..complete),
+            cuts,
+        }
+    }
+
     /// Appends `chunk`. A frame past 64 KiB gets room for the whole limit (plus this
     /// chunk) at once: growing by doubling would leave a trail of freed buffers (as much
     /// again as the last one) that the allocator returns only later, and copy the frame
@@ -225,11 +260,24 @@ mod tests {
     /// Pushes `chunks`; returns what came out as (piece, oversize, first) and the most
     /// bytes held at once.
     fn run(max: usize, chunks: &[&[u8]]) -> (Vec<(Vec<u8>, bool, bool)>, usize) {
-        let mut f: Framer<ndjson::LineBoundary> = Framer::with_max(max);
+        run_with::<ndjson::LineBoundary>(max, chunks, false)
+    }
+
+    /// `run` for any framing; `owned`: each chunk given as `Bytes` (`push_bytes`).
+    fn run_with<B: Boundary>(
+        max: usize,
+        chunks: &[&[u8]],
+        owned: bool,
+    ) -> (Vec<(Vec<u8>, bool, bool)>, usize) {
+        let mut f: Framer<B> = Framer::with_max(max);
         let mut out = Vec::new();
         let mut held = 0;
         for c in chunks {
-            let frames = f.push(c);
+            let frames = if owned {
+                f.push_bytes(Bytes::copy_from_slice(c))
+            } else {
+                f.push(c)
+            };
             held = held.max(f.pending());
             for p in frames.iter() {
                 out.push(match p {
@@ -316,6 +364,36 @@ mod tests {
             prop_assert!(out.contains(&(s[..10].to_vec(), false, false)));
             prop_assert!(out.contains(&(s[3_010..3_050].to_vec(), false, false)));
             prop_assert!(out.iter().filter(|p| p.2).count() <= 1);
+        }
+
+        /// A chunk given as `Bytes` frames exactly as one given as a slice: the same
+        /// pieces, the same bytes held, SSE and NDJSON, under any limit.
+        #[test]
+        fn owned_chunks_frame_as_borrowed_ones(
+            events in proptest::collection::vec(
+                prop_oneof![Just("data: a\n\n"), Just("data: bb\r\n\r\n"), Just("x\n"),
+                    Just(": c\n\n"), Just("data: d\ndata: e\n\n"), Just("yy"), Just("\r")],
+                0..40),
+            cuts in proptest::collection::vec(0usize..400, 0..12),
+            max in prop_oneof![Just(4usize), Just(16), Just(1_000)],
+        ) {
+            let s: Vec<u8> = events.concat().into_bytes();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(s.len())).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for c in cuts.into_iter().chain([s.len()]) {
+                chunks.push(&s[start..c]);
+                start = c;
+            }
+            prop_assert_eq!(
+                run_with::<ndjson::LineBoundary>(max, &chunks, true),
+                run_with::<ndjson::LineBoundary>(max, &chunks, false)
+            );
+            prop_assert_eq!(
+                run_with::<sse::SseBoundary>(max, &chunks, true),
+                run_with::<sse::SseBoundary>(max, &chunks, false)
+            );
         }
     }
 }
