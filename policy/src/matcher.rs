@@ -110,7 +110,8 @@ impl Automaton {
 /// How much text a case-ignoring literal search lower-cases at a time.
 const FOLD_WINDOW: usize = 4096;
 
-/// Text up to this long is lower-cased in a buffer on the stack.
+/// Text up to this long is lower-cased in a buffer on the stack, and checked for a
+/// regex's first bytes before the regex runs.
 const SHORT_FOLD: usize = 256;
 
 struct RegexRule {
@@ -403,6 +404,14 @@ impl Matcher {
             }
         }
         for r in &self.regexes {
+            // A streamed piece is a few bytes: when none can start a match, a look at
+            // each costs less than starting the regex (a long text is left to its own
+            // prefilter).
+            if let (Some(first), Some(rest)) = (&r.first, text.as_bytes().get(pos..)) {
+                if rest.len() <= SHORT_FOLD && !rest.iter().any(|&b| first.contains(b)) {
+                    continue;
+                }
+            }
             let mut from = pos;
             while let Some(m) = r.regex.find_at(text, from) {
                 if r.detector.is_none_or(|d| d.accepts(m.as_str())) {
@@ -618,6 +627,27 @@ mod tests {
             let text = format!("{}BcD xyz {}BCD", " ".repeat(off), " ".repeat(off));
             let found: Vec<_> = m.find_iter(&text).map(|f| f.start).collect();
             assert_eq!(found, [off, 2 * off + 8], "at {off}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A regex rule finds what the regex finds, on short texts (where the matcher
+        /// looks for a first byte before running it) and long ones.
+        #[test]
+        fn regex_rules_find_what_the_regex_finds(
+            text in "[0-9a-z \\-@.Ss]{0,40}|[0-9a-z \\-]{200,300}",
+            re in proptest::sample::select(vec![
+                r"\b\d{3}-\d{2}-\d{4}\b", r"\bsk-[a-z0-9]{3,8}", r"(?i)\bdrop\s{1,8}table\b",
+                r"[a-z]{1,4}@[a-z]{1,4}\.[a-z]{2,3}", r"9{1,3}",
+            ]),
+            pos in 0usize..40,
+        ) {
+            let m = Matcher::new(&[Pattern::Regex(re.to_owned())], true).unwrap();
+            let reference = Regex::new(re).unwrap();
+            let pos = pos.min(text.len());
+            let found = m.find_at(&text, pos).map(|f| (f.start, f.end));
+            let expected = reference.find_at(&text, pos).map(|f| (f.start(), f.end()));
+            proptest::prop_assert_eq!(found, expected);
         }
     }
 
