@@ -17,7 +17,6 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use kube_gateway::api::{Endpoint, LlmRequest};
 use kube_gateway::guard::request::apply;
-use kube_gateway_fuzz::ENDPOINTS;
 use kube_gateway_policy::{load, ModelDecision, Policy};
 use libfuzzer_sys::fuzz_target;
 
@@ -71,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(input) = kube_gateway_fuzz::input(data, 3) else {
         return;
     };
-    let endpoint = ENDPOINTS[usize::from(input.choices[0]) % ENDPOINTS.len()];
+    let endpoint = Endpoint::ALL[usize::from(input.choices[0]) % Endpoint::ALL.len()];
     let which = usize::from(input.choices[1]) % POLICIES.len();
     let policy = &policies()[which];
     let original = Bytes::copy_from_slice(input.body);

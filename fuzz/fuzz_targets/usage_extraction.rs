@@ -12,7 +12,6 @@ use kube_gateway::api::{observe, Endpoint, ShapeReader, StreamEvent};
 use kube_gateway::meter::{Bounds, Format, Meter};
 use kube_gateway::record::Collected;
 use kube_gateway_fuzz::pieces;
-use kube_gateway_fuzz::ENDPOINTS;
 use libfuzzer_sys::fuzz_target;
 
 const FORMATS: [Format; 3] = [Format::Sse, Format::Ndjson, Format::Json];
@@ -31,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(input) = kube_gateway_fuzz::input(data, 3) else {
         return;
     };
-    let endpoint = ENDPOINTS[usize::from(input.choices[0]) % ENDPOINTS.len()];
+    let endpoint = Endpoint::ALL[usize::from(input.choices[0]) % Endpoint::ALL.len()];
     let format = FORMATS[usize::from(input.choices[1]) % FORMATS.len()];
     let hide_usage = input.choices[2] & 1 == 1;
     let body = input.body;

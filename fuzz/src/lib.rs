@@ -1,27 +1,14 @@
 //! Helpers the fuzz targets share: reading an input's header (choices and cut points,
 //! with `arbitrary`), cutting its body into the pieces a network read (or an
-//! upstream's token stream) might deliver it in, the endpoints a choice picks from, and
-//! the check of a bounded framer against an unbounded one.
+//! upstream's token stream) might deliver it in, and the check of a bounded framer
+//! against an unbounded one (a choice picks an endpoint from `Endpoint::ALL`).
 //!
 //! Every target's input is a few header bytes, then the body as it is, so that seeds
 //! are easy to write by hand (`fuzz/corpus/README.md`): one byte per choice, one byte
 //! for the number of cuts (0-16), two bytes per cut, then the body.
 
 use arbitrary::Unstructured;
-use kube_gateway::api::Endpoint;
 use kube_gateway::stream::{Boundary, Framer, Piece};
-
-/// Every recognized endpoint, for a choice byte to pick one.
-pub const ENDPOINTS: [Endpoint; 8] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::Chat,
-    Endpoint::Generate,
-    Endpoint::Embed,
-    Endpoint::LegacyEmbeddings,
-];
 
 /// An input: its choice bytes, its cuts, its body.
 pub struct Input<'a> {

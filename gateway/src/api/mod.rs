@@ -52,6 +52,18 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every recognized endpoint.
+    pub const ALL: [Endpoint; 8] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+        Endpoint::Chat,
+        Endpoint::Generate,
+        Endpoint::Embed,
+        Endpoint::LegacyEmbeddings,
+    ];
+
     pub fn dialect(self) -> Dialect {
         match self {
             Endpoint::ChatCompletions

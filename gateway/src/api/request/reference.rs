@@ -423,17 +423,6 @@ fn member() -> impl Strategy<Value = (String, J)> {
     ]
 }
 
-const ENDPOINTS: [Endpoint; 8] = [
-    Endpoint::ChatCompletions,
-    Endpoint::Completions,
-    Endpoint::Embeddings,
-    Endpoint::Responses,
-    Endpoint::Chat,
-    Endpoint::Generate,
-    Endpoint::Embed,
-    Endpoint::LegacyEmbeddings,
-];
-
 /// What the gateway does to a text, by the text's place in the walk.
 #[derive(Debug, Clone)]
 enum Act {
@@ -466,7 +455,7 @@ proptest! {
 
     #[test]
     fn splicing_sends_what_the_reference_sends(
-        endpoint in proptest::sample::select(&ENDPOINTS[..]),
+        endpoint in proptest::sample::select(&Endpoint::ALL[..]),
         mut members in proptest::collection::vec(member(), 0..7),
         prompts in proptest::collection::vec((prompt(), any::<usize>()), 1..4),
         ws in proptest::collection::vec(any::<u8>(), 1..16),
