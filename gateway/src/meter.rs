@@ -390,12 +390,7 @@ impl Meter {
             return frames.bytes;
         }
         let mut out = Output::new(&frames.bytes);
-        let mut end = 0;
-        for piece in frames.iter() {
-            let start = end;
-            end += match piece {
-                Piece::Frame(raw) | Piece::Oversize { bytes: raw, .. } => raw.len(),
-            };
+        for (at, piece) in frames.iter_at() {
             let raw = match piece {
                 Piece::Frame(raw) => raw,
                 Piece::Oversize { first, .. } => {
@@ -416,7 +411,7 @@ impl Meter {
                         break;
                     }
                     // Only the hidden usage could change it: it goes out as it came.
-                    out.keep(start..end);
+                    out.keep(at);
                     continue;
                 }
             };
@@ -433,11 +428,11 @@ impl Meter {
             }
             match event {
                 Some(mut ev) => {
-                    self.rewrite(wire, raw, start..end, &mut ev, &mut out);
+                    self.rewrite(wire, raw, at, &mut ev, &mut out);
                     self.events.recycle(ev.obs.text);
                 }
                 // No object, or not JSON: as it came.
-                None => out.keep(start..end),
+                None => out.keep(at),
             }
         }
         self.note_guard();

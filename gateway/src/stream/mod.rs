@@ -11,6 +11,8 @@ pub mod sse;
 
 pub use output::Output;
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 
 /// Finds where frames end.
@@ -54,18 +56,25 @@ pub struct Frames {
 impl Frames {
     /// Each piece, in order.
     pub fn iter(&self) -> impl Iterator<Item = Piece<'_>> {
+        self.iter_at().map(|(_, piece)| piece)
+    }
+
+    /// Each piece with where it is in [`bytes`](Self::bytes), in order.
+    pub fn iter_at(&self) -> impl Iterator<Item = (Range<usize>, Piece<'_>)> {
         let mut start = 0;
         self.cuts.iter().map(move |cut| {
-            let bytes = &self.bytes[start..cut.end];
+            let at = start..cut.end;
+            let bytes = &self.bytes[at.clone()];
             start = cut.end;
-            match cut.kind {
+            let piece = match cut.kind {
                 CutKind::Frame => Piece::Frame(bytes),
                 CutKind::OversizeFirst => Piece::Oversize { bytes, first: true },
                 CutKind::Oversize => Piece::Oversize {
                     bytes,
                     first: false,
                 },
-            }
+            };
+            (at, piece)
         })
     }
 
@@ -139,39 +148,12 @@ impl<B: Boundary> Framer<B> {
     /// too large to hold).
     pub fn push(&mut self, chunk: &[u8]) -> Frames {
         self.extend(chunk);
-        let mut cuts = Vec::new();
-        let mut from = self.scanned;
-        while let Some(end) = self.boundary.scan(&self.buf, from) {
-            // The end of an oversize frame is released as its last piece.
-            let kind = if std::mem::take(&mut self.oversize) {
-                CutKind::Oversize
-            } else {
-                CutKind::Frame
-            };
-            cuts.push(Cut { end, kind });
-            from = end;
-        }
-        let complete = cuts.last().map_or(0, |c| c.end);
-        let pending = self.buf.len() - complete;
-        if pending > 0 && (self.oversize || pending > self.max) {
-            let kind = if std::mem::replace(&mut self.oversize, true) {
-                CutKind::Oversize
-            } else {
-                CutKind::OversizeFirst
-            };
-            cuts.push(Cut {
-                end: self.buf.len(),
-                kind,
-            });
-            self.scanned = 0;
-            return Frames {
-                bytes: self.buf.split().freeze(),
-                cuts,
-            };
-        }
-        self.scanned = pending;
+        let held = std::mem::take(&mut self.buf);
+        let cuts = self.cuts(&held, self.scanned);
+        self.buf = held;
+        let released = cuts.last().map_or(0, |c| c.end);
         Frames {
-            bytes: self.buf.split_to(complete).freeze(),
+            bytes: self.buf.split_to(released).freeze(),
             cuts,
         }
     }
@@ -183,32 +165,47 @@ impl<B: Boundary> Framer<B> {
         if !self.buf.is_empty() || self.oversize {
             return self.push(&chunk);
         }
+        let cuts = self.cuts(&chunk, 0);
+        let released = cuts.last().map_or(0, |c| c.end);
+        self.extend(&chunk[released..]);
+        Frames {
+            bytes: chunk.slice(..released),
+            cuts,
+        }
+    }
+
+    /// Where the frames of `buf` (what the framer holds, this chunk included) end, from
+    /// `from` on; its unfinished rest is one more piece when it is part of a frame too
+    /// large to hold. Notes what was scanned for the next push.
+    fn cuts(&mut self, buf: &[u8], mut from: usize) -> Vec<Cut> {
         let mut cuts = Vec::new();
-        let mut from = 0;
-        while let Some(end) = self.boundary.scan(&chunk, from) {
-            cuts.push(Cut {
-                end,
-                kind: CutKind::Frame,
-            });
+        while let Some(end) = self.boundary.scan(buf, from) {
+            // The end of an oversize frame is released as its last piece.
+            let kind = if std::mem::take(&mut self.oversize) {
+                CutKind::Oversize
+            } else {
+                CutKind::Frame
+            };
+            cuts.push(Cut { end, kind });
             from = end;
         }
         let complete = cuts.last().map_or(0, |c| c.end);
-        let pending = chunk.len() - complete;
-        if pending > self.max {
+        let pending = buf.len() - complete;
+        if pending > 0 && (self.oversize || pending > self.max) {
+            let kind = if std::mem::replace(&mut self.oversize, true) {
+                CutKind::Oversize
+            } else {
+                CutKind::OversizeFirst
+            };
             cuts.push(Cut {
-                end: chunk.len(),
-                kind: CutKind::OversizeFirst,
+                end: buf.len(),
+                kind,
             });
-            self.oversize = true;
             self.scanned = 0;
-            return Frames { bytes: chunk, cuts };
+        } else {
+            self.scanned = pending;
         }
-        self.extend(&chunk[complete..]);
-        self.scanned = pending;
-        Frames {
-            bytes: chunk.slice(..complete),
-            cuts,
-        }
+        cuts
     }
 
     /// Appends `chunk`. A frame past 64 KiB gets room for the whole limit (plus this
