@@ -165,7 +165,7 @@ impl<'de> Visitor<'de> for Descend<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let (key, rest) = (self.0[0], &self.0[1..]);
         let mut found = None;
-        while let Some(is_key) = map.next_key_seed(KeyIs(key))? {
+        while let Some(is_key) = map.next_key_seed(KeyIs(&[key]))? {
             if is_key {
                 found = map.next_value_seed(Descend(rest))?;
             } else {
@@ -214,8 +214,8 @@ impl<'de> Visitor<'de> for Descend<'_> {
     }
 }
 
-/// Whether an object's key (escapes read) is this one, without copying it.
-struct KeyIs<'k>(&'k str);
+/// Whether an object's key (escapes read) is one of these, without copying it.
+pub(crate) struct KeyIs<'k>(pub &'k [&'k str]);
 
 impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
     type Value = bool;
@@ -233,7 +233,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
-        Ok(key == self.0)
+        Ok(self.0.contains(&key))
     }
 }
 

@@ -10,6 +10,7 @@ use kube_gateway_policy::{Emit, ResponseFilter, ResponseRules};
 use serde_json::{json, Value};
 
 use crate::api::event::text_pointer;
+use crate::api::span::KeyIs;
 use crate::api::{Dialect, Endpoint, StreamEvent};
 
 /// The text that replaces a blocked answer's remainder.
@@ -113,7 +114,7 @@ impl<'de> serde::de::Visitor<'de> for Scan<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        while let Some(text) = map.next_key_seed(TextKey)? {
+        while let Some(text) = map.next_key_seed(KeyIs(&TEXT_KEYS))? {
             map.next_value_seed(self.nested(text))?;
         }
         Ok(())
@@ -145,31 +146,11 @@ impl<'de> serde::de::Visitor<'de> for Scan<'_> {
     }
 }
 
-/// A member name, read as whether it names a text field (no copy).
-struct TextKey;
-
-impl<'de> serde::de::DeserializeSeed<'de> for TextKey {
-    type Value = bool;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for TextKey {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a member name")
-    }
-
-    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
-        Ok(is_text_key(key))
-    }
-}
+/// The members that carry generated text: `content`, `text` and Ollama's `response`.
+const TEXT_KEYS: [&str; 3] = ["content", "text", "response"];
 
 fn is_text_key(key: &str) -> bool {
-    matches!(key, "content" | "text" | "response")
+    TEXT_KEYS.contains(&key)
 }
 
 /// Generated text fields: `content`, `text` and Ollama's `response`, when strings.
@@ -283,12 +264,11 @@ impl StreamGuard {
         self.blocked.is_some()
     }
 
-    /// An event that goes out as it came (a rule may have hit earlier text it released).
-    fn kept(&mut self) -> Step {
+    /// The rules hit so far, as the filter counts them.
+    fn sync_hits(&mut self) {
         if self.filter.hit_count() != self.hits.len() {
             self.hits = self.filter.hits();
         }
-        Step::Keep
     }
 
     /// One event, as the meter parsed it.
@@ -342,33 +322,23 @@ impl StreamGuard {
             };
         }
         let text = ev.obs.text.as_str();
+        let last = ev.obs.finish_reason.is_some();
         let released = self.filter.push_released(text);
-        // Most events go out as they came: nothing to copy.
-        let unchanged = released.blocked.is_none() && released.text == text;
+        if !last && released.blocked.is_none() && released.text == text {
+            // Most events go out as they came: nothing to copy.
+            self.sync_hits();
+            return Step::Keep;
+        }
         let mut emit = Emit {
-            text: if unchanged {
-                String::new()
-            } else {
-                released.text.to_owned()
-            },
+            text: released.text.to_owned(),
             blocked: released.blocked,
         };
-        if ev.obs.finish_reason.is_some() && emit.blocked.is_none() {
+        if last && emit.blocked.is_none() {
             let rest = self.filter.finish();
-            if unchanged && rest.text.is_empty() && rest.blocked.is_none() {
-                return self.kept();
-            }
-            if unchanged {
-                emit.text = text.to_owned();
-            }
             emit.text.push_str(&rest.text);
             emit.blocked = rest.blocked;
-        } else if unchanged {
-            return self.kept();
         }
-        if self.filter.hit_count() != self.hits.len() {
-            self.hits = self.filter.hits();
-        }
+        self.sync_hits();
         match emit.blocked {
             Some(rule) => {
                 let mut v = ev.value().clone();
