@@ -76,12 +76,12 @@ impl Automaton {
         let window = FOLD_WINDOW.max(2 * self.longest);
         let mut from = pos;
         // A short text (a streamed piece) is folded on the stack.
-        let mut stack = [0u8; SHORT_FOLD];
+        let mut stack = [0u8; SHORT_TEXT];
         let mut heap = Vec::new();
         loop {
             let end = from.saturating_add(window).min(text.len());
             let piece = text.get(from..end)?;
-            let folded: &mut [u8] = if piece.len() <= SHORT_FOLD {
+            let folded: &mut [u8] = if piece.len() <= SHORT_TEXT {
                 &mut stack[..piece.len()]
             } else {
                 heap.clear();
@@ -110,9 +110,9 @@ impl Automaton {
 /// How much text a case-ignoring literal search lower-cases at a time.
 const FOLD_WINDOW: usize = 4096;
 
-/// Text up to this long is lower-cased in a buffer on the stack, and checked for a
-/// regex's first bytes before the regex runs.
-const SHORT_FOLD: usize = 256;
+/// A text up to this long (a streamed piece) is lower-cased in a buffer on the stack,
+/// and checked for a regex's first bytes before the regex runs.
+const SHORT_TEXT: usize = 256;
 
 struct RegexRule {
     regex: Regex,
@@ -408,7 +408,7 @@ impl Matcher {
             // each costs less than starting the regex (a long text is left to its own
             // prefilter).
             if let (Some(first), Some(rest)) = (&r.first, text.as_bytes().get(pos..)) {
-                if rest.len() <= SHORT_FOLD && !rest.iter().any(|&b| first.contains(b)) {
+                if rest.len() <= SHORT_TEXT && !rest.iter().any(|&b| first.contains(b)) {
                     continue;
                 }
             }
@@ -618,7 +618,7 @@ mod tests {
     fn a_case_ignoring_match_across_a_window_end_is_found_whole() {
         let m = Matcher::new(&[lits(&["a", "aaaaaa", "bcd"], false)], false).unwrap();
         // Around the window's end, and around the largest text folded on the stack.
-        for off in (FOLD_WINDOW - 8..FOLD_WINDOW + 8).chain(SHORT_FOLD - 12..SHORT_FOLD + 4) {
+        for off in (FOLD_WINDOW - 8..FOLD_WINDOW + 8).chain(SHORT_TEXT - 12..SHORT_TEXT + 4) {
             // The longer word at the same start wins, though the shorter fits the window.
             let text = format!("{}AaAaAa", " ".repeat(off));
             let found: Vec<_> = m.find_iter(&text).map(|f| (f.start, f.end)).collect();
