@@ -82,6 +82,7 @@ impl<'a> StreamEvent<'a> {
 
     /// An object already read (by its stream's [`super::shape::ShapeReader`]): what it
     /// reports, and where its text is.
+    #[inline]
     pub(super) fn read(
         endpoint: Endpoint,
         json: &'a [u8],

@@ -18,8 +18,6 @@
 //! `shape_reader` property test and the `usage_extraction` fuzz target hold the two
 //! reads to the same report.
 
-use std::ops::Range;
-
 use super::event::StreamEvent;
 use super::{Endpoint, Observation};
 
@@ -68,9 +66,9 @@ impl ShapeReader {
     /// text span when the reader saw it.
     pub fn parse<'a>(&mut self, json: &'a [u8]) -> Option<StreamEvent<'a>> {
         if let Some(t) = &mut self.template {
-            if let Some((obs, span)) = t.read(json, &mut self.spare) {
+            if let Some(ev) = t.read(self.endpoint, json, &mut self.spare) {
                 t.hits += 1;
-                return Some(StreamEvent::read(self.endpoint, json, obs, span));
+                return Some(ev);
             }
         }
         let ev = StreamEvent::parse(self.endpoint, json)?;
@@ -198,16 +196,18 @@ impl Template {
         })
     }
 
-    /// What `json` reports, when it is this template with some of its literals
-    /// replaced by others of the same kind; with the text's span when it is at the
-    /// endpoint's text pointer.
+    /// `json` read as [`StreamEvent::parse`] reads it, when it is this template with
+    /// some of its literals replaced by others of the same kind; with the text's span
+    /// when it is at the endpoint's text pointer.
     /// `spare`: room for the text, taken (a stream's events hand it back, see
-    /// [`ShapeReader::recycle`]).
-    pub fn read(
+    /// [`ShapeReader::recycle`]). The event is built where it is returned: it is a
+    /// couple of hundred bytes, and moving it was a tenth of a line's reading.
+    pub fn read<'a>(
         &self,
-        json: &[u8],
+        endpoint: Endpoint,
+        json: &'a [u8],
         spare: &mut String,
-    ) -> Option<(Observation, Option<Range<usize>>)> {
+    ) -> Option<StreamEvent<'a>> {
         let t = &self.bytes[..];
         let (mut i, mut j) = (0, 0);
         let mut k = 0;
@@ -260,13 +260,6 @@ impl Template {
             }
             None => self.obs.text.clone(),
         };
-        let mut obs = Observation {
-            model: self.obs.model.clone(),
-            usage: self.obs.usage,
-            text,
-            finish_reason: self.obs.finish_reason.clone(),
-            error: self.obs.error.clone(),
-        };
         if span.is_none() {
             if let Some(l) = self.text.and_then(|ti| self.literals.get(ti)) {
                 // The template's text, moved with what changed before it.
@@ -274,13 +267,30 @@ impl Template {
                 span = Some(start..start + (l.end - l.start));
             }
         }
-        if let Some(r) = model {
-            let m = decode(&json[r])?;
-            if obs.model.as_deref() != Some(m.as_str()) {
-                obs.model = Some(m.into());
+        let model = match model {
+            Some(r) => {
+                let m = decode(&json[r])?;
+                if self.obs.model.as_deref() == Some(m.as_str()) {
+                    self.obs.model.clone()
+                } else {
+                    Some(m.into())
+                }
             }
-        }
-        Some((obs, span.filter(|_| self.text_at_pointer)))
+            None => self.obs.model.clone(),
+        };
+        let obs = Observation {
+            model,
+            usage: self.obs.usage,
+            text,
+            finish_reason: self.obs.finish_reason.clone(),
+            error: self.obs.error.clone(),
+        };
+        Some(StreamEvent::read(
+            endpoint,
+            json,
+            obs,
+            span.filter(|_| self.text_at_pointer),
+        ))
     }
 }
 
@@ -317,6 +327,7 @@ fn string_end(json: &[u8], at: usize) -> Option<usize> {
     let mut i = at + 1;
     let mut ascii = true;
     loop {
+        i += plain_run(&json[i..]);
         let c = *json.get(i)?;
         match c {
             b'"' => break,
@@ -339,6 +350,28 @@ fn string_end(json: &[u8], at: usize) -> Option<usize> {
         return None;
     }
     Some(i + 1)
+}
+
+/// How many of `bytes`' first bytes, in whole words of eight, are plain string bytes:
+/// printable ASCII other than `"` and `\`, which need no look one by one (a stream's
+/// strings are mostly such bytes).
+fn plain_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // Whether a byte of `x` is below `n` (n <= 0x80): exact as to whether any is, which
+    // is all that is asked (a borrow only starts at such a byte).
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let zero = |x: u64| below(x, 1);
+    let mut n = 0;
+    for w in bytes.chunks_exact(8) {
+        let Some(w) = w.first_chunk::<8>() else { break };
+        let x = u64::from_le_bytes(*w);
+        if x & HIGH != 0 || below(x, 0x20) || zero(x ^ (ONES * 0x22)) || zero(x ^ (ONES * 0x5c)) {
+            break;
+        }
+        n += 8;
+    }
+    n
 }
 
 /// The end of the JSON number starting at `at` (RFC 8259's grammar); `None` when there
@@ -986,6 +1019,25 @@ mod tests {
             let a = stream.next(endpoint, &first);
             let b = stream.next(endpoint, &[change]);
             read_all(endpoint, &[a, b]);
+        }
+    }
+
+    proptest! {
+        /// The word-at-a-time scan stops where a byte-by-byte one does, rounded down to
+        /// a word: never past a quote, a backslash, a control byte or a non-ASCII one.
+        #[test]
+        fn a_plain_run_ends_at_the_first_special_byte(
+            bytes in proptest::collection::vec(
+                prop_oneof![0x20u8..=0x7f, Just(b'"'), Just(b'\\'), 0u8..0x20, 0x80u8..=0xff],
+                0..64),
+            plain in 0usize..40,
+        ) {
+            // Mostly plain bytes, so that runs are long enough to reach whole words.
+            let mut s = vec![b'a'; plain];
+            s.extend(bytes);
+            let special = |b: u8| !(0x20..0x80).contains(&b) || b == b'"' || b == b'\\';
+            let first = s.iter().position(|&b| special(b)).unwrap_or(s.len());
+            prop_assert_eq!(plain_run(&s), first / 8 * 8);
         }
     }
 
