@@ -118,6 +118,8 @@ struct RegexRule {
     regex: Regex,
     rule: usize,
     detector: Option<Detector>,
+    /// The shortest match, in bytes (`usize::MAX`: it matches nothing).
+    shortest: usize,
     /// The longest match, in bytes (`None`: unbounded).
     longest: Option<usize>,
     /// The bytes a match can contain.
@@ -310,6 +312,7 @@ impl Matcher {
                     regex,
                     rule,
                     detector,
+                    shortest: shape.shortest.unwrap_or(usize::MAX),
                     longest: shape.longest,
                     bytes: shape.bytes,
                     first: shape.first,
@@ -404,10 +407,14 @@ impl Matcher {
             }
         }
         for r in &self.regexes {
-            // A streamed piece is a few bytes: when none can start a match, a look at
-            // each costs less than starting the regex (a long text is left to its own
-            // prefilter).
-            if let (Some(first), Some(rest)) = (&r.first, text.as_bytes().get(pos..)) {
+            // A streamed piece is a few bytes: shorter than any match (an API key is
+            // 23 or more), or with none that can start one, it is not worth starting
+            // the regex (a long text is left to the regex's own prefilter).
+            let rest = text.as_bytes().get(pos..).unwrap_or_default();
+            if rest.len() < r.shortest {
+                continue;
+            }
+            if let Some(first) = &r.first {
                 if rest.len() <= SHORT_TEXT && !rest.iter().any(|&b| first.contains(b)) {
                     continue;
                 }
