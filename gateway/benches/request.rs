@@ -14,6 +14,9 @@ use kube_gateway::api::{Endpoint, LlmRequest};
 use kube_gateway::guard::request::apply;
 use kube_gateway_policy::{load, Policy};
 
+mod words;
+use words::Words;
+
 const TINY: &str = r#"{"model":"llama3.2:1b","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello to the platform team, briefly."}],"max_tokens":32}"#;
 
 const REWRITE_ONLY: &str = r#"apiVersion: kube-gateway.io/v1alpha1
@@ -21,24 +24,15 @@ models:
   rewrite: [{ from: "llama3*", to: "gemma2:2b" }]
 "#;
 
-const WORDS: &str = "the cluster gateway routes each request to a model and meters the tokens it \
-    uses while the platform team reviews latency budgets namespaces and rollout plans for \
-    inference services running on shared nodes with quotas dashboards alerts and careful \
-    capacity planning across regions zones and release trains this week";
-
-/// Plain prose of exactly `n` ASCII characters, from a fixed-seed generator.
-fn prose(seed: &mut u64, n: usize) -> String {
-    let words: Vec<&str> = WORDS.split_whitespace().collect();
+/// Plain prose of exactly `n` ASCII characters.
+fn prose(words: &mut Words, n: usize) -> String {
     let mut out = String::with_capacity(n + 16);
     while out.len() < n {
-        // xorshift64: deterministic, no dependency.
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
+        let (word, stop) = words.next();
         if !out.is_empty() {
-            out.push(if seed.is_multiple_of(13) { '.' } else { ' ' });
+            out.push(if stop { '.' } else { ' ' });
         }
-        out.push_str(words[(*seed >> 8) as usize % words.len()]);
+        out.push_str(word);
     }
     out.truncate(n);
     out
@@ -100,13 +94,13 @@ fn big_request() -> String {
         .filter(|&i| body["messages"][i]["content"] == "")
         .collect();
     let share = (SIZE - body.to_string().len()) / texts.len();
-    let mut seed = 18;
+    let mut words = Words::new(18);
     for &i in &texts {
-        body["messages"][i]["content"] = prose(&mut seed, share).into();
+        body["messages"][i]["content"] = prose(&mut words, share).into();
     }
     let last = *texts.last().unwrap();
     let short = SIZE - body.to_string().len();
-    body["messages"][last]["content"] = prose(&mut seed, share + short).into();
+    body["messages"][last]["content"] = prose(&mut words, share + short).into();
     let raw = body.to_string();
     assert_eq!(raw.len(), SIZE);
     raw

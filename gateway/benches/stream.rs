@@ -16,39 +16,29 @@ use kube_gateway::api::Endpoint;
 use kube_gateway::meter::{Bounds, Format, Meter, ESTIMATE_TEXT_BYTES};
 use kube_gateway_policy::ResponseRules;
 
+mod words;
+use words::Words;
+
 const EVENTS: usize = 1_000;
 /// The size of the reads the gateway gets from a loopback upstream in `load.sh` (its
 /// answers arrive in a few large reads).
 const CHUNK: usize = 16 * 1024;
 
-const WORDS: &str = "the cluster gateway routes each request to a model and meters the tokens it \
-    uses while the platform team reviews latency budgets namespaces and rollout plans for \
-    inference services running on shared nodes with quotas dashboards alerts and careful \
-    capacity planning across regions zones and release trains this week";
-
 /// The `i`th streamed word: one in 100 is a word the policy masks (as in llm_bodies.py).
-fn token(seed: &mut u64, i: usize) -> String {
-    let words: Vec<&str> = WORDS.split_whitespace().collect();
-    // xorshift64: deterministic, no dependency.
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    let w = if i % 100 == 50 {
-        "darn"
-    } else {
-        words[(*seed >> 8) as usize % words.len()]
-    };
+fn token(words: &mut Words, i: usize) -> String {
+    let (word, _) = words.next();
+    let w = if i % 100 == 50 { "darn" } else { word };
     format!(" {w}")
 }
 
 fn ndjson() -> Vec<u8> {
-    let mut seed = 0x9e37_79b9_7f4a_7c15;
+    let mut words = Words::new(0x9e37_79b9_7f4a_7c15);
     let mut out = String::new();
     for i in 0..=EVENTS {
         let at = format!("2026-12-03T12:00:{:012.9}Z", i as f64 * 2.5 / 1000.0);
         let line = if i < EVENTS {
             serde_json::json!({"model": "gemma2:2b", "created_at": at,
-                "message": {"role": "assistant", "content": token(&mut seed, i)}, "done": false})
+                "message": {"role": "assistant", "content": token(&mut words, i)}, "done": false})
         } else {
             serde_json::json!({"model": "gemma2:2b", "created_at": at,
                 "message": {"role": "assistant", "content": ""}, "done_reason": "stop",
@@ -62,7 +52,7 @@ fn ndjson() -> Vec<u8> {
 }
 
 fn sse() -> Vec<u8> {
-    let mut seed = 0x9e37_79b9_7f4a_7c15;
+    let mut words = Words::new(0x9e37_79b9_7f4a_7c15);
     let chunk = |choices: serde_json::Value, usage: serde_json::Value| {
         let v = serde_json::json!({"id": "chatcmpl-bench-sse", "object": "chat.completion.chunk",
             "created": 1_700_000_000, "model": "gemma2:2b", "system_fingerprint": "fp_bench",
@@ -76,7 +66,7 @@ fn sse() -> Vec<u8> {
     );
     for i in 0..EVENTS {
         out.push_str(&chunk(
-            serde_json::json!([{"index": 0, "delta": {"content": token(&mut seed, i)},
+            serde_json::json!([{"index": 0, "delta": {"content": token(&mut words, i)},
                 "logprobs": null, "finish_reason": null}]),
             serde_json::Value::Null,
         ));
