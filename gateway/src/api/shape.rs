@@ -339,11 +339,11 @@ fn string_end(json: &[u8], at: usize) -> Option<usize> {
                 i += 2;
             }
             0..=0x1f => return None,
-            0x80.. => {
+            // Past a plain run, nothing else is left: a byte past ASCII.
+            _ => {
                 ascii = false;
                 i += 1;
             }
-            _ => i += 1,
         }
     }
     if !ascii && std::str::from_utf8(&json[at + 1..i]).is_err() {
