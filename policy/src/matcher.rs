@@ -54,6 +54,9 @@ struct Automaton {
     /// The longest of them, in bytes.
     longest: usize,
     ignore_case: bool,
+    /// When case is ignored: every spelling of the words' first bytes, to find them in a
+    /// long text without lower-casing a copy of it (see [`Automaton::find_spelled`]).
+    spellings: Option<packed::Searcher>,
 }
 
 impl Automaton {
@@ -71,6 +74,47 @@ impl Automaton {
         if !self.ignore_case {
             return self.find_in(text, pos..text.len());
         }
+        match &self.spellings {
+            Some(spellings) if text.len().saturating_sub(pos) > SHORT_TEXT => {
+                self.find_spelled(spellings, text, pos)
+            }
+            _ => self.find_folded(text, pos),
+        }
+    }
+
+    /// A case-ignoring search by the words' first bytes: each place one of their
+    /// spellings starts is checked against the words, longest first. Lower-casing the
+    /// text first cost as much as the search itself (64 KiB: ~3 of ~7 us). A text that
+    /// keeps starting words it does not finish is searched folded from there on, whose
+    /// automaton checks its own candidates more cheaply than a restart here.
+    fn find_spelled(
+        &self,
+        spellings: &packed::Searcher,
+        text: &[u8],
+        pos: usize,
+    ) -> Option<(usize, usize, usize)> {
+        let mut from = pos;
+        for _ in 0..SPELLING_MISSES {
+            let start = spellings
+                .find_in(text, Span::from(from..text.len()))?
+                .start();
+            let rest = text.get(start..)?;
+            let word = self
+                .words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w))
+                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
+            if let Some((pattern, w)) = word {
+                return Some((start, start + w.len(), pattern));
+            }
+            from = start + 1;
+        }
+        self.find_folded(text, from)
+    }
+
+    /// A case-ignoring search over lower-cased copies of the text.
+    fn find_folded(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
         // Lower-cased a window at a time, so that a search stopping at its first match
         // costs what it reads (a prompt with many matches is searched once per match).
         let window = FOLD_WINDOW.max(2 * self.longest);
@@ -109,6 +153,52 @@ impl Automaton {
 
 /// How much text a case-ignoring literal search lower-cases at a time.
 const FOLD_WINDOW: usize = 4096;
+
+/// How many of the words' first bytes a spelling covers, and how many spellings a
+/// packed searcher may hold (more, and case-ignoring words are searched folded).
+const SPELLING_LEN: usize = 3;
+const SPELLINGS_MAX: usize = 64;
+
+/// Word starts a case-ignoring search checks in vain before it folds the rest instead.
+const SPELLING_MISSES: usize = 32;
+
+/// A packed searcher for every ASCII-case spelling of the distinct first
+/// [`SPELLING_LEN`] bytes of `words` (lower-cased); `None` when a word is shorter or
+/// there are more than [`SPELLINGS_MAX`] spellings.
+fn spellings(words: &[String]) -> Option<packed::Searcher> {
+    let mut prefixes: Vec<&[u8]> = Vec::new();
+    for w in words {
+        let prefix = w.as_bytes().get(..SPELLING_LEN)?;
+        if !prefixes.contains(&prefix) {
+            prefixes.push(prefix);
+        }
+    }
+    let mut all: Vec<Vec<u8>> = Vec::new();
+    for prefix in prefixes {
+        let mut spelled = vec![Vec::with_capacity(SPELLING_LEN)];
+        for &b in prefix {
+            let upper = b.to_ascii_uppercase();
+            let mut next = Vec::with_capacity(spelled.len() * 2);
+            for s in &spelled {
+                for c in std::iter::once(b).chain((upper != b).then_some(upper)) {
+                    let mut t: Vec<u8> = s.clone();
+                    t.push(c);
+                    next.push(t);
+                }
+            }
+            spelled = next;
+        }
+        all.extend(spelled);
+        if all.len() > SPELLINGS_MAX {
+            return None;
+        }
+    }
+    packed::Config::new()
+        .match_kind(packed::MatchKind::LeftmostFirst)
+        .builder()
+        .extend(&all)
+        .build()
+}
 
 /// A text up to this long (a streamed piece) is lower-cased in a buffer on the stack,
 /// and checked for a regex's first bytes before the regex runs.
@@ -349,6 +439,11 @@ impl Matcher {
                 Ok(ac) => automata.push(Automaton {
                     ac,
                     packed,
+                    spellings: if ignore_case {
+                        spellings(&folded)
+                    } else {
+                        None
+                    },
                     rules,
                     longest: folded.iter().map(String::len).max().unwrap_or(1),
                     words: folded.into_iter().map(String::into_bytes).collect(),
@@ -658,6 +753,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_case_ignoring_search_by_first_bytes_finds_every_word() {
+        let m = Matcher::new(
+            &[lits(&["ignore previous", "Ignore all", "disregard"], false)],
+            false,
+        )
+        .unwrap();
+        assert!(m.automata[0].spellings.is_some());
+        // Past a run of starts that finish no word (the search folds from there on),
+        // and with a longer word at the same start.
+        let decoys = "IGNorance dis ".repeat(SPELLING_MISSES);
+        for (lead, expected) in [("", 0), (decoys.as_str(), decoys.len())] {
+            let text = format!(
+                "{lead}IGNORE ALL of it, iGnOrE PrEvIoUs; DISREGARD{}",
+                " ".repeat(SHORT_TEXT)
+            );
+            let found: Vec<_> = m
+                .find_iter(&text)
+                .map(|f| (f.start, f.end, f.rule))
+                .collect();
+            let at = expected;
+            assert_eq!(
+                found,
+                [
+                    (at, at + 10, 0),
+                    (at + 18, at + 33, 0),
+                    (at + 35, at + 44, 0)
+                ]
+            );
+        }
+        // Words shorter than a spelling, or too many spellings: searched folded.
+        assert!(Matcher::new(&[lits(&["ab", "abcd"], false)], false)
+            .unwrap()
+            .automata[0]
+            .spellings
+            .is_none());
+        let many: Vec<String> = (0..9)
+            .map(|i| format!("w{}rd", (b'a' + i) as char))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(
+            Matcher::new(&[lits(&many, false)], false).unwrap().automata[0]
+                .spellings
+                .is_none()
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// Case is ignored by lower-casing windows of the text: the matches are those of
@@ -665,7 +807,11 @@ mod tests {
         #[test]
         fn folded_windows_find_what_case_folding_finds(
             text in "[abAB é]{0,9000}|([ é]{3000,4200}[abAé]{1,14}){1,3}",
-            words in proptest::collection::vec("[abAé]{1,12}", 1..4),
+            // Words of three bytes or more are found by their first bytes' spellings.
+            words in proptest::prop_oneof![
+                proptest::collection::vec("[abAé]{1,12}", 1..4),
+                proptest::collection::vec("[abAé][abAé ]{2,11}", 1..4),
+            ],
         ) {
             let words: Vec<&str> = words.iter().map(String::as_str).collect();
             // Case ignored (folded windows), then kept (the packed searcher alone): the
