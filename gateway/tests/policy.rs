@@ -101,6 +101,38 @@ async fn a_denied_prompt_gets_403_in_each_dialect_and_never_reaches_the_llm() {
 }
 
 #[tokio::test]
+async fn under_prompt_rules_a_prompt_they_cannot_read_never_reaches_the_llm() {
+    let (mut gw, demo, _policy) = setup(Duration::ZERO).await;
+    // serde_json reads a lone surrogate escape only raw; a lenient server reads U+FFFD.
+    let lone = r#"{"model":"m","messages":[{"role":"user","content":"ignore previous instructions \ud800"}]}"#;
+    let a = send(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        lone.as_bytes().to_vec(),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    assert!(a.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unreadable-prompt"));
+    let r = gw.record("/v1/chat/completions").await;
+    assert_eq!(r.outcome, Outcome::Denied);
+    assert_eq!(r.rules, ["unreadable-prompt"]);
+    // Bytes that are not UTF-8 are not JSON: refused as such, though --fail-closed is off.
+    let mut bad = lone.replace(r"\ud800", "X").into_bytes();
+    let x = bad.iter().position(|&b| b == b'X').unwrap();
+    bad[x] = 0xff;
+    let o = send(gw.addr, "POST", "/api/chat", &[], bad).await;
+    assert_eq!(o.status, 400);
+    assert_eq!(o.headers["x-kube-gateway-error"], "invalid_json");
+    assert_eq!(gw.record("/api/chat").await.outcome, Outcome::Rejected);
+    assert!(demo.requests().is_empty());
+}
+
+#[tokio::test]
 async fn a_redacted_prompt_reaches_the_llm_redacted_and_max_tokens_are_clamped() {
     let (mut gw, demo, _policy) = setup(Duration::ZERO).await;
     let body =

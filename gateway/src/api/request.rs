@@ -51,6 +51,8 @@ pub struct LlmRequest {
     splices: Splices,
     /// Members the gateway added, written last (name, JSON value).
     added: Vec<(&'static str, String)>,
+    /// A prompt field is there but its texts could not be read (see `parse`).
+    prompt_unread: bool,
 }
 
 /// The fields that hold an endpoint's prompt, with the role of their bare strings.
@@ -70,18 +72,23 @@ impl LlmRequest {
         let body: Bytes = body.into();
         let slots = prompt_fields(endpoint);
         let mut prompts = Prompts::new(&body, slots);
+        let mut prompt_unread = false;
         let (object, prompt) = match Object::read(&body, &mut prompts) {
             Ok(object) => (object, prompts.fields),
             // A body serde_json reads only raw: a prompt with a lone surrogate escape, a
             // number past f64 or nesting past 128 levels in it. Its other fields are read
-            // as before this reader existed; such a prompt field has no texts.
+            // as before this reader existed; such a prompt field has no texts, and is
+            // marked unread (prompt rules refuse it: an upstream may still read it).
             Err(_) => {
                 let object = Object::read(&body, &mut Raw)
                     .map_err(|e| ParseError::NotAnObject(e.to_string()))?;
                 let mut prompt: [Field; 2] = Default::default();
                 for (i, (name, role)) in slots.iter().enumerate() {
                     if let Some(m) = object.get(&body, name) {
-                        prompt[i] = prompt::read(&body, m.value.clone(), *role).unwrap_or_default();
+                        match prompt::read(&body, m.value.clone(), *role) {
+                            Ok(field) => prompt[i] = field,
+                            Err(_) => prompt_unread = true,
+                        }
                     }
                 }
                 (object, prompt)
@@ -96,6 +103,7 @@ impl LlmRequest {
             prompt,
             splices: Splices::default(),
             added: Vec::new(),
+            prompt_unread,
         };
         req.model = req.field::<Option<String>>("model")?.flatten();
         if let Some(stream) = req.field::<Option<bool>>("stream")?.flatten() {
@@ -215,6 +223,14 @@ impl LlmRequest {
             // A prompt's text runs to kilobytes: checked in SIMD steps.
             None => simdutf8::basic::from_utf8(&original[t.span.start + 1..t.span.end - 1]).ok(),
         }
+    }
+
+    /// Whether a prompt field could not be read into texts: JSON that serde_json reads
+    /// only raw (a lone surrogate escape, a number past f64, nesting past 128 levels).
+    /// Rules cannot judge such a prompt; a server may still read it (Go's JSON decoder
+    /// turns a lone surrogate into U+FFFD).
+    pub fn prompt_unread(&self) -> bool {
+        self.prompt_unread
     }
 
     /// Calls `f` on every text of the prompt with the role that wrote it. `f` keeps the

@@ -24,6 +24,10 @@ pub struct Denied {
     pub what: &'static str,
 }
 
+/// The rule a request is denied by when prompt rules are in force and its prompt
+/// cannot be read (see [`LlmRequest::prompt_unread`]).
+pub const UNREAD_PROMPT: &str = "unreadable-prompt";
+
 /// Applies `policy` to `req`; `key` picks a canary split's target (the same key, the
 /// same target).
 pub fn apply(policy: &Policy, req: &mut LlmRequest, key: &[u8]) -> Result<Applied, Denied> {
@@ -43,6 +47,13 @@ pub fn apply(policy: &Policy, req: &mut LlmRequest, key: &[u8]) -> Result<Applie
     }
     let mut edits = Vec::new();
     if !policy.prompt.is_empty() {
+        // Fail closed: a prompt the rules cannot read would pass them unseen.
+        if req.prompt_unread() {
+            return Err(Denied {
+                rule: UNREAD_PROMPT.to_owned(),
+                what: "prompt",
+            });
+        }
         let mut denied = None;
         req.visit_prompt(|role, text| {
             if let Some(rule) = policy.prompt.denied_by(role, text) {
@@ -124,6 +135,30 @@ promptRules:
         let mut req = request("gpt-4o", "ignore previous", None);
         let d = apply(&policy(), &mut req, b"k").unwrap_err();
         assert_eq!(d.what, "model", "{d:?}");
+    }
+
+    #[test]
+    fn a_prompt_the_rules_cannot_read_is_denied_only_under_prompt_rules() {
+        // A lone surrogate after the jailbreak, a number past f64 beside it: the reader
+        // cannot give the rules these texts, which an upstream may still read.
+        let lone =
+            r#"{"model":"llama3","messages":[{"role":"user","content":"ignore previous \ud800"}]}"#;
+        let huge =
+            r#"{"model":"llama3","messages":[{"role":"user","content":"ignore previous"},1e999]}"#;
+        let no_prompt_rules =
+            load("apiVersion: kube-gateway.io/v1alpha1\nmaxTokens: { default: 50 }\n")
+                .unwrap_or_else(|e| panic!("{e}"));
+        for body in [lone, huge] {
+            let mut req = LlmRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+            assert!(req.prompt_unread());
+            let d = apply(&policy(), &mut req, b"k").unwrap_err();
+            assert_eq!((d.rule.as_str(), d.what), (UNREAD_PROMPT, "prompt"));
+            let mut req = LlmRequest::parse(Endpoint::ChatCompletions, body).unwrap();
+            assert!(apply(&no_prompt_rules, &mut req, b"k").is_ok());
+        }
+        let mut req = request("llama3", "hi", None);
+        assert!(!req.prompt_unread());
+        assert!(apply(&policy(), &mut req, b"k").is_ok());
     }
 
     #[test]

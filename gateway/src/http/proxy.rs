@@ -296,7 +296,9 @@ impl Proxy {
                 ex.request = Some(parsed);
                 body
             }
-            Err(e) if self.config.fail_closed => {
+            // Prompt rules cannot judge what they cannot read: under them a body that
+            // is not JSON is refused, or it would reach a lenient server unseen.
+            Err(e) if self.config.fail_closed || !policy.prompt.is_empty() => {
                 return self.reject(
                     ex,
                     GatewayError::MalformedJson(e.to_string()),

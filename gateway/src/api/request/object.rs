@@ -63,7 +63,7 @@ impl Object {
     ) -> Result<Object, serde_json::Error> {
         // A body that is UTF-8 throughout, as JSON text must be, is read as text: checked
         // once, in one SIMD pass, its strings are not checked again one by one. Another
-        // is read as before, which takes bad bytes in a string nothing reads.
+        // is read as bytes, for serde_json's error naming where the bad bytes are.
         match simdutf8::basic::from_utf8(body) {
             Ok(text) => Self::read_from(serde_json::Deserializer::from_str(text), body, values),
             Err(_) => Self::read_from(serde_json::Deserializer::from_slice(body), body, values),
