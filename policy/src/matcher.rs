@@ -162,10 +162,17 @@ const SPELLINGS_MAX: usize = 64;
 /// Word starts a case-ignoring search checks in vain before it folds the rest instead.
 const SPELLING_MISSES: usize = 32;
 
+/// Each word start is checked against every word: past this many words (a long list,
+/// whose words may share their first bytes), the automaton's own check is cheaper.
+const SPELLING_WORDS_MAX: usize = 16;
+
 /// A packed searcher for every ASCII-case spelling of the distinct first
-/// [`SPELLING_LEN`] bytes of `words` (lower-cased); `None` when a word is shorter or
-/// there are more than [`SPELLINGS_MAX`] spellings.
+/// [`SPELLING_LEN`] bytes of `words` (lower-cased); `None` when a word is shorter, or
+/// there are more than [`SPELLING_WORDS_MAX`] words or [`SPELLINGS_MAX`] spellings.
 fn spellings(words: &[String]) -> Option<packed::Searcher> {
+    if words.len() > SPELLING_WORDS_MAX {
+        return None;
+    }
     let mut prefixes: Vec<&[u8]> = Vec::new();
     for w in words {
         let prefix = w.as_bytes().get(..SPELLING_LEN)?;
@@ -783,7 +790,7 @@ mod tests {
                 ]
             );
         }
-        // Words shorter than a spelling, or too many spellings: searched folded.
+        // Words shorter than a spelling, too many spellings or words: searched folded.
         assert!(Matcher::new(&[lits(&["ab", "abcd"], false)], false)
             .unwrap()
             .automata[0]
@@ -798,6 +805,20 @@ mod tests {
                 .spellings
                 .is_none()
         );
+        let shared: Vec<String> = (0..=SPELLING_WORDS_MAX)
+            .map(|i| format!("abc{i}"))
+            .collect();
+        let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+        assert!(Matcher::new(&[lits(&shared[1..], false)], false)
+            .unwrap()
+            .automata[0]
+            .spellings
+            .is_some());
+        assert!(Matcher::new(&[lits(&shared, false)], false)
+            .unwrap()
+            .automata[0]
+            .spellings
+            .is_none());
     }
 
     proptest::proptest! {
