@@ -341,6 +341,14 @@ async fn malformed_json_is_forwarded_unchanged_or_refused_when_fail_closed() {
         gw.record("/v1/chat/completions").await.outcome,
         Outcome::Unparsed
     );
+    // JSON the reader refuses ("stream" is not a boolean) that the upstream answers:
+    // forwarded unchanged, and the answer's usage is still metered.
+    let typo = br#"{"model":"m","stream":"no","messages":[{"role":"user","content":"hi"}]}"#;
+    let answer = send(gw.addr, "POST", "/v1/chat/completions", &[], typo.to_vec()).await;
+    assert_eq!(answer.status, 200);
+    let r = gw.record("/v1/chat/completions").await;
+    assert_eq!(r.outcome, Outcome::Unparsed);
+    assert!(r.output_tokens > 0, "metered: {r:?}");
 
     let mut cfg = config(demo_addr);
     cfg.fail_closed = true;
