@@ -11,6 +11,7 @@ pub mod matcher;
 pub mod model;
 pub mod prompt;
 pub mod response;
+mod starts;
 pub mod tokens;
 
 pub use compiled::{Format, Policy};

@@ -8,6 +8,7 @@ use regex::Regex;
 use regex_syntax::hir::{Class, Hir, HirKind};
 
 use crate::detect::Detector;
+use crate::starts::Starts;
 
 /// What a rule matches.
 #[derive(Debug, Clone)]
@@ -223,6 +224,15 @@ struct RegexRule {
     bytes: ByteSet,
     /// The bytes a match can start with (`None`: it can be empty).
     first: Option<ByteSet>,
+    /// What else the start of a match needs (a word boundary, a prefix).
+    starts: Starts,
+}
+
+impl RegexRule {
+    /// Whether a match could start at `text[p]` (for all the text after it shows).
+    fn may_start_at(&self, text: &[u8], p: usize) -> bool {
+        self.first.as_ref().is_none_or(|f| f.contains(text[p])) && self.starts.may_start_at(text, p)
+    }
 }
 
 /// A set of bytes. Bytes past ASCII are all in or all out, so a byte outside the set
@@ -349,6 +359,7 @@ struct Shape {
     longest: Option<usize>,
     bytes: ByteSet,
     first: Option<ByteSet>,
+    starts: Starts,
 }
 
 fn shape(pattern: &str) -> Result<Shape, PatternError> {
@@ -358,6 +369,7 @@ fn shape(pattern: &str) -> Result<Shape, PatternError> {
         longest: hir.properties().maximum_len(),
         bytes: ByteSet::of(&hir),
         first: ByteSet::first_of(&hir),
+        starts: Starts::of(&hir),
     })
 }
 
@@ -413,6 +425,7 @@ impl Matcher {
                     longest: shape.longest,
                     bytes: shape.bytes,
                     first: shape.first,
+                    starts: shape.starts,
                 }),
                 Err(e) => errors.push((rule, PatternError::Regex(e.to_string()))),
             }
@@ -516,10 +529,10 @@ impl Matcher {
             if rest.len() < r.shortest {
                 continue;
             }
-            if let Some(first) = &r.first {
-                if rest.len() <= SHORT_TEXT && !rest.iter().any(|&b| first.contains(b)) {
-                    continue;
-                }
+            if rest.len() <= SHORT_TEXT
+                && !(pos..text.len()).any(|p| r.may_start_at(text.as_bytes(), p))
+            {
+                continue;
             }
             let mut from = pos;
             while let Some(m) = r.regex.find_at(text, from) {
@@ -571,11 +584,12 @@ impl Matcher {
                 .iter()
                 .rposition(|&b| !r.bytes.contains(b))
                 .map_or(window, |i| window + i + 1);
-            if let Some(first) = &r.first {
-                open += text.as_bytes()[open..]
-                    .iter()
-                    .position(|&b| first.contains(b))
-                    .unwrap_or(len - open);
+            // Of those, the first where a match could start (its first byte, the
+            // boundary or prefix it opens with).
+            if r.first.is_some() {
+                open = (open..len)
+                    .find(|&p| r.may_start_at(text.as_bytes(), p))
+                    .unwrap_or(len);
             }
             hold = hold.min(floor_char(text, open));
         }
@@ -683,8 +697,15 @@ mod tests {
         let r = Matcher::new(&[Pattern::Regex(r"\bab{1,3}\b".into())], true).unwrap();
         // Its longest match is 4 bytes: one starting in the last 4 could still grow, or
         // hinge on the \b after it; but a match holds only `a` and `b`.
-        assert_eq!(r.hold_from("0123abbb", 0), 4);
-        assert_eq!(r.hold_from("0123ababab", 0), 6);
+        assert_eq!(r.hold_from("0123 abbb", 0), 5);
+        assert_eq!(r.hold_from("0123 a-abab", 0), 7);
+        // And after a word character no match can start: \b would not hold there.
+        assert_eq!(
+            r.hold_from("0123abbb", 0),
+            8,
+            "no match starts inside a word"
+        );
+        assert_eq!(r.hold_from("0123 ababab", 0), 11);
         assert_eq!(r.hold_from("0123abbbbb", 0), 10, "a match starts with `a`");
         assert_eq!(r.hold_from("01234 ab", 0), 6);
         assert_eq!(r.hold_from("0123456789", 0), 10);

@@ -368,6 +368,43 @@ mod tests {
         )
     }
 
+    /// Regexes that open with a word boundary or a literal prefix: a stream holds less
+    /// for them (see `starts`), never so little that a match slips out.
+    fn boundary_rules() -> Arc<ResponseRules> {
+        let regex = |name: &str, re: &str| ResponseRule {
+            name: name.into(),
+            pattern: Pattern::Regex(re.into()),
+            action: redact(),
+        };
+        Arc::new(
+            ResponseRules::new(vec![
+                regex("key", r"\bsk-[a-z_-]{2,6}"),
+                regex("pin", r"(?i)\bpin ?\d{2}\b"),
+                regex("word", r"\b{start}ab\b"),
+                regex("inside", r"k_[0-9]{1,2}"),
+                lit("rat", &["rat"], false, redact()),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn split(text: &str, cuts: Vec<usize>) -> Vec<&str> {
+        let mut cuts: Vec<usize> = cuts
+            .into_iter()
+            .map(|c| c.min(text.len()))
+            .filter(|&c| text.is_char_boundary(c))
+            .collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for c in cuts {
+            chunks.push(&text[start..c]);
+            start = c;
+        }
+        chunks.push(&text[start..]);
+        chunks
+    }
+
     proptest! {
         #[test]
         fn any_chunking_gives_the_whole_text_result((text, cuts) in chunkings()) {
@@ -389,5 +426,42 @@ mod tests {
             let out: String = streamed.text.clone();
             prop_assert!(r.matcher.find_at(&out, 0).is_none(), "a match got out in {:?}", out);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        #[test]
+        fn boundary_and_prefix_regexes_stream_as_whole(
+            text in "(sk-|sk|pin|PIN|ab|rat|k_|s|k|-|_|[0-9]|[a-c]| |é){0,40}",
+            cuts in proptest::collection::vec(0usize..120, 0..10),
+        ) {
+            let r = boundary_rules();
+            let (emits, last) = streamed(&r, &split(&text, cuts));
+            let streamed = joined(&emits, &last);
+            let (whole, _) = r.apply(&text);
+            prop_assert_eq!(&streamed, &whole);
+        }
+    }
+
+    #[test]
+    fn a_plural_is_not_held_for_an_api_key() {
+        let r = Arc::new(
+            ResponseRules::new(vec![ResponseRule {
+                name: "key".into(),
+                pattern: Pattern::Detector(crate::detect::Detector::OpenaiKey),
+                action: redact(),
+            }])
+            .unwrap(),
+        );
+        let mut f = r.stream();
+        assert_eq!(
+            f.push(" regions").text,
+            " regions",
+            "no key starts in a word"
+        );
+        assert_eq!(f.push(" so").text, " so", "nor with 'so'");
+        assert_eq!(f.push(" s").text, " ", "'s' may still become 'sk-'");
+        assert_eq!(f.push("k-").text, "");
+        assert_eq!(f.push("abcdefghijklmnopqrstuvwxyz ").text, "# ");
     }
 }
