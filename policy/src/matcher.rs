@@ -340,6 +340,9 @@ pub struct Matcher {
     regexes: Vec<RegexRule>,
     /// The longest literal, in bytes.
     longest_literal: usize,
+    /// Every byte a match of any pattern can start with: a short text (a streamed
+    /// piece) with none of them is settled without asking each pattern.
+    starters: ByteSet,
 }
 
 impl std::fmt::Debug for Matcher {
@@ -473,10 +476,28 @@ impl Matcher {
             }
         }
         if errors.is_empty() {
+            let mut starters = ByteSet::empty();
+            for r in &regexes {
+                match &r.first {
+                    Some(first) => (0..=255u8)
+                        .filter(|&b| first.contains(b))
+                        .for_each(|b| starters.0[usize::from(b)] = true),
+                    None => starters.0.fill(true),
+                }
+            }
+            for a in &automata {
+                for &b in a.words.iter().filter_map(|w| w.first()) {
+                    starters.0[usize::from(b)] = true;
+                    if a.ignore_case {
+                        starters.0[usize::from(b.to_ascii_uppercase())] = true;
+                    }
+                }
+            }
             Ok(Self {
                 automata,
                 regexes,
                 longest_literal,
+                starters,
             })
         } else {
             Err(errors)
@@ -489,7 +510,14 @@ impl Matcher {
             automata: Vec::new(),
             regexes: Vec::new(),
             longest_literal: 0,
+            starters: ByteSet::empty(),
         }
+    }
+
+    /// Whether `text[pos..]` is a short text in which no match can start.
+    fn settled_short(&self, text: &str, pos: usize) -> bool {
+        let rest = text.as_bytes().get(pos..).unwrap_or_default();
+        rest.len() <= SHORT_TEXT && !rest.iter().any(|&b| self.starters.contains(b))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -499,6 +527,9 @@ impl Matcher {
     /// The leftmost match starting at or after `pos` (longest at the same start, then
     /// the lowest rule).
     pub fn find_at(&self, text: &str, pos: usize) -> Option<Match> {
+        if self.settled_short(text, pos) {
+            return None;
+        }
         let mut best: Option<Match> = None;
         let mut consider = |m: Match| {
             let better = match best {
@@ -570,6 +601,9 @@ impl Matcher {
     /// could still start once more text arrives. Bytes before it are settled.
     pub fn hold_from(&self, text: &str, pos: usize) -> usize {
         let len = text.len();
+        if self.settled_short(text, pos) {
+            return len.max(pos);
+        }
         let mut hold = len;
         for r in &self.regexes {
             // A match starting before `len - longest` cannot reach the end (nor depend on
