@@ -58,6 +58,8 @@ struct Automaton {
     /// When case is ignored: every spelling of the words' first bytes, to find them in a
     /// long text without lower-casing a copy of it (see [`Automaton::find_spelled`]).
     spellings: Option<packed::Searcher>,
+    /// The bytes the words start with (both cases when case is ignored).
+    starts: ByteSet,
 }
 
 impl Automaton {
@@ -72,6 +74,9 @@ impl Automaton {
 
     /// The leftmost-longest match at or after `pos`: start, end, pattern.
     fn find_at(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
+        if text.len().saturating_sub(pos) <= SHORT_TEXT && self.words.len() <= SPELLING_WORDS_MAX {
+            return self.find_short(text, pos);
+        }
         if !self.ignore_case {
             return self.find_in(text, pos..text.len());
         }
@@ -112,6 +117,35 @@ impl Automaton {
             from = start + 1;
         }
         self.find_folded(text, from)
+    }
+
+    /// A short text (a streamed piece) read directly: each place a word starts is
+    /// checked against the words, longest first. Folding a copy and setting up a packed
+    /// search cost more than the whole piece (~250 instructions an event).
+    fn find_short(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
+        let same = |a: &[u8], w: &[u8]| {
+            if self.ignore_case {
+                a.eq_ignore_ascii_case(w)
+            } else {
+                a == w
+            }
+        };
+        for start in pos..text.len() {
+            if !self.starts.contains(text[start]) {
+                continue;
+            }
+            let rest = &text[start..];
+            let word = self
+                .words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| rest.len() >= w.len() && same(&rest[..w.len()], w))
+                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
+            if let Some((pattern, w)) = word {
+                return Some((start, start + w.len(), pattern));
+            }
+        }
+        None
     }
 
     /// A case-ignoring search over lower-cased copies of the text.
@@ -468,6 +502,16 @@ impl Matcher {
                         None
                     },
                     rules,
+                    starts: {
+                        let mut starts = ByteSet::empty();
+                        for &b in folded.iter().filter_map(|w| w.as_bytes().first()) {
+                            starts.0[usize::from(b)] = true;
+                            if ignore_case {
+                                starts.0[usize::from(b.to_ascii_uppercase())] = true;
+                            }
+                        }
+                        starts
+                    },
                     longest: folded.iter().map(String::len).max().unwrap_or(1),
                     words: folded.into_iter().map(String::into_bytes).collect(),
                     ignore_case,
@@ -486,12 +530,9 @@ impl Matcher {
                 }
             }
             for a in &automata {
-                for &b in a.words.iter().filter_map(|w| w.first()) {
-                    starters.0[usize::from(b)] = true;
-                    if a.ignore_case {
-                        starters.0[usize::from(b.to_ascii_uppercase())] = true;
-                    }
-                }
+                (0..=255u8)
+                    .filter(|&b| a.starts.contains(b))
+                    .for_each(|b| starters.0[usize::from(b)] = true);
             }
             Ok(Self {
                 automata,
@@ -845,6 +886,14 @@ mod tests {
                 ]
             );
         }
+        // The longest word at the same start, in a long text and a short one.
+        let nested = Matcher::new(&[lits(&["abc", "abcdef"], false)], false).unwrap();
+        assert!(nested.automata[0].spellings.is_some());
+        for pad in [SHORT_TEXT, 0] {
+            let text = format!("xx ABCDEF{}", " ".repeat(pad));
+            let found = nested.find_at(&text, 0).map(|f| (f.start, f.end));
+            assert_eq!(found, Some((3, 9)), "after {pad} spaces");
+        }
         // Words shorter than a spelling, too many spellings or words: searched folded.
         assert!(Matcher::new(&[lits(&["ab", "abcd"], false)], false)
             .unwrap()
@@ -874,6 +923,33 @@ mod tests {
             .automata[0]
             .spellings
             .is_none());
+    }
+
+    proptest::proptest! {
+        /// A short text (a streamed piece) is read directly: the matches are still the
+        /// automaton's, from any start.
+        #[test]
+        fn short_texts_find_what_case_folding_finds(
+            text in "[abAB é]{0,40}",
+            words in proptest::collection::vec("[abAé]{1,5}", 1..5),
+            pos in 0usize..42,
+        ) {
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            for case_sensitive in [false, true] {
+                let m = Matcher::new(&[lits(&words, case_sensitive)], true).unwrap();
+                let reference = AhoCorasickBuilder::new()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .ascii_case_insensitive(!case_sensitive)
+                    .build(&words)
+                    .unwrap();
+                let pos = pos.min(text.len());
+                let expected = reference
+                    .find(Input::new(&text).range(pos..))
+                    .map(|f| (f.start(), f.end()));
+                let found = m.find_at(&text, pos).map(|f| (f.start, f.end));
+                proptest::prop_assert_eq!(found, expected, "case sensitive: {}", case_sensitive);
+            }
+        }
     }
 
     proptest::proptest! {
