@@ -234,12 +234,12 @@ impl Template {
             // The same literal in the new event starts where the template's did,
             // shifted as the literals before it were.
             let start = i - (j - lit.start);
-            let end = match lit.kind {
-                Kind::Str => string_end(json, start)?,
-                Kind::Num => number_end(json, start)?,
+            let (end, escaped) = match lit.kind {
+                Kind::Str => string_scan(json, start)?,
+                Kind::Num => (number_end(json, start)?, false),
             };
             match lit.role {
-                Role::Text => text = Some(start..end),
+                Role::Text => text = Some((start..end, escaped)),
                 Role::Model => model = Some(start..end),
                 Role::Ignored => {}
             }
@@ -252,9 +252,15 @@ impl Template {
         }
         let mut span = None;
         let text = match text {
-            Some(r) => {
+            Some((r, escaped)) => {
                 let mut decoded = std::mem::take(spare);
-                decode_into(&json[r.clone()], &mut decoded)?;
+                if escaped {
+                    decode_into(&json[r.clone()], &mut decoded)?;
+                } else {
+                    // No escape: the text is the string's bytes (checked as UTF-8 here).
+                    decoded.clear();
+                    decoded.push_str(std::str::from_utf8(&json[r.start + 1..r.end - 1]).ok()?);
+                }
                 span = Some(r);
                 decoded
             }
@@ -294,20 +300,35 @@ impl Template {
     }
 }
 
-/// The length of the longest common prefix of `a` and `b`, eight bytes at a time.
+/// The length of the longest common prefix of `a` and `b`, sixteen bytes at a time; the
+/// last few bytes as one overlapping word (a byte loop there cost as much as the rest).
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut i = 0;
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        let (Some(x), Some(y)) = (x.first_chunk::<8>(), y.first_chunk::<8>()) else {
+    for (x, y) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        let (Some(x), Some(y)) = (x.first_chunk::<16>(), y.first_chunk::<16>()) else {
             break;
         };
-        let d = u64::from_le_bytes(*x) ^ u64::from_le_bytes(*y);
+        let d = u128::from_le_bytes(*x) ^ u128::from_le_bytes(*y);
         if d != 0 {
             return i + (d.trailing_zeros() / 8) as usize;
         }
-        i += 8;
+        i += 16;
+    }
+    let word = |s: &[u8], at: usize| s[at..].first_chunk::<8>().map(|w| u64::from_le_bytes(*w));
+    // Words at `i`, then the last eight bytes: those before `i` are equal, so the first
+    // difference in an overlapping word is at or after `i`.
+    while i < n && n >= 8 {
+        let at = i.min(n - 8);
+        let (Some(x), Some(y)) = (word(a, at), word(b, at)) else {
+            break;
+        };
+        let d = x ^ y;
+        if d != 0 {
+            return at + (d.trailing_zeros() / 8) as usize;
+        }
+        i = at + 8;
     }
     while i < n && a[i] == b[i] {
         i += 1;
@@ -321,11 +342,17 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 /// character, bytes that are not UTF-8 (the typed read does not check an ignored
 /// string's bytes; the full read decides what such an event reports).
 fn string_end(json: &[u8], at: usize) -> Option<usize> {
+    string_scan(json, at).map(|(end, _)| end)
+}
+
+/// [`string_end`], and whether the string holds an escape (one without is its own text).
+fn string_scan(json: &[u8], at: usize) -> Option<(usize, bool)> {
     if json.get(at) != Some(&b'"') {
         return None;
     }
     let mut i = at + 1;
     let mut ascii = true;
+    let mut escaped = false;
     loop {
         i += plain_run(&json[i..]);
         let c = *json.get(i)?;
@@ -336,6 +363,7 @@ fn string_end(json: &[u8], at: usize) -> Option<usize> {
                     b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
                     _ => return None,
                 }
+                escaped = true;
                 i += 2;
             }
             0..=0x1f => return None,
@@ -349,7 +377,7 @@ fn string_end(json: &[u8], at: usize) -> Option<usize> {
     if !ascii && std::str::from_utf8(&json[at + 1..i]).is_err() {
         return None;
     }
-    Some(i + 1)
+    Some((i + 1, escaped))
 }
 
 /// How many of `bytes`' first bytes are plain string bytes: printable ASCII other than
@@ -1137,5 +1165,16 @@ mod tests {
         assert_eq!(decode(br#""a\n\"\\\/b""#).as_deref(), Some("a\n\"\\/b"));
         assert_eq!(common_prefix(b"abcdefghijkl", b"abcdefghiXkl"), 9);
         assert_eq!(common_prefix(b"abc", b"abcd"), 3);
+        // Every length and place of the first difference, through the wide, the
+        // overlapping and the byte-wise comparisons.
+        let a: Vec<u8> = (0..70u8).collect();
+        for len in 0..a.len() {
+            assert_eq!(common_prefix(&a[..len], &a), len);
+            for at in 0..len {
+                let mut b = a[..len].to_vec();
+                b[at] ^= 0x40;
+                assert_eq!(common_prefix(&a[..len], &b), at, "length {len}, at {at}");
+            }
+        }
     }
 }
