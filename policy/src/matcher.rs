@@ -104,15 +104,8 @@ impl Automaton {
             let start = spellings
                 .find_in(text, Span::from(from..text.len()))?
                 .start();
-            let rest = text.get(start..)?;
-            let word = self
-                .words
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w))
-                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
-            if let Some((pattern, w)) = word {
-                return Some((start, start + w.len(), pattern));
+            if let Some((pattern, len)) = self.word_at(text.get(start..)?) {
+                return Some((start, start + len, pattern));
             }
             from = start + 1;
         }
@@ -123,6 +116,16 @@ impl Automaton {
     /// checked against the words, longest first. Folding a copy and setting up a packed
     /// search cost more than the whole piece (~250 instructions an event).
     fn find_short(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
+        (pos..text.len())
+            .filter(|&start| self.starts.contains(text[start]))
+            .find_map(|start| {
+                let (pattern, len) = self.word_at(&text[start..])?;
+                Some((start, start + len, pattern))
+            })
+    }
+
+    /// The longest word `rest` starts with (the first of equals): pattern, length.
+    fn word_at(&self, rest: &[u8]) -> Option<(usize, usize)> {
         let same = |a: &[u8], w: &[u8]| {
             if self.ignore_case {
                 a.eq_ignore_ascii_case(w)
@@ -130,22 +133,12 @@ impl Automaton {
                 a == w
             }
         };
-        for start in pos..text.len() {
-            if !self.starts.contains(text[start]) {
-                continue;
-            }
-            let rest = &text[start..];
-            let word = self
-                .words
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| rest.len() >= w.len() && same(&rest[..w.len()], w))
-                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
-            if let Some((pattern, w)) = word {
-                return Some((start, start + w.len(), pattern));
-            }
-        }
-        None
+        self.words
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| rest.len() >= w.len() && same(&rest[..w.len()], w))
+            .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)))
+            .map(|(pattern, w)| (pattern, w.len()))
     }
 
     /// A case-ignoring search over lower-cased copies of the text.
@@ -366,6 +359,25 @@ impl ByteSet {
     fn contains(&self, b: u8) -> bool {
         self.0[usize::from(b)]
     }
+
+    /// Adds every byte of `other`.
+    fn add_all(&mut self, other: &ByteSet) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine |= theirs;
+        }
+    }
+
+    /// The bytes `words` start with, in both ASCII cases with `ignore_case`.
+    fn starts_of(words: &[String], ignore_case: bool) -> Self {
+        let mut set = Self::empty();
+        for &b in words.iter().filter_map(|w| w.as_bytes().first()) {
+            set.0[usize::from(b)] = true;
+            if ignore_case {
+                set.0[usize::from(b.to_ascii_uppercase())] = true;
+            }
+        }
+        set
+    }
 }
 
 /// A compiled set of rules' patterns.
@@ -502,16 +514,7 @@ impl Matcher {
                         None
                     },
                     rules,
-                    starts: {
-                        let mut starts = ByteSet::empty();
-                        for &b in folded.iter().filter_map(|w| w.as_bytes().first()) {
-                            starts.0[usize::from(b)] = true;
-                            if ignore_case {
-                                starts.0[usize::from(b.to_ascii_uppercase())] = true;
-                            }
-                        }
-                        starts
-                    },
+                    starts: ByteSet::starts_of(&folded, ignore_case),
                     longest: folded.iter().map(String::len).max().unwrap_or(1),
                     words: folded.into_iter().map(String::into_bytes).collect(),
                     ignore_case,
@@ -523,16 +526,12 @@ impl Matcher {
             let mut starters = ByteSet::empty();
             for r in &regexes {
                 match &r.first {
-                    Some(first) => (0..=255u8)
-                        .filter(|&b| first.contains(b))
-                        .for_each(|b| starters.0[usize::from(b)] = true),
+                    Some(first) => starters.add_all(first),
                     None => starters.0.fill(true),
                 }
             }
             for a in &automata {
-                (0..=255u8)
-                    .filter(|&b| a.starts.contains(b))
-                    .for_each(|b| starters.0[usize::from(b)] = true);
+                starters.add_all(&a.starts);
             }
             Ok(Self {
                 automata,
@@ -925,6 +924,15 @@ mod tests {
             .is_none());
     }
 
+    /// The reference for literal searches: an automaton folding ASCII case itself.
+    fn folding_automaton(words: &[&str], case_sensitive: bool) -> AhoCorasick {
+        AhoCorasickBuilder::new()
+            .match_kind(MatchKind::LeftmostLongest)
+            .ascii_case_insensitive(!case_sensitive)
+            .build(words)
+            .unwrap()
+    }
+
     proptest::proptest! {
         /// A short text (a streamed piece) is read directly: the matches are still the
         /// automaton's, from any start.
@@ -937,11 +945,7 @@ mod tests {
             let words: Vec<&str> = words.iter().map(String::as_str).collect();
             for case_sensitive in [false, true] {
                 let m = Matcher::new(&[lits(&words, case_sensitive)], true).unwrap();
-                let reference = AhoCorasickBuilder::new()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    .ascii_case_insensitive(!case_sensitive)
-                    .build(&words)
-                    .unwrap();
+                let reference = folding_automaton(&words, case_sensitive);
                 let pos = pos.min(text.len());
                 let expected = reference
                     .find(Input::new(&text).range(pos..))
@@ -970,11 +974,7 @@ mod tests {
             // matches are the automaton's.
             for case_sensitive in [false, true] {
                 let m = Matcher::new(&[lits(&words, case_sensitive)], false).unwrap();
-                let reference = AhoCorasickBuilder::new()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    .ascii_case_insensitive(!case_sensitive)
-                    .build(&words)
-                    .unwrap();
+                let reference = folding_automaton(&words, case_sensitive);
                 let expected: Vec<(usize, usize)> =
                     reference.find_iter(&text).map(|f| (f.start(), f.end())).collect();
                 let found: Vec<(usize, usize)> =
