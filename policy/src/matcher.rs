@@ -104,8 +104,15 @@ impl Automaton {
             let start = spellings
                 .find_in(text, Span::from(from..text.len()))?
                 .start();
-            if let Some((pattern, len)) = self.word_at(text.get(start..)?) {
-                return Some((start, start + len, pattern));
+            let rest = text.get(start..)?;
+            let word = self
+                .words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| rest.len() >= w.len() && rest[..w.len()].eq_ignore_ascii_case(w))
+                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
+            if let Some((pattern, w)) = word {
+                return Some((start, start + w.len(), pattern));
             }
             from = start + 1;
         }
@@ -116,16 +123,6 @@ impl Automaton {
     /// checked against the words, longest first. Folding a copy and setting up a packed
     /// search cost more than the whole piece (~250 instructions an event).
     fn find_short(&self, text: &[u8], pos: usize) -> Option<(usize, usize, usize)> {
-        (pos..text.len())
-            .filter(|&start| self.starts.contains(text[start]))
-            .find_map(|start| {
-                let (pattern, len) = self.word_at(&text[start..])?;
-                Some((start, start + len, pattern))
-            })
-    }
-
-    /// The longest word `rest` starts with (the first of equals): pattern, length.
-    fn word_at(&self, rest: &[u8]) -> Option<(usize, usize)> {
         let same = |a: &[u8], w: &[u8]| {
             if self.ignore_case {
                 a.eq_ignore_ascii_case(w)
@@ -133,12 +130,22 @@ impl Automaton {
                 a == w
             }
         };
-        self.words
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| rest.len() >= w.len() && same(&rest[..w.len()], w))
-            .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)))
-            .map(|(pattern, w)| (pattern, w.len()))
+        for start in pos..text.len() {
+            if !self.starts.contains(text[start]) {
+                continue;
+            }
+            let rest = &text[start..];
+            let word = self
+                .words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| rest.len() >= w.len() && same(&rest[..w.len()], w))
+                .max_by_key(|(i, w)| (w.len(), std::cmp::Reverse(*i)));
+            if let Some((pattern, w)) = word {
+                return Some((start, start + w.len(), pattern));
+            }
+        }
+        None
     }
 
     /// A case-ignoring search over lower-cased copies of the text.
