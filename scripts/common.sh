@@ -104,6 +104,26 @@ CONF
 
 nginx_stop() { [ -f "$1/nginx.pid" ] && kill "$(cat "$1/nginx.pid")" 2>/dev/null; }
 
+# An nginx location answering a POST with a file (nginx's static module refuses POST
+# with 405; error_page turns that into the file). Streams go out chunked, as an LLM
+# server sends them (sub_filter with a pattern that never matches drops the
+# Content-Length).
+canned_file() { # location file content-type
+    echo "location = $1 { types { } default_type \"$3\"; alias $2; error_page 405 =200 \$uri;
+        sub_filter_types text/event-stream application/x-ndjson; sub_filter 'zz-never-zz' ''; }"
+}
+
+# Exits when one of the ports is taken: the benchmarks listen on fixed ones.
+ports_free() { # port...
+    local port
+    for port in "$@"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "port $port is in use (another benchmark running?)" >&2
+            exit 1
+        fi
+    done
+}
+
 canned='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gemma2:2b","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":21,"completion_tokens":9,"total_tokens":30,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}'
 
 canned_server() {

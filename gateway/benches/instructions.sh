@@ -15,22 +15,15 @@ cd "$(dirname "$0")/../.."
 FEW=${FEW:-20}
 MANY=${MANY:-220}
 need_tools "apt-get install valgrind nginx-light curl python3" valgrind nginx curl python3
-for port in 18086 18003; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is in use (another benchmark running?)" >&2
-        exit 1
-    fi
-done
+ports_free 18086 18003
 if [ -n "${KGW_BIN_DIR:-}" ]; then bin=$KGW_BIN_DIR; else build_bins release; fi
 start_work
 chmod 755 "$work"
 python3 gateway/benches/llm_bodies.py "$work" >/dev/null
 # The canned streams of load.sh, chunked as an LLM server sends them.
 nginx_start "$work/up" 1 "server { listen 127.0.0.1:18086;
-    location = /v1/chat/completions { types { } default_type text/event-stream; alias $work/stream.sse;
-        error_page 405 =200 \$uri; sub_filter_types text/event-stream; sub_filter 'zz-never-zz' ''; }
-    location = /api/chat { types { } default_type application/x-ndjson; alias $work/stream.ndjson;
-        error_page 405 =200 \$uri; sub_filter_types application/x-ndjson; sub_filter 'zz-never-zz' ''; } }"
+    $(canned_file /v1/chat/completions "$work/stream.sse" text/event-stream)
+    $(canned_file /api/chat "$work/stream.ndjson" application/x-ndjson) }"
 wait_ports 18086
 
 count() { # path body-file requests -> instructions of the whole run

@@ -31,12 +31,7 @@ need_tools "apt-get install nginx-light wrk python3" nginx wrk python3
 #        /v1/chat/completions, NDJSON at /api/chat), demo LLM 18084;
 #        nginx -> 18082, 18087, 18088, 18083; kube-gateway -> 18000, 18002, 18003, 18001.
 ports=(18081 18085 18086 18084 18082 18087 18088 18083 18000 18002 18003 18001)
-for port in "${ports[@]}"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is in use (another benchmark running?)" >&2
-        exit 1
-    fi
-done
+ports_free "${ports[@]}"
 
 # KGW_BIN_DIR: measure another build's kube-gateway and ai-demo (say, an earlier commit's
 # release build in a git worktree) with this script; none: build this tree's.
@@ -53,13 +48,6 @@ proxy_to() { # listen upstream-port
     server { listen 127.0.0.1:$1; location / {
         proxy_pass http://u$2; proxy_http_version 1.1;
         proxy_set_header Connection \"\"; proxy_set_header Host \$host; proxy_buffering off; } }"
-}
-# A POST answered with a file (nginx's static module refuses POST with 405; error_page
-# turns that into the file). Streams go out chunked, as an LLM server sends them
-# (sub_filter with a pattern that never matches drops the Content-Length).
-canned_file() { # location file content-type
-    echo "location = $1 { types { } default_type \"$3\"; alias $2; error_page 405 =200 \$uri;
-        sub_filter_types text/event-stream application/x-ndjson; sub_filter 'zz-never-zz' ''; }"
 }
 nginx_start "$work/up" 2 "$(canned_server 18081)" \
     "server { listen 127.0.0.1:18085; $(canned_file /v1/chat/completions "$work/big_answer.json" application/json) }" \

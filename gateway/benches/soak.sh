@@ -22,12 +22,7 @@ MAX_FDS_H=${MAX_FDS_H:-60}
 MAX_THREADS_H=${MAX_THREADS_H:-10}
 out=${SOAK_OUT:-/tmp/kube-gateway-soak-$(date +%Y%m%d-%H%M%S)}
 need_tools "apt-get install python3 curl" python3 curl
-for port in 18301 18302 18303; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is in use (another soak running?)" >&2
-        exit 1
-    fi
-done
+ports_free 18301 18302 18303
 build_bins release
 python_venv httpx "Creating the virtualenv with the official clients (.venv)"
 start_work
